@@ -1,0 +1,461 @@
+"""The numpy ``Client``: dense keys over a sharded cluster.
+
+Owns what a worker sees: the cluster map fetched from the bootstrap address,
+the cut of each key into parts (chunks of ``chunk_bytes``) and of each part into
+frames of ``frame_bytes``, the placement of parts on shards, and the futures of
+``init``/``push``/``pull``/``push_pull``. Every operation sends its messages to
+all shards at once through the I/O thread and has a deadline.
+
+Thread safety: a ``Client`` may be shared by any number of threads. Sockets
+live on the client's own I/O thread; the public methods only enqueue requests
+and wait on futures, and the key-metadata cache is guarded by a lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pserver.protocol.errors import (
+    InvalidArgument,
+    PServerError,
+    RequestTooLarge,
+    ShapeMismatch,
+)
+from pserver.protocol.frames import part_ranges, require_contiguous, split_frames, wire_dtype
+from pserver.protocol.schema import DTYPES, Header, KeyRef, Kind, Limits, TensorMeta
+from pserver.protocol.shardmap import ShardMap
+from pserver.protocol.transport import Incoming, call, host_id, new_context
+
+from .io import IOThread
+
+log = logging.getLogger(__name__)
+
+Array = np.ndarray[Any, Any]
+ENV_IPC = "PSERVER_IPC"
+# Replies can be larger than any request the server accepts: decode them generously.
+_REPLY_LIMITS = Limits(max_request_bytes=1 << 40, max_frames=1 << 20, max_keys=1 << 20,
+                       max_header_bytes=64 << 20)
+
+
+@dataclass(frozen=True)
+class KeyMeta:
+    """What the client knows of a key: its dtype, shape and parts."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def np_dtype(self) -> np.dtype[Any]:
+        return DTYPES[self.dtype]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+@dataclass
+class _Piece:
+    """One key part on its way to or from a shard."""
+
+    meta: KeyMeta
+    part: int
+    offset: int
+    count: int
+    shard: int
+    data: Array | None = None  # flat slice to send (push/init)
+
+
+class _Op:
+    """Joins the replies of one operation's messages into one Future."""
+
+    def __init__(self, messages: int, finish: Callable[[], Any]) -> None:
+        self.future: Future[Any] = Future()
+        self._left = messages
+        self._finish = finish
+        self._lock = threading.Lock()
+        if messages == 0:
+            self._complete()
+
+    def _complete(self) -> None:
+        try:
+            result = self._finish()
+        except PServerError as exc:
+            self.future.set_exception(exc)
+        else:
+            self.future.set_result(result)
+
+    def done_one(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0 and not self.future.done()
+        if last:
+            self._complete()
+
+    def fail(self, exc: PServerError) -> None:
+        with self._lock:
+            if self.future.done():
+                return
+            self.future.set_exception(exc)
+
+
+def _bootstrap(ctx: Any, address: str, kind: Kind, timeout: float) -> dict[str, Any]:
+    header, _ = call(ctx, address, Header(kind, int.from_bytes(os.urandom(6), "little")),
+                     _REPLY_LIMITS, timeout)
+    return header.opts
+
+
+def cluster_status(address: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The cluster's status as served by the bootstrap address (see ``Client.status``)."""
+    ctx = new_context()
+    try:
+        return _bootstrap(ctx, address, Kind.STATUS, timeout)
+    finally:
+        ctx.term()
+
+
+class Client:
+    """A connection to a pserver cluster. Use ``pserver.connect``."""
+
+    def __init__(self, address: str, *, worker_id: int = 0, num_workers: int = 1,
+                 timeout: float = 30.0, ipc: bool | None = None) -> None:
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.address = address
+        self.worker_id = worker_id
+        self.num_workers = num_workers
+        self.timeout = timeout
+        self.client_id = os.urandom(16)
+        self._ctx = new_context()
+        try:
+            cmap = _bootstrap(self._ctx, address, Kind.MAP, timeout)
+        except BaseException:
+            self._ctx.term()
+            raise
+        self.cluster_map = cmap
+        self.shard_map = ShardMap.from_wire(cmap["shard_map"])
+        self.chunk_bytes = int(cmap["chunk_bytes"])
+        self.frame_bytes = int(cmap["frame_bytes"])
+        self.limits = Limits.from_wire(cmap["limits"])
+        use_ipc = (os.environ.get(ENV_IPC, "1") != "0") if ipc is None else ipc
+        same_host = cmap.get("host_id") == host_id()
+        self.endpoints: dict[int, str] = {}
+        for shard in cmap["shards"]:
+            leader = shard["replicas"][0]
+            path = (leader.get("ipc") or "").removeprefix("ipc://")
+            if use_ipc and same_host and path and os.path.exists(path):
+                self.endpoints[shard["id"]] = leader["ipc"]
+            else:
+                self.endpoints[shard["id"]] = leader["tcp"]
+        self._meta: dict[str, KeyMeta] = {}
+        self._meta_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._seqs = itertools.count(1)
+        self._closed = False
+        self._io = IOThread(self._ctx, self.endpoints, _REPLY_LIMITS)
+        self._io.start()
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the I/O thread and close every socket; pending requests fail."""
+        if self._closed:
+            return
+        self._closed = True
+        self._io.close()
+        self._ctx.term()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.address!r}, shards={self.shard_map.num_shards})"
+
+    # -- planning ---------------------------------------------------------------
+
+    def _check_key(self, key: Any) -> str:
+        if not isinstance(key, str) or not key:
+            raise InvalidArgument(f"keys must be non-empty strings, got {key!r}")
+        n = len(key.encode("utf-8"))
+        if n > self.limits.max_key_bytes:
+            raise RequestTooLarge(
+                f"key of {n} bytes exceeds the cluster's {self.limits.max_key_bytes}-byte cap")
+        return key
+
+    def _pieces(self, meta: KeyMeta, flat: Array | None = None) -> list[_Piece]:
+        pieces = []
+        ranges = part_ranges(meta.size, meta.np_dtype.itemsize, self.chunk_bytes)
+        for part, (offset, count) in enumerate(ranges):
+            data = None if flat is None else flat[offset : offset + count]
+            pieces.append(_Piece(meta, part, offset, count,
+                                 self.shard_map.shard_for(meta.key, part), data))
+        return pieces
+
+    def _batches(self, pieces: Iterable[_Piece]) -> list[tuple[int, list[_Piece]]]:
+        """Group pieces per shard into messages of at most one chunk of data
+        (so large tensors pipeline) and at most the key and frame caps."""
+        by_shard: dict[int, list[_Piece]] = defaultdict(list)
+        for p in pieces:
+            by_shard[p.shard].append(p)
+        out: list[tuple[int, list[_Piece]]] = []
+        key_cap = min(self.limits.max_keys, 1024)
+        for shard, items in by_shard.items():
+            batch: list[_Piece] = []
+            nbytes = nframes = 0
+            for p in items:
+                b = p.count * p.meta.np_dtype.itemsize
+                f = max(1, -(-b // self.frame_bytes))
+                if batch and (nbytes + b > self.chunk_bytes or len(batch) >= key_cap
+                              or nframes + f > self.limits.max_frames):
+                    out.append((shard, batch))
+                    batch, nbytes, nframes = [], 0, 0
+                batch.append(p)
+                nbytes += b
+                nframes += f
+            if batch:
+                out.append((shard, batch))
+        return out
+
+    def _encode(self, batch: Sequence[_Piece]) -> tuple[tuple[TensorMeta, ...], list[Any]]:
+        metas, frames = [], []
+        for p in batch:
+            assert p.data is not None
+            fr = split_frames(p.data, self.frame_bytes)
+            metas.append(TensorMeta(p.meta.key, p.part, p.meta.dtype, p.meta.shape, p.offset,
+                                    p.count, len(fr)))
+            frames.extend(fr)
+        return tuple(metas), frames
+
+    def _header(self, kind: Kind, tensors: tuple[TensorMeta, ...] = (),
+                refs: tuple[KeyRef, ...] = (), opts: dict[str, Any] | None = None,
+                mutating: bool = False) -> Header:
+        return Header(kind, next(self._ids), client_id=self.client_id,
+                      seq=next(self._seqs) if mutating else 0, tensors=tensors, refs=refs,
+                      opts=opts or {})
+
+    def _run(self, messages: Sequence[tuple[int, Header, list[Any]]],
+             on_reply: Callable[[int, Header, Incoming], None],
+             finish: Callable[[], Any]) -> Future[Any]:
+        """Send every message at once; ``finish`` builds the result after the last reply."""
+        if self._closed:
+            raise PServerError("the client is closed")
+        op = _Op(len(messages), finish)
+        for i, (shard, header, frames) in enumerate(messages):
+            def reply(h: Header, inc: Incoming, i: int = i) -> None:
+                on_reply(i, h, inc)
+                op.done_one()
+            self._io.submit(shard, header, frames, self.timeout, reply, op.fail)
+        return op.future
+
+    # -- key metadata -------------------------------------------------------------
+
+    def _ensure_meta(self, keys: Iterable[str]) -> dict[str, KeyMeta]:
+        keys = [self._check_key(k) for k in keys]
+        with self._meta_lock:
+            missing = sorted({k for k in keys if k not in self._meta})
+        if missing:
+            refs_by_shard: dict[int, list[KeyRef]] = defaultdict(list)
+            for k in missing:
+                refs_by_shard[self.shard_map.home(k)].append(KeyRef(k, 0))
+            messages = []
+            cap = min(self.limits.max_keys, 1024)
+            for shard, refs in refs_by_shard.items():
+                for i in range(0, len(refs), cap):
+                    messages.append((shard, self._header(Kind.META, refs=tuple(refs[i:i + cap])),
+                                     []))
+            found: list[KeyMeta] = []
+
+            def on_reply(_: int, h: Header, __: Incoming) -> None:
+                for key, dtype, shape, *_rest in h.opts.get("meta", []):
+                    found.append(KeyMeta(key, dtype, tuple(shape)))
+
+            self._run(messages, on_reply, lambda: None).result()
+            with self._meta_lock:
+                for m in found:
+                    self._meta[m.key] = m
+        with self._meta_lock:
+            return {k: self._meta[k] for k in keys}
+
+    # -- public API -----------------------------------------------------------------
+
+    def init_async(self, arrays: Mapping[str, Array], *, optimizer: dict[str, Any] | None = None,
+                   mode: str | None = None, staleness: int | None = None) -> Future[dict[str, bool]]:
+        """``init`` returning a Future of {key: created}. The arrays must stay unchanged
+        until the Future is done (their memory is sent without a copy)."""
+        metas: dict[str, KeyMeta] = {}
+        flats: dict[str, Array] = {}
+        for key, arr in arrays.items():
+            self._check_key(key)
+            flat = require_contiguous(key, arr)
+            metas[key] = KeyMeta(key, wire_dtype(key, arr), tuple(int(d) for d in arr.shape))
+            flats[key] = flat
+        opts: dict[str, Any] = {}
+        if optimizer is not None:
+            opts["optimizer"] = dict(optimizer)
+        if mode is not None:
+            opts["mode"] = mode
+        if staleness is not None:
+            opts["staleness"] = int(staleness)
+        pieces = [p for k, m in metas.items() for p in self._pieces(m, flats[k])]
+        batches = self._batches(pieces)
+        messages = []
+        for shard, batch in batches:
+            tensors, frames = self._encode(batch)
+            messages.append((shard, self._header(Kind.INIT, tensors, opts=opts, mutating=True),
+                             frames))
+        created: dict[str, bool] = dict.fromkeys(metas, False)
+
+        def on_reply(i: int, h: Header, _: Incoming) -> None:
+            for p, c in zip(batches[i][1], h.opts.get("created", []), strict=False):
+                created[p.meta.key] |= bool(c)
+
+        def finish() -> dict[str, bool]:
+            with self._meta_lock:
+                self._meta.update(metas)
+            return created
+
+        return self._run(messages, on_reply, finish)
+
+    def init(self, arrays: Mapping[str, Array], *, optimizer: dict[str, Any] | None = None,
+             mode: str | None = None, staleness: int | None = None) -> dict[str, bool]:
+        """Create the keys that are absent, with these initial values.
+
+        Initializing an existing key with the same shape and dtype is a no-op (its
+        value is not changed); another shape or dtype raises ``ShapeMismatch``.
+        ``optimizer`` is a dict such as ``{"name": "sgd", "lr": 0.1}`` (default sgd
+        with lr 0.01). Returns {key: True if this call created it}.
+        """
+        return self.init_async(arrays, optimizer=optimizer, mode=mode,
+                               staleness=staleness).result()
+
+    def _grad_pieces(self, grads: Mapping[str, Array]) -> list[_Piece]:
+        metas = self._ensure_meta(grads.keys())
+        pieces = []
+        for key, g in grads.items():
+            m = metas[key]
+            flat = require_contiguous(key, g)
+            if tuple(g.shape) != m.shape or g.dtype != m.np_dtype:
+                raise ShapeMismatch(
+                    f"gradient for {key!r} is {g.dtype}{list(g.shape)}, "
+                    f"the key holds {m.dtype}{list(m.shape)}", key=key)
+            pieces.extend(self._pieces(m, flat))
+        return pieces
+
+    def push_async(self, grads: Mapping[str, Array]) -> Future[None]:
+        """``push`` returning a Future. The gradient arrays are sent without a copy:
+        the caller must not change them until the Future is done."""
+        messages = []
+        for shard, batch in self._batches(self._grad_pieces(grads)):
+            tensors, frames = self._encode(batch)
+            messages.append((shard, self._header(Kind.PUSH, tensors, mutating=True), frames))
+        return self._run(messages, lambda *_: None, lambda: None)
+
+    def push(self, grads: Mapping[str, Array]) -> None:
+        """Apply each key's optimizer to its gradient; returns once applied.
+
+        With ``{"name": "sgd", "lr": 0.5}`` a push of ``g`` changes the value by
+        exactly ``-0.5 * g``; with ``sum`` it adds ``g``.
+        """
+        self.push_async(grads).result()
+
+    def _collect(self, out: dict[str, Array]) -> Callable[[int, Header, Incoming], None]:
+        """A reply handler copying returned parts into the flat views of ``out``."""
+        flats = {k: v.reshape(-1) for k, v in out.items()}
+
+        def on_reply(_: int, h: Header, inc: Incoming) -> None:
+            i = 0
+            for t in h.tensors:
+                dest = flats.get(t.key)
+                if dest is None or t.np_dtype != dest.dtype or t.offset + t.count > dest.size:
+                    raise PServerError(f"unexpected part {t.key!r}/{t.part} in reply")
+                pos = t.offset
+                for frame in inc.frames[i : i + t.nframes]:
+                    v = np.frombuffer(frame, dtype=t.np_dtype)
+                    dest[pos : pos + v.size] = v
+                    pos += v.size
+                i += t.nframes
+        return on_reply
+
+    def pull_into_async(self, out: Mapping[str, Array]) -> Future[dict[str, Array]]:
+        """Zero-allocation ``pull``: writes each key's value into the caller's array
+        ``out[key]`` (C-contiguous, the key's shape and dtype). The caller owns the
+        arrays; they hold the new values once the Future is done and must not be
+        read or written until then."""
+        metas = self._ensure_meta(out.keys())
+        for key, arr in out.items():
+            m = metas[key]
+            require_contiguous(key, arr)
+            if tuple(arr.shape) != m.shape or arr.dtype != m.np_dtype:
+                raise ShapeMismatch(f"output for {key!r} is {arr.dtype}{list(arr.shape)}, "
+                                    f"the key holds {m.dtype}{list(m.shape)}", key=key)
+        pieces = [p for m in metas.values() for p in self._pieces(m)]
+        messages = []
+        for shard, batch in self._batches(pieces):
+            refs = tuple(KeyRef(p.meta.key, p.part) for p in batch)
+            messages.append((shard, self._header(Kind.PULL, refs=refs), []))
+        result = dict(out)
+        return self._run(messages, self._collect(result), lambda: result)
+
+    def pull_into(self, out: Mapping[str, Array]) -> dict[str, Array]:
+        """See ``pull_into_async``."""
+        return self.pull_into_async(out).result()
+
+    def pull_async(self, keys: Sequence[str]) -> Future[dict[str, Array]]:
+        """``pull`` returning a Future."""
+        metas = self._ensure_meta(keys)
+        out = {k: np.empty(m.shape, dtype=m.np_dtype) for k, m in metas.items()}
+        return self.pull_into_async(out)
+
+    def pull(self, keys: Sequence[str]) -> dict[str, Array]:
+        """The current value of each key, as new arrays the caller owns."""
+        if isinstance(keys, str):
+            raise TypeError("pull takes a list of keys, not a single string")
+        return self.pull_async(keys).result()
+
+    def push_pull_async(self, grads: Mapping[str, Array]) -> Future[dict[str, Array]]:
+        """``push_pull`` returning a Future; the gradients must stay unchanged until
+        it is done."""
+        pieces = self._grad_pieces(grads)
+        out = {k: np.empty(g.shape, dtype=g.dtype) for k, g in grads.items()}
+        messages = []
+        for shard, batch in self._batches(pieces):
+            tensors, frames = self._encode(batch)
+            messages.append((shard, self._header(Kind.PUSH_PULL, tensors, mutating=True),
+                             frames))
+        return self._run(messages, self._collect(out), lambda: out)
+
+    def push_pull(self, grads: Mapping[str, Array]) -> dict[str, Array]:
+        """Push, then return each key's value right after this push was applied,
+        in one round trip."""
+        return self.push_pull_async(grads).result()
+
+    def status(self) -> dict[str, Any]:
+        """The cluster status: per shard its replicas (id, address, pid, role, term,
+        commit_index, applied_index) and keys and bytes held."""
+        return _bootstrap(self._ctx, self.address, Kind.STATUS, self.timeout)
+
+
+def connect(address: str | None = None, *, worker_id: int = 0, num_workers: int = 1,
+            timeout: float = 30.0, ipc: bool | None = None) -> Client:
+    """Connect to the cluster whose bootstrap address is ``address`` (default:
+    ``$PSERVER_ADDRESS``). ``ipc=False`` (or ``PSERVER_IPC=0``) keeps same-host
+    clients on tcp. Raises ``Unavailable`` when the bootstrap does not answer
+    within ``timeout`` seconds."""
+    if address is None:
+        address = os.environ.get("PSERVER_ADDRESS")
+        if not address:
+            raise ValueError("no address given and PSERVER_ADDRESS is not set")
+    return Client(address, worker_id=worker_id, num_workers=num_workers, timeout=timeout, ipc=ipc)

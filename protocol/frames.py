@@ -1,0 +1,95 @@
+"""Tensor <-> frame conversion.
+
+Owns how an array's bytes are cut into frames of about ``frame_bytes`` (a whole
+number of elements each) and put back together. Outgoing frames are
+memoryviews of the caller's array (no copy); incoming frames become
+``np.frombuffer`` views or are copied once into a caller-owned array. Imports
+numpy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidArgument
+from .schema import DTYPES, dtype_name
+
+DEFAULT_FRAME_BYTES = 1 << 20
+DEFAULT_CHUNK_BYTES = 4 << 20
+
+Buffer = bytes | memoryview | Any  # anything exposing the buffer protocol
+
+
+def wire_dtype(name: str, array: np.ndarray[Any, Any]) -> str:
+    """The wire dtype name of ``array`` or an ``InvalidArgument`` naming ``name``."""
+    dt = dtype_name(array.dtype)
+    if dt is None:
+        raise InvalidArgument(
+            f"array {name!r} has dtype {array.dtype}, not one of {sorted(DTYPES)}"
+        )
+    return dt
+
+
+def require_contiguous(name: str, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The flat (1-D) view of a C-contiguous array; non-contiguous arrays are refused,
+    because a silent copy would hide a full extra pass over a large tensor."""
+    if not isinstance(array, np.ndarray):
+        raise InvalidArgument(f"{name!r} must be a numpy array, got {type(array).__name__}")
+    if not array.flags.c_contiguous:
+        raise InvalidArgument(
+            f"array {name!r} is not C-contiguous; pass np.ascontiguousarray(...) explicitly"
+        )
+    return array.reshape(-1)
+
+
+def chunk_elements(itemsize: int, chunk_bytes: int) -> int:
+    """How many elements one chunk (key part) holds."""
+    return max(1, chunk_bytes // itemsize)
+
+
+def part_ranges(size: int, itemsize: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """[(offset, count)] of each part of a flat tensor of ``size`` elements.
+    A tensor of at most ``chunk_bytes`` (or empty) is one part."""
+    per = chunk_elements(itemsize, chunk_bytes)
+    if size <= per:
+        return [(0, size)]
+    return [(off, min(per, size - off)) for off in range(0, size, per)]
+
+
+def split_frames(flat: np.ndarray[Any, Any], frame_bytes: int) -> list[memoryview]:
+    """Zero-copy views of a 1-D contiguous array, each at most ``frame_bytes``
+    (and at least one element), covering it in order. An empty array gives one
+    empty frame."""
+    view = memoryview(flat).cast("B")
+    per = max(1, frame_bytes // flat.itemsize) * flat.itemsize
+    if len(view) <= per:
+        return [view]
+    return [view[i : i + per] for i in range(0, len(view), per)]
+
+
+def frame_count(nbytes: int, itemsize: int, frame_bytes: int) -> int:
+    """How many frames ``split_frames`` makes for ``nbytes`` of data."""
+    per = max(1, frame_bytes // itemsize) * itemsize
+    return max(1, -(-nbytes // per))
+
+
+def join_frames(
+    frames: Sequence[Buffer], dtype: np.dtype[Any], out: np.ndarray[Any, Any] | None = None
+) -> np.ndarray[Any, Any]:
+    """Frames -> 1-D array. Without ``out`` a single frame becomes a read-only
+    view of the frame's memory (valid while the frame lives); several frames are
+    copied into a new array. With ``out`` (1-D, right size) the data is copied
+    into it."""
+    views = [np.frombuffer(f, dtype=dtype) for f in frames]
+    if out is None:
+        if len(views) == 1:
+            return views[0]
+        out = np.empty(sum(v.size for v in views), dtype=dtype)
+    pos = 0
+    for v in views:
+        out[pos : pos + v.size] = v
+        pos += v.size
+    return out

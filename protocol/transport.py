@@ -1,0 +1,192 @@
+"""The ZeroMQ transport: the only module that imports zmq.
+
+Owns socket creation and options (ROUTER for servers, DEALER for clients),
+multipart send and receive of ``header + data frames``, and polling. Frames of
+64 KiB and more are sent without copying (the caller keeps the buffer alive
+and unchanged until the reply arrives) and received as zmq frames whose
+``buffer`` is a memoryview of libzmq's memory. Every socket has linger 0, so
+closing never blocks on an unreachable peer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from .codec import encode_header
+from .schema import Header, Limits
+
+log = logging.getLogger(__name__)
+
+COPY_THRESHOLD = 64 * 1024
+POLLIN = zmq.POLLIN
+
+
+@dataclass
+class Incoming:
+    """One received message: the ROUTER identity (b"" on a DEALER), the raw
+    header bytes and the data frames (memoryviews valid while ``parts`` lives)."""
+
+    identity: bytes
+    header: memoryview
+    frames: list[memoryview]
+    parts: list[zmq.Frame]
+
+
+def host_id() -> str:
+    """Identifies this machine and boot, so a client can tell that it shares the
+    server's host (and may use its ipc:// endpoints)."""
+    import socket
+
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as fh:
+            boot = fh.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def new_context() -> zmq.Context[Any]:
+    return zmq.Context()
+
+
+def _common(sock: zmq.Socket[Any]) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 100_000)
+    sock.setsockopt(zmq.RCVHWM, 100_000)
+    sock.copy_threshold = COPY_THRESHOLD
+
+
+class Endpoint:
+    """A ROUTER (``bind``) or DEALER (``connect``) socket speaking pserver messages."""
+
+    def __init__(self, sock: zmq.Socket[Any], router: bool, endpoints: Sequence[str] = ()) -> None:
+        self.sock = sock
+        self.router = router
+        self.endpoints = list(endpoints)
+
+    @classmethod
+    def router_bound(
+        cls, ctx: zmq.Context[Any], endpoints: Sequence[str], limits: Limits
+    ) -> Endpoint:
+        """A ROUTER bound to every endpoint (``tcp://host:0`` picks a free port).
+        A frame above the largest allowed size makes libzmq drop that peer."""
+        sock = ctx.socket(zmq.ROUTER)
+        _common(sock)
+        sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_frame_bytes, limits.max_header_bytes))
+        resolved: list[str] = []
+        try:
+            for ep in endpoints:
+                sock.bind(ep)
+                last = sock.getsockopt(zmq.LAST_ENDPOINT)
+                resolved.append(last.decode() if isinstance(last, bytes) else str(last))
+        except zmq.ZMQError:
+            sock.close(0)
+            raise
+        return cls(sock, router=True, endpoints=resolved)
+
+    @classmethod
+    def dealer_connected(cls, ctx: zmq.Context[Any], endpoint: str) -> Endpoint:
+        sock = ctx.socket(zmq.DEALER)
+        _common(sock)
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.connect(endpoint)
+        return cls(sock, router=False, endpoints=[endpoint])
+
+    def send(self, header: Header, frames: Sequence[Any] = (), identity: bytes = b"",
+             block: bool = False) -> bool:
+        """Send one message; False when the peer's queue is full (never blocks
+        unless ``block``). A ROUTER silently drops messages to vanished peers."""
+        parts: list[Any] = [identity] if self.router else []
+        parts.append(encode_header(header))
+        parts.extend(frames)
+        try:
+            self.sock.send_multipart(parts, flags=0 if block else zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        return True
+
+    def send_raw(self, parts: Sequence[Any]) -> None:
+        """Send already-framed parts (tests and tools that speak off-protocol)."""
+        self.sock.send_multipart(list(parts), copy=False)
+
+    def recv(self, block: bool = False) -> Incoming | None:
+        """The next message, or None when nothing is waiting (non-blocking).
+        Messages with no header frame are dropped here (logged)."""
+        try:
+            parts = self.sock.recv_multipart(flags=0 if block else zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        identity = b""
+        if self.router:
+            identity = parts[0].bytes
+            parts = parts[1:]
+        if not parts:
+            log.warning("dropped a message with no header frame")
+            return Incoming(identity, memoryview(b""), [], [])
+        return Incoming(identity, parts[0].buffer, [p.buffer for p in parts[1:]], parts)
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+class Poller:
+    """Waits on several endpoints and raw file descriptors at once."""
+
+    def __init__(self) -> None:
+        self._poller = zmq.Poller()
+
+    def register(self, target: Endpoint | int) -> None:
+        self._poller.register(target.sock if isinstance(target, Endpoint) else target, zmq.POLLIN)
+
+    def unregister(self, target: Endpoint | int) -> None:
+        self._poller.unregister(target.sock if isinstance(target, Endpoint) else target)
+
+    def poll(self, timeout_ms: float | None) -> set[Any]:
+        """The sockets (zmq.Socket) and fds that are readable."""
+        return {s for s, _ in self._poller.poll(timeout_ms)}
+
+
+def call(
+    ctx: zmq.Context[Any],
+    address: str,
+    header: Header,
+    limits: Limits,
+    timeout: float,
+    frames: Sequence[Any] = (),
+) -> tuple[Header, list[memoryview]]:
+    """One request/reply on a fresh DEALER, waiting at most ``timeout`` seconds.
+
+    Raises ``Unavailable`` when no reply with the request's id arrives in time,
+    and the reply's error as its exception type. For control traffic (cluster
+    map, status, ping), not the data path.
+    """
+    import time
+
+    from .codec import decode_header
+    from .errors import Unavailable, error_from_code
+
+    ep = Endpoint.dealer_connected(ctx, address)
+    try:
+        ep.send(header, frames, block=False)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not ep.sock.poll(left * 1000, zmq.POLLIN):
+                raise Unavailable(f"no reply from {address} within {timeout:g} s")
+            incoming = ep.recv()
+            if incoming is None:
+                continue
+            reply = decode_header(incoming.header, limits)
+            if reply.request_id != header.request_id:
+                continue
+            if reply.error:
+                raise error_from_code(reply.error, reply.message, reply.opts)
+            return reply, incoming.frames
+    finally:
+        ep.close()

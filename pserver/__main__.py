@@ -1,0 +1,5 @@
+"""``python -m pserver`` runs the command line."""
+
+from pserver.cli import main
+
+main()

@@ -1,0 +1,200 @@
+"""The shard server: one replica process serving one shard.
+
+Owns the driver loop that wires the transport, the request validation and the
+``ShardStateMachine``: receive a message, validate header and frames against
+the limits, check the command against the state, apply it, reply. The loop
+never blocks on a client: replies are sent without blocking (a client whose
+queue is full loses that reply and times out on its own deadline), and a
+malformed message gets an error reply while other clients keep being served.
+The replicated log goes between ``check_*`` and ``apply_*``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pserver.protocol.codec import check_frames, decode_header, reply_header
+from pserver.protocol.errors import (
+    InternalError,
+    InvalidArgument,
+    ProtocolError,
+    PServerError,
+)
+from pserver.protocol.frames import split_frames
+from pserver.protocol.schema import Header, Kind, Limits, TensorMeta
+from pserver.protocol.shardmap import ShardMap
+from pserver.protocol.transport import Endpoint, Incoming, Poller, new_context
+
+from .shard import Slot, ShardStateMachine
+
+log = logging.getLogger(__name__)
+
+DRAIN_BATCH = 64
+
+
+class ShardServer:
+    """Serves one shard on a ROUTER bound to ``endpoints`` (tcp and optionally ipc)."""
+
+    def __init__(
+        self,
+        shard_id: int,
+        shard_map: ShardMap,
+        endpoints: Sequence[str],
+        *,
+        limits: Limits | None = None,
+        frame_bytes: int = 1 << 20,
+        default_mode: str = "async",
+        parent_pid: int | None = None,
+    ) -> None:
+        self.shard_id = shard_id
+        self.limits = limits or Limits()
+        self.frame_bytes = frame_bytes
+        self.parent_pid = parent_pid
+        self.state = ShardStateMachine(shard_id, shard_map, default_mode)
+        self.ctx = new_context()
+        self.endpoint = Endpoint.router_bound(self.ctx, endpoints, self.limits)
+        self.started = time.time()
+        self._stop = False
+        self.requests = 0
+        self.errors = 0
+
+    @property
+    def endpoints(self) -> list[str]:
+        return self.endpoint.endpoints
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def serve_forever(self) -> None:
+        poller = Poller()
+        poller.register(self.endpoint)
+        next_parent_check = time.monotonic() + 1.0
+        try:
+            while not self._stop:
+                if poller.poll(200):
+                    for _ in range(DRAIN_BATCH):
+                        incoming = self.endpoint.recv()
+                        if incoming is None:
+                            break
+                        self.handle(incoming)
+                if self.parent_pid is not None and time.monotonic() >= next_parent_check:
+                    next_parent_check = time.monotonic() + 1.0
+                    if os.getppid() != self.parent_pid:
+                        log.warning("shard %d: supervisor %d is gone; exiting",
+                                    self.shard_id, self.parent_pid)
+                        break
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.endpoint.close()
+        self.ctx.term()
+
+    # -- one message ----------------------------------------------------------
+
+    def _reply(self, incoming: Incoming, header: Header, frames: Sequence[Any] = ()) -> None:
+        if not self.endpoint.send(header, frames, identity=incoming.identity):
+            log.warning("shard %d: reply to a client with a full queue dropped", self.shard_id)
+
+    def _error(self, incoming: Incoming, request: Header | None, exc: PServerError) -> None:
+        self.errors += 1
+        opts = {k: v for k, v in exc.details.items() if isinstance(v, str | int | float | None)}
+        opts["shard"] = self.shard_id
+        header = reply_header(request, error=int(exc.code), message=exc.message, opts=opts)
+        if request is None and "request_id" in exc.details:
+            header = Header(Kind.REPLY, int(exc.details["request_id"]), error=header.error,
+                            message=header.message, opts=opts)
+        self._reply(incoming, header)
+
+    def handle(self, incoming: Incoming) -> None:
+        self.requests += 1
+        header: Header | None = None
+        try:
+            header = decode_header(incoming.header, self.limits)
+            check_frames(header, [len(f) for f in incoming.frames], self.limits)
+            self._dispatch(incoming, header)
+        except PServerError as exc:
+            if isinstance(exc, ProtocolError):
+                log.info("shard %d: malformed message: %s", self.shard_id, exc)
+            self._error(incoming, header, exc)
+        except Exception as exc:
+            log.exception("shard %d: internal error on %s", self.shard_id,
+                          header.kind.name if header else "message")
+            self._error(incoming, header, InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def _dispatch(self, incoming: Incoming, header: Header) -> None:
+        kind = header.kind
+        if kind == Kind.PING:
+            self._reply(incoming, reply_header(header, opts={"shard": self.shard_id,
+                                                             "pid": os.getpid()}))
+        elif kind == Kind.STATUS:
+            self._reply(incoming, reply_header(header, opts=self.status()))
+        elif kind == Kind.INIT:
+            spec, mode = self.state.check_init(header.tensors, header.opts)
+            created = self.state.apply_init(header.tensors, self._data(header, incoming),
+                                            spec, mode)
+            self._reply(incoming, reply_header(header, opts={"created": created}))
+        elif kind in (Kind.PUSH, Kind.PUSH_PULL):
+            self.state.check_push(header.tensors)
+            self.state.apply_push(header.tensors, self._data(header, incoming))
+            if kind == Kind.PUSH:
+                self._reply(incoming, reply_header(header))
+            else:
+                slots = [self.state.slots[(t.key, t.part)] for t in header.tensors]
+                self._send_values(incoming, header, slots)
+        elif kind == Kind.PULL:
+            self._send_values(incoming, header, self.state.check_refs(header.refs))
+        elif kind == Kind.META:
+            slots = self.state.check_refs(header.refs)
+            self._reply(incoming, reply_header(header, opts={
+                "meta": [s.describe() for s in slots]}))
+        else:
+            raise InvalidArgument(f"a shard does not serve {kind.name} requests")
+
+    @staticmethod
+    def _data(header: Header, incoming: Incoming) -> list[list[memoryview]]:
+        out, i = [], 0
+        for t in header.tensors:
+            out.append(incoming.frames[i : i + t.nframes])
+            i += t.nframes
+        return out
+
+    def _send_values(self, incoming: Incoming, header: Header, slots: Sequence[Slot]) -> None:
+        """Reply with the current values. The frames are copied into the message:
+        a zero-copy send could ship bytes a later push is already changing."""
+        metas: list[TensorMeta] = []
+        frames: list[bytes] = []
+        for s in slots:
+            parts = split_frames(s.value, self.frame_bytes)
+            metas.append(s.meta(len(parts)))
+            frames.extend(bytes(p) for p in parts)
+        self._reply(incoming, reply_header(header, tensors=tuple(metas)), frames)
+
+    def status(self) -> dict[str, Any]:
+        stats = self.state.stats()
+        return {
+            "shard": self.shard_id,
+            "pid": os.getpid(),
+            "role": "leader",
+            "term": 0,
+            "commit_index": stats["applied_index"],
+            "applied_index": stats["applied_index"],
+            "keys": stats["keys"],
+            "home_keys": stats["home_keys"],
+            "parts": stats["parts"],
+            "bytes": stats["bytes"],
+            "requests": self.requests,
+            "errors": self.errors,
+            "uptime_s": round(time.time() - self.started, 3),
+            "endpoints": self.endpoints,
+        }
+

@@ -1,0 +1,169 @@
+"""The shard state machine: the tensors one shard owns and the operations on them.
+
+Owns every key part stored on this shard (value, dtype, full shape, optimizer,
+mode) and applies validated commands to them deterministically: the same
+commands in the same order give bit-identical state. Validation
+(``check_*``) is separate from application (``apply_*``) so the replicated log
+can sit between them. No sockets, threads or clocks here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pserver.protocol.errors import InvalidArgument, KeyNotFound, ShapeMismatch, WrongShard
+from pserver.protocol.frames import join_frames
+from pserver.protocol.schema import KeyRef, TensorMeta
+from pserver.protocol.shardmap import ShardMap
+
+from .optim import OptimizerSpec
+
+log = logging.getLogger(__name__)
+
+MODES = ("async", "sync", "ssp")
+AVAILABLE_MODES = ("async",)
+
+
+@dataclass
+class Slot:
+    """One stored key part: elements [offset, offset+count) of ``key``."""
+
+    key: str
+    part: int
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int
+    count: int
+    value: np.ndarray[Any, Any]
+    optimizer: OptimizerSpec
+    mode: str
+
+    def meta(self, nframes: int = 0) -> TensorMeta:
+        return TensorMeta(self.key, self.part, self.dtype, self.shape, self.offset, self.count,
+                          nframes)
+
+    def describe(self) -> list[Any]:
+        return [self.key, self.dtype, list(self.shape), self.optimizer.to_wire(), self.mode]
+
+
+def parse_mode(mode: Any, default: str) -> str:
+    mode = default if mode is None else mode
+    if mode not in MODES:
+        raise InvalidArgument(f"mode {mode!r} is not one of {list(MODES)}")
+    if mode not in AVAILABLE_MODES:
+        raise InvalidArgument(
+            f"mode {mode!r} is not available in this build yet (available: {list(AVAILABLE_MODES)})"
+        )
+    return str(mode)
+
+
+class ShardStateMachine:
+    """All key parts of one shard. ``applied_index`` counts applied mutations."""
+
+    def __init__(self, shard_id: int, shard_map: ShardMap, default_mode: str = "async") -> None:
+        self.shard_id = shard_id
+        self.shard_map = shard_map
+        self.default_mode = default_mode
+        self.slots: dict[tuple[str, int], Slot] = {}
+        self.applied_index = 0
+
+    # -- validation ---------------------------------------------------------
+
+    def _check_owner(self, key: str, part: int) -> None:
+        owner = self.shard_map.shard_for(key, part)
+        if owner != self.shard_id:
+            raise WrongShard(
+                f"{key!r} part {part} belongs to shard {owner}, not {self.shard_id}",
+                owner=owner, epoch=self.shard_map.epoch,
+            )
+
+    def _slot(self, key: str, part: int) -> Slot:
+        slot = self.slots.get((key, part))
+        if slot is None:
+            self._check_owner(key, part)
+            raise KeyNotFound(f"key {key!r} is not initialized", key=key)
+        return slot
+
+    @staticmethod
+    def _check_same(slot: Slot, t: TensorMeta, what: str) -> None:
+        if t.dtype != slot.dtype or t.shape != slot.shape:
+            raise ShapeMismatch(
+                f"{what} {t.key!r}: got {t.dtype}{list(t.shape)}, "
+                f"the key holds {slot.dtype}{list(slot.shape)}",
+                key=t.key,
+            )
+        if (t.offset, t.count) != (slot.offset, slot.count):
+            raise ShapeMismatch(
+                f"{what} {t.key!r} part {t.part}: elements [{t.offset}, {t.offset + t.count}) "
+                f"do not match the stored part [{slot.offset}, {slot.offset + slot.count})",
+                key=t.key,
+            )
+
+    def check_init(self, tensors: Sequence[TensorMeta], opts: dict[str, Any]) -> tuple[
+            OptimizerSpec, str]:
+        """Validate an init; returns the parsed optimizer and mode."""
+        spec = OptimizerSpec.parse(opts.get("optimizer"))
+        mode = parse_mode(opts.get("mode"), self.default_mode)
+        for t in tensors:
+            if t.nframes == 0:
+                raise InvalidArgument(f"init of {t.key!r} carries no data")
+            self._check_owner(t.key, t.part)
+            slot = self.slots.get((t.key, t.part))
+            if slot is not None:
+                self._check_same(slot, t, "init of existing key")
+        return spec, mode
+
+    def check_push(self, tensors: Sequence[TensorMeta]) -> None:
+        for t in tensors:
+            if t.nframes == 0:
+                raise InvalidArgument(f"push of {t.key!r} carries no data")
+            self._check_same(self._slot(t.key, t.part), t, "push to")
+
+    def check_refs(self, refs: Sequence[KeyRef]) -> list[Slot]:
+        return [self._slot(r.key, r.part) for r in refs]
+
+    # -- application ----------------------------------------------------------
+
+    def apply_init(self, tensors: Sequence[TensorMeta], data: Sequence[Sequence[Any]],
+                   spec: OptimizerSpec, mode: str) -> list[bool]:
+        """Create absent parts from their data; returns, per part, whether it was created."""
+        created = []
+        for t, frames in zip(tensors, data, strict=True):
+            if (t.key, t.part) in self.slots:
+                created.append(False)
+                continue
+            value = np.empty(t.count, dtype=t.np_dtype)
+            join_frames(frames, t.np_dtype, out=value)
+            self.slots[(t.key, t.part)] = Slot(t.key, t.part, t.dtype, t.shape, t.offset, t.count,
+                                               value, spec, mode)
+            created.append(True)
+        self.applied_index += 1
+        return created
+
+    def apply_push(self, tensors: Sequence[TensorMeta], data: Sequence[Sequence[Any]]) -> None:
+        """Apply each part's optimizer to its gradient, frame by frame (no reassembly)."""
+        for t, frames in zip(tensors, data, strict=True):
+            slot = self.slots[(t.key, t.part)]
+            pos = 0
+            for frame in frames:
+                grad = np.frombuffer(frame, dtype=t.np_dtype)
+                slot.optimizer.apply(slot.value[pos : pos + grad.size], grad)
+                pos += grad.size
+        self.applied_index += 1
+
+    # -- reads ----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        keys = {k for k, _ in self.slots}
+        return {
+            "keys": len(keys),
+            "home_keys": sum(1 for _, part in self.slots if part == 0),
+            "parts": len(self.slots),
+            "bytes": int(sum(s.value.nbytes for s in self.slots.values())),
+            "applied_index": self.applied_index,
+        }

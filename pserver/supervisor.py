@@ -1,0 +1,313 @@
+"""The supervisor behind ``pserver serve``.
+
+Owns the cluster on this machine: spawns one process per shard replica (``pserver
+shard``), waits until each answers, serves the cluster map and the cluster status
+on the bootstrap address, restarts a replica process that dies (logged, with
+exponential backoff, on the same endpoints), and on SIGTERM/SIGINT stops every
+process and returns. Prints exactly one ``pserver ready: tcp://HOST:PORT`` line
+once every shard answers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from pserver.protocol.codec import decode_header, reply_header
+from pserver.protocol.errors import InvalidArgument, ProtocolError, PServerError
+from pserver.protocol.schema import Header, Kind
+from pserver.protocol.shardmap import ShardMap
+from pserver.protocol.transport import Endpoint, Poller, call, host_id, new_context
+
+from .config import ConfigError, ServerConfig
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT = 60.0
+STATUS_TIMEOUT = 1.0
+
+
+@dataclass
+class Replica:
+    """One replica process and the endpoints it serves on."""
+
+    shard: int
+    replica: int
+    tcp: str
+    ipc: str | None
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restarts: int = 0
+    backoff: float = 0.1
+    restart_at: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+
+class Supervisor:
+    """Runs a cluster described by ``config`` until ``stop()`` or a signal."""
+
+    def __init__(self, config: ServerConfig, ready_stream: IO[str] | None = None) -> None:
+        if config.replicas != 1:
+            raise ConfigError(
+                f"--replicas {config.replicas}: replicated shards need the replicated log, "
+                "which this build does not have yet; run with --replicas 1"
+            )
+        if config.mode != "async":
+            raise ConfigError(f"--mode {config.mode}: only async is available in this build")
+        if config.device != "cpu":
+            raise ConfigError(f"--device {config.device}: only cpu is available in this build")
+        self.config = config
+        self.ready_stream = ready_stream if ready_stream is not None else sys.stdout
+        self.shard_map = ShardMap.uniform(config.shards)
+        self.ctx = new_context()
+        self._ids = itertools.count(1)
+        self._stop = False
+        self.run_dir = tempfile.mkdtemp(prefix="pserver-")
+        self.bootstrap: Endpoint | None = None
+        self.address = ""
+        self.replicas = [
+            Replica(s, 0, f"tcp://{config.host}:0",
+                    f"ipc://{self.run_dir}/shard-{s}.sock" if config.ipc else None)
+            for s in range(config.shards)
+        ]
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def stop(self, *_: Any) -> None:
+        self._stop = True
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def start(self) -> str:
+        """Start every replica and the bootstrap endpoint; return the bootstrap address."""
+        os.makedirs(self.config.data_dir, exist_ok=True)
+        self.bootstrap = Endpoint.router_bound(
+            self.ctx, [f"tcp://{self.config.host}:{self.config.port}"], self.config.limits)
+        port = self.bootstrap.endpoints[0].rsplit(":", 1)[1]
+        self.address = f"tcp://{self.config.host}:{port}"
+        for r in self.replicas:
+            self._spawn(r)
+        for r in self.replicas:
+            self._await_ready(r, time.monotonic() + STARTUP_TIMEOUT)
+        for r in self.replicas:
+            self._ping(r, STARTUP_TIMEOUT)
+        log.info("cluster of %d shard(s) ready at %s", len(self.replicas), self.address)
+        return self.address
+
+    def announce(self) -> None:
+        print(f"pserver ready: {self.address}", file=self.ready_stream, flush=True)
+
+    def run(self) -> None:
+        """Serve the bootstrap endpoint and watch the replicas until stopped."""
+        assert self.bootstrap is not None, "start() first"
+        poller = Poller()
+        poller.register(self.bootstrap)
+        while not self._stop:
+            if poller.poll(100):
+                while (incoming := self.bootstrap.recv()) is not None:
+                    self._handle(incoming)
+            self._watch()
+
+    def shutdown(self, timeout: float = 20.0) -> None:
+        """Stop every replica (SIGTERM, then SIGKILL after ``timeout``) and clean up."""
+        procs = [r.proc for r in self.replicas if r.proc is not None and r.proc.poll() is None]
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("replica pid %d ignored SIGTERM; killing it", p.pid)
+                p.kill()
+                p.wait()
+        if self.bootstrap is not None:
+            self.bootstrap.close()
+        self.ctx.term()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    # -- replicas -------------------------------------------------------------
+
+    def _command(self, r: Replica) -> list[str]:
+        c = self.config
+        cmd = [sys.executable, "-m", "pserver", "shard",
+               "--shard-id", str(r.shard), "--num-shards", str(c.shards),
+               "--endpoint", r.tcp, "--parent-pid", str(os.getpid()),
+               "--frame-bytes", str(c.frame_bytes),
+               "--max-request-bytes", str(c.max_request_bytes),
+               "--max-keys", str(c.max_keys), "--max-key-bytes", str(c.max_key_bytes)]
+        if r.ipc:
+            cmd += ["--endpoint", r.ipc]
+        return cmd
+
+    def _spawn(self, r: Replica) -> None:
+        r.proc = subprocess.Popen(self._command(r), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        r.started = time.monotonic()
+        r.restart_at = None
+        log.debug("spawned shard %d replica %d as pid %d", r.shard, r.replica, r.proc.pid)
+
+    def _await_ready(self, r: Replica, deadline: float) -> None:
+        """Read the replica's one JSON line: the endpoints it actually bound."""
+        assert r.proc is not None and r.proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(r.proc.stdout, selectors.EVENT_READ)
+            line = b""
+            while not line.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    raise RuntimeError(f"shard {r.shard} did not start within {STARTUP_TIMEOUT} s")
+                chunk = os.read(r.proc.stdout.fileno(), 4096)
+                if not chunk:
+                    raise RuntimeError(
+                        f"shard {r.shard} exited during start-up (code {r.proc.wait()})")
+                line += chunk
+        r.proc.stdout.close()
+        r.info = json.loads(line)
+        tcp = [e for e in r.info["endpoints"] if e.startswith("tcp://")]
+        # Keep the port the first start got, so restarts come back on the same address.
+        r.tcp = tcp[0]
+
+    def _ping(self, r: Replica, timeout: float) -> None:
+        header = Header(Kind.PING, next(self._ids))
+        call(self.ctx, r.tcp, header, self.config.limits, timeout)
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for r in self.replicas:
+            if r.restart_at is not None:
+                if now >= r.restart_at:
+                    self._restart(r)
+                continue
+            if r.proc is None or r.proc.poll() is None:
+                continue
+            code = r.proc.returncode
+            if now - r.started > 10.0:
+                r.backoff = 0.1
+            log.warning("shard %d replica %d (pid %d) exited with %s; restarting in %.1f s",
+                        r.shard, r.replica, r.proc.pid, code, r.backoff)
+            r.restart_at = now + r.backoff
+            r.backoff = min(r.backoff * 2, self.config.restart_backoff_max)
+
+    def _restart(self, r: Replica) -> None:
+        r.restarts += 1
+        try:
+            self._spawn(r)
+            self._await_ready(r, time.monotonic() + STARTUP_TIMEOUT)
+            log.info("shard %d replica %d restarted as pid %s", r.shard, r.replica, r.pid)
+        except (RuntimeError, OSError, ValueError) as exc:
+            log.error("restart of shard %d failed: %s", r.shard, exc)
+            if r.proc is not None and r.proc.poll() is None:
+                r.proc.kill()
+                r.proc.wait()
+            r.restart_at = time.monotonic() + r.backoff
+            r.backoff = min(r.backoff * 2, self.config.restart_backoff_max)
+
+    # -- bootstrap requests ---------------------------------------------------
+
+    def cluster_map(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "address": self.address,
+            "epoch": self.shard_map.epoch,
+            "shard_map": self.shard_map.to_wire(),
+            "chunk_bytes": c.chunk_bytes,
+            "frame_bytes": c.frame_bytes,
+            "limits": c.limits.to_wire(),
+            "host_id": host_id(),
+            "mode": c.mode,
+            "shards": [
+                {"id": r.shard, "replicas": [{"id": r.replica, "tcp": r.tcp, "ipc": r.ipc,
+                                              "pid": r.pid}]}
+                for r in self.replicas
+            ],
+        }
+
+    def cluster_status(self) -> dict[str, Any]:
+        """Ask every replica for its status at once; one that does not answer is ``down``."""
+        pending: dict[int, tuple[Endpoint, Replica]] = {}
+        for r in self.replicas:
+            rid = next(self._ids)
+            ep = Endpoint.dealer_connected(self.ctx, r.tcp)
+            ep.send(Header(Kind.STATUS, rid))
+            pending[rid] = (ep, r)
+        answers: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + STATUS_TIMEOUT
+        poller = Poller()
+        for ep, _ in pending.values():
+            poller.register(ep)
+        try:
+            while len(answers) < len(pending) and (left := deadline - time.monotonic()) > 0:
+                ready = poller.poll(left * 1000)
+                for ep, r in pending.values():
+                    if ep.sock not in ready:
+                        continue
+                    while (inc := ep.recv()) is not None:
+                        try:
+                            h = decode_header(inc.header, self.config.limits)
+                        except ProtocolError:
+                            continue
+                        if h.request_id in pending and not h.error:
+                            answers[r.shard] = h.opts
+        finally:
+            for ep, _ in pending.values():
+                ep.close()
+        shards = []
+        for r in self.replicas:
+            a = answers.get(r.shard)
+            replica = {"id": r.replica, "address": r.tcp, "ipc": r.ipc, "pid": r.pid,
+                       "restarts": r.restarts}
+            if a is None:
+                replica.update(role="down", term=None, commit_index=None, applied_index=None)
+            else:
+                replica.update({k: a[k] for k in ("role", "term", "commit_index",
+                                                  "applied_index", "pid")})
+            shards.append({"id": r.shard, "keys": a["keys"] if a else None,
+                           "home_keys": a["home_keys"] if a else None,
+                           "parts": a["parts"] if a else None,
+                           "bytes": a["bytes"] if a else None, "replicas": [replica]})
+        return {
+            "address": self.address,
+            "epoch": self.shard_map.epoch,
+            "mode": self.config.mode,
+            # a key counts once: on the shard holding its part 0
+            "keys": sum(s["home_keys"] or 0 for s in shards),
+            "bytes": sum(s["bytes"] or 0 for s in shards),
+            "shards": shards,
+        }
+
+    def _handle(self, incoming: Any) -> None:
+        assert self.bootstrap is not None
+        header = None
+        try:
+            header = decode_header(incoming.header, self.config.limits)
+            if header.kind == Kind.MAP:
+                opts = self.cluster_map()
+            elif header.kind == Kind.STATUS:
+                opts = self.cluster_status()
+            elif header.kind == Kind.PING:
+                opts = {"pid": os.getpid()}
+            else:
+                raise InvalidArgument(
+                    f"the bootstrap address serves MAP, STATUS and PING, not {header.kind.name}")
+            reply = reply_header(header, opts=opts)
+        except PServerError as exc:
+            rid = header.request_id if header else int(exc.details.get("request_id", 0))
+            reply = Header(Kind.REPLY, rid, error=int(exc.code), message=exc.message)
+        self.bootstrap.send(reply, identity=incoming.identity)
