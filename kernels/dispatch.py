@@ -49,8 +49,12 @@ def _as_ids(ids: Array) -> Array:
 def shard_of_ids(ids: Array, seed: int, num_shards: int, out: Array | None = None) -> Array:
     """The shard of every row id (splitmix64 hash modulo ``num_shards``)."""
     ids = _as_ids(ids)
+    if num_shards <= 0:
+        raise KernelError("num_shards must be positive")
     if out is None:
         out = np.empty(ids.shape[0], dtype=np.int64)
+    elif out.shape != ids.shape or out.dtype != np.int64:
+        raise KernelError(f"out must be int64 of shape {ids.shape}")
     _hashing.shard_of_ids(ids, seed, num_shards, out)
     return out
 

@@ -74,7 +74,7 @@ def _tensor(raw: Any, limits: Limits) -> TensorMeta:
     key = _key(raw[0], limits)
     part = _int(raw[1], "part", hi=_MAX_ELEMENTS)
     dtype = raw[2]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise ProtocolError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     shape_raw = raw[3]
     if not isinstance(shape_raw, list) or len(shape_raw) > limits.max_rank:
@@ -95,7 +95,9 @@ def decode_header(raw: bytes | memoryview, limits: Limits) -> Header:
     """msgpack bytes -> Header, rejecting anything malformed or over a cap."""
     if len(raw) > limits.max_header_bytes:
         raise RequestTooLarge(f"header of {len(raw)} bytes exceeds the {limits.max_header_bytes}-byte cap")
-    cap = limits.max_keys + 16
+    # Arrays may be as long as the header allows (the header cap bounds the work),
+    # so a count above max_keys is reported as too large rather than malformed.
+    cap = limits.max_header_bytes
     try:
         wire = msgpack.unpackb(
             raw,
@@ -103,7 +105,7 @@ def decode_header(raw: bytes | memoryview, limits: Limits) -> Header:
             strict_map_key=True,
             max_str_len=limits.max_header_bytes,
             max_bin_len=limits.max_header_bytes,
-            max_array_len=max(cap, limits.max_rank),
+            max_array_len=cap,
             max_map_len=cap,
             max_ext_len=0,
         )
@@ -123,13 +125,15 @@ def decode_header(raw: bytes | memoryview, limits: Limits) -> Header:
 
 def _decode_fields(wire: dict[Any, Any], limits: Limits) -> Header:
     version = wire.get("v")
-    if version not in SUPPORTED_VERSIONS:
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise UnsupportedVersion(
             f"protocol version {version!r} is not supported (supported: {list(SUPPORTED_VERSIONS)})",
             supported=list(SUPPORTED_VERSIONS),
         )
     request_id = _int(wire.get("id"), "request id")
     try:
+        if type(wire.get("k")) is not int:
+            raise ValueError
         kind = Kind(wire.get("k"))
     except ValueError:
         raise UnknownKind(f"unknown message kind {wire.get('k')!r}") from None

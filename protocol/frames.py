@@ -59,6 +59,18 @@ def part_ranges(size: int, itemsize: int, chunk_bytes: int) -> list[tuple[int, i
     return [(off, min(per, size - off)) for off in range(0, size, per)]
 
 
+def part_range(size: int, itemsize: int, chunk_bytes: int, part: int) -> tuple[int, int] | None:
+    """(offset, count) of ``part`` as ``part_ranges`` cuts it, or None when the
+    tensor has no such part."""
+    per = chunk_elements(itemsize, chunk_bytes)
+    if size <= per:
+        return (0, size) if part == 0 else None
+    offset = part * per
+    if offset >= size:
+        return None
+    return offset, min(per, size - offset)
+
+
 def split_frames(flat: np.ndarray[Any, Any], frame_bytes: int) -> list[memoryview]:
     """Zero-copy views of a 1-D contiguous array, each at most ``frame_bytes``
     (and at least one element), covering it in order. An empty array gives one

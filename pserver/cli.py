@@ -87,11 +87,12 @@ def serve(config_file: str | None, no_ipc: bool | None, **options: Any) -> None:
               help="tcp://HOST:PORT or ipc://PATH to bind (repeatable)")
 @click.option("--parent-pid", type=int, default=None, help="exit when this process is gone")
 @click.option("--frame-bytes", type=int, default=1 << 20, show_default=True)
+@click.option("--chunk-bytes", type=int, default=4 << 20, show_default=True)
 @click.option("--max-request-bytes", type=int, default=Limits.max_request_bytes, show_default=True)
 @click.option("--max-keys", type=int, default=Limits.max_keys, show_default=True)
 @click.option("--max-key-bytes", type=int, default=Limits.max_key_bytes, show_default=True)
 def shard(shard_id: int, num_shards: int, endpoints: tuple[str, ...], parent_pid: int | None,
-          frame_bytes: int, max_request_bytes: int, max_keys: int, max_key_bytes: int) -> None:
+          frame_bytes: int, chunk_bytes: int, max_request_bytes: int, max_keys: int, max_key_bytes: int) -> None:
     """Run one shard replica process (used by `serve`, or by hand across hosts).
 
     Prints one JSON line with the bound endpoints once it serves."""
@@ -101,7 +102,7 @@ def shard(shard_id: int, num_shards: int, endpoints: tuple[str, ...], parent_pid
                     max_key_bytes=max_key_bytes,
                     max_frame_bytes=max(Limits.max_frame_bytes, frame_bytes))
     server = ShardServer(shard_id, ShardMap.uniform(num_shards), endpoints, limits=limits,
-                         frame_bytes=frame_bytes, parent_pid=parent_pid)
+                         frame_bytes=frame_bytes, chunk_bytes=chunk_bytes, parent_pid=parent_pid)
     server.install_signal_handlers()
     print(json.dumps({"shard": shard_id, "pid": os.getpid(), "endpoints": server.endpoints}),
           flush=True)

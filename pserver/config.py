@@ -74,6 +74,9 @@ def _fields() -> dict[str, dataclasses.Field[Any]]:
 
 def _coerce(name: str, value: Any) -> Any:
     kind = type(_fields()[name].default)
+    if kind is int and (isinstance(value, bool) or (
+            isinstance(value, float) and not value.is_integer())):
+        raise ConfigError(f"setting {name!r}: {value!r} is not an integer")
     try:
         if kind is bool and isinstance(value, str):
             if value.lower() in ("1", "true", "yes", "on"):
@@ -101,7 +104,12 @@ def load_config(
                 raw = tomllib.load(fh)
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc}") from None
-        raw = raw.get("server", raw)
+        table = raw.pop("server", None)
+        if table is not None:
+            if raw or not isinstance(table, dict):
+                raise ConfigError(
+                    f"{config_file}: put settings either at the top level or under [server]")
+            raw = table
         for name, value in raw.items():
             name = name.replace("-", "_")
             if name not in _fields():

@@ -34,9 +34,11 @@ class OptimizerSpec:
 
     @classmethod
     def parse(cls, raw: dict[str, Any] | None) -> OptimizerSpec:
-        raw = dict(DEFAULT_OPTIMIZER if raw is None else raw)
+        if raw is None:
+            raw = DEFAULT_OPTIMIZER
         if not isinstance(raw, dict):
             raise InvalidArgument(f"optimizer must be a dict such as {DEFAULT_OPTIMIZER}")
+        raw = dict(raw)
         name = raw.pop("name", None)
         if name not in KNOWN_NAMES:
             raise InvalidArgument(f"optimizer name {name!r} is not one of {list(KNOWN_NAMES)}")

@@ -49,13 +49,14 @@ class ShardServer:
         limits: Limits | None = None,
         frame_bytes: int = 1 << 20,
         default_mode: str = "async",
+        chunk_bytes: int = 4 << 20,
         parent_pid: int | None = None,
     ) -> None:
         self.shard_id = shard_id
         self.limits = limits or Limits()
         self.frame_bytes = frame_bytes
         self.parent_pid = parent_pid
-        self.state = ShardStateMachine(shard_id, shard_map, default_mode)
+        self.state = ShardStateMachine(shard_id, shard_map, default_mode, chunk_bytes)
         self.ctx = new_context()
         self.endpoint = Endpoint.router_bound(self.ctx, endpoints, self.limits)
         self.started = time.time()

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pserver.protocol.errors import InvalidArgument, KeyNotFound, ShapeMismatch, WrongShard
-from pserver.protocol.frames import join_frames
+from pserver.protocol.frames import DEFAULT_CHUNK_BYTES, join_frames, part_range
 from pserver.protocol.schema import KeyRef, TensorMeta
 from pserver.protocol.shardmap import ShardMap
 
@@ -65,9 +65,11 @@ def parse_mode(mode: Any, default: str) -> str:
 class ShardStateMachine:
     """All key parts of one shard. ``applied_index`` counts applied mutations."""
 
-    def __init__(self, shard_id: int, shard_map: ShardMap, default_mode: str = "async") -> None:
+    def __init__(self, shard_id: int, shard_map: ShardMap, default_mode: str = "async",
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.shard_id = shard_id
         self.shard_map = shard_map
+        self.chunk_bytes = chunk_bytes
         self.default_mode = default_mode
         self.slots: dict[tuple[str, int], Slot] = {}
         self.applied_index = 0
@@ -109,13 +111,24 @@ class ShardStateMachine:
         """Validate an init; returns the parsed optimizer and mode."""
         spec = OptimizerSpec.parse(opts.get("optimizer"))
         mode = parse_mode(opts.get("mode"), self.default_mode)
+        seen: dict[tuple[str, int], TensorMeta] = {}
         for t in tensors:
             if t.nframes == 0:
                 raise InvalidArgument(f"init of {t.key!r} carries no data")
             self._check_owner(t.key, t.part)
+            size = int(np.prod(t.shape, dtype=np.int64))
+            if part_range(size, t.np_dtype.itemsize, self.chunk_bytes, t.part) != (
+                    t.offset, t.count):
+                raise InvalidArgument(
+                    f"init of {t.key!r}: part {t.part} [{t.offset}, {t.offset + t.count}) is not "
+                    f"how a {t.dtype}{list(t.shape)} tensor is cut into {self.chunk_bytes}-byte chunks")
             slot = self.slots.get((t.key, t.part))
             if slot is not None:
                 self._check_same(slot, t, "init of existing key")
+            elif (t.key, t.part) in seen and seen[(t.key, t.part)] != t:
+                raise ShapeMismatch(f"init names {t.key!r} part {t.part} twice, differently",
+                                    key=t.key)
+            seen[(t.key, t.part)] = t
         return spec, mode
 
     def check_push(self, tensors: Sequence[TensorMeta]) -> None:

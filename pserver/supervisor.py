@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from pserver.protocol.codec import decode_header, reply_header
-from pserver.protocol.errors import InvalidArgument, ProtocolError, PServerError
+from pserver.protocol.errors import InternalError, InvalidArgument, ProtocolError, PServerError
 from pserver.protocol.schema import Header, Kind
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Endpoint, Poller, call, host_id, new_context
@@ -150,7 +150,7 @@ class Supervisor:
         cmd = [sys.executable, "-m", "pserver", "shard",
                "--shard-id", str(r.shard), "--num-shards", str(c.shards),
                "--endpoint", r.tcp, "--parent-pid", str(os.getpid()),
-               "--frame-bytes", str(c.frame_bytes),
+               "--frame-bytes", str(c.frame_bytes), "--chunk-bytes", str(c.chunk_bytes),
                "--max-request-bytes", str(c.max_request_bytes),
                "--max-keys", str(c.max_keys), "--max-key-bytes", str(c.max_key_bytes)]
         if r.ipc:
@@ -307,7 +307,10 @@ class Supervisor:
                 raise InvalidArgument(
                     f"the bootstrap address serves MAP, STATUS and PING, not {header.kind.name}")
             reply = reply_header(header, opts=opts)
-        except PServerError as exc:
+        except Exception as exc:
+            if not isinstance(exc, PServerError):
+                log.exception("bootstrap request failed")
+                exc = InternalError(f"{type(exc).__name__}: {exc}")
             rid = header.request_id if header else int(exc.details.get("request_id", 0))
             reply = Header(Kind.REPLY, rid, error=int(exc.code), message=exc.message)
         self.bootstrap.send(reply, identity=incoming.identity)

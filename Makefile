@@ -1,0 +1,43 @@
+# Every target creates .venv when it is missing; `make test` and `make demo` work on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-fast bench lint typecheck clean
+
+$(STAMP): pyproject.toml setup.py kernels/_hashing.pyx
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m pserver.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
+
+bench: $(STAMP)
+	$(BIN)/pserver bench
+
+typecheck: $(STAMP)
+	rm -rf build/typecheck && mkdir -p build/typecheck/pserver
+	for f in pserver/*; do ln -s ../../../$$f build/typecheck/pserver/; done
+	ln -s ../../../kernels build/typecheck/pserver/kernels
+	ln -s ../../../protocol build/typecheck/pserver/protocol
+	ln -s ../../../clients build/typecheck/pserver/clients
+	$(BIN)/mypy
+
+lint: $(STAMP) typecheck
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check . || true
+	$(BIN)/lint-imports
+
+clean:
+	rm -rf build dist *.egg-info kernels/*.so kernels/*.c

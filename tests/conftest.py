@@ -1,0 +1,85 @@
+"""Shared fixtures: a real cluster started with `pserver serve` on free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+READY_PREFIX = "pserver ready: "
+
+
+@dataclass
+class Cluster:
+    """A `pserver serve` process and its bootstrap address."""
+
+    proc: subprocess.Popen[str]
+    address: str
+    stderr_path: Path
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+
+def start_cluster(tmp_path: Path, *args: str, timeout: float = 60.0,
+                  env: dict[str, str] | None = None) -> Cluster:
+    """Run `pserver serve --port 0 ARGS` and wait (with a deadline) for its ready line."""
+    err = tmp_path / f"serve-{time.monotonic_ns()}.stderr"
+    cmd = [sys.executable, "-m", "pserver", "serve", "--port", "0", "--replicas", "1",
+           "--data-dir", str(tmp_path / "data"), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err.open("w"), text=True,
+                            env={**os.environ, **(env or {})})
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                proc.kill()
+                raise TimeoutError(f"no ready line within {timeout} s:\n{err.read_text()}")
+            if sel.select(left):
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"pserver serve exited ({proc.wait()}):\n{err.read_text()}")
+                if line.startswith(READY_PREFIX):
+                    return Cluster(proc, line[len(READY_PREFIX):].strip(), err)
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path) -> Iterator[object]:
+    """Start clusters on demand; every one is stopped at the end of the test."""
+    started: list[Cluster] = []
+
+    def factory(*args: str, **kw: object) -> Cluster:
+        c = start_cluster(tmp_path, *args, **kw)  # type: ignore[arg-type]
+        started.append(c)
+        return c
+
+    yield factory
+    for c in started:
+        if c.proc.poll() is None:
+            c.proc.kill()
+            c.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster4(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A 4-shard cluster shared by the tests of one module."""
+    c = start_cluster(tmp_path_factory.mktemp("cluster4"), "--shards", "4")
+    yield c
+    c.stop()
