@@ -153,7 +153,7 @@ class IOThread(threading.Thread):
                     details.setdefault("shard", shard)
                     req.on_error(error_from_code(header.error, header.message, details))
                     continue
-                check_frames(header, [len(f) for f in incoming.frames], self._limits)
+                check_frames(header, [f.nbytes for f in incoming.frames], self._limits)
                 req.on_reply(header, incoming)
             except PServerError as exc:
                 req.on_error(exc)

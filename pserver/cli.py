@@ -144,5 +144,13 @@ def status(address: str | None, as_json: bool, timeout: float) -> None:
     click.echo(json.dumps(st) if as_json else _format_status(st))
 
 
+def _add_bench() -> None:
+    from .benchmark.command import bench
+
+    main.add_command(bench)
+
+
+_add_bench()
+
 if __name__ == "__main__":
     main()

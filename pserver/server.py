@@ -121,7 +121,7 @@ class ShardServer:
         header: Header | None = None
         try:
             header = decode_header(incoming.header, self.limits)
-            check_frames(header, [len(f) for f in incoming.frames], self.limits)
+            check_frames(header, [f.nbytes for f in incoming.frames], self.limits)
             self._dispatch(incoming, header)
         except PServerError as exc:
             if isinstance(exc, ProtocolError):
