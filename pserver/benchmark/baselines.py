@@ -1,14 +1,25 @@
 """Side-by-side baselines for pserver benchmarks (public APIs only).
 
 Owns the reference points every pserver figure is quoted against:
-- ``EchoServer`` / ``echo_round``: a raw pyzmq DEALER/ROUTER echo of the same
-  bytes in the same chunking (chunks of ``chunk_bytes`` sent as frames of
-  ``frame_bytes``, ``window`` chunks in flight): the transport limit.
-- ``memory_bandwidth``: numpy ``a += b`` bytes read+written per second.
+
+- ``EchoServer.round``: a raw pyzmq DEALER/ROUTER echo of the same bytes in the
+  same chunking (chunks of ``chunk_bytes`` sent as zero-copy frames of
+  ``frame_bytes``, ``window`` chunks in flight, the reply copied into a
+  preallocated array): **the transport limit** for one worker's push+pull.
+- ``EchoServer.roundtrips``: lockstep round trips of one small message through
+  the same DEALER/ROUTER pair: **the small-request latency limit**.
+- ``memory_bandwidth``: numpy ``a += b`` bytes read+written per second: **the
+  memory limit** of a summing server.
+
+The echo server runs in its own process (``python -m pserver.benchmark.baselines
+ENDPOINT``), binds, prints its resolved endpoint on stdout and echoes every
+message until it receives ``[b"stop"]``. Like a parameter server replying with
+its own state, it sends back *copies* of the frames it received.
 """
 
 from __future__ import annotations
 
+import selectors
 import subprocess
 import sys
 import time
@@ -17,87 +28,149 @@ from typing import Any
 import numpy as np
 import zmq
 
+Array = np.ndarray[Any, Any]
+
+HWM = 100_000
+STOP = b"stop"
+
 
 def _echo_main(endpoint: str) -> None:
-    ctx = zmq.Context()
+    """The echo server process: bind ``endpoint``, print it, echo until ``stop``."""
+    ctx: zmq.Context[Any] = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, 100_000)
-    sock.setsockopt(zmq.RCVHWM, 100_000)
-    if endpoint.endswith(":0"):
-        port = sock.bind_to_random_port(endpoint.rsplit(":", 1)[0])
-        endpoint = endpoint.rsplit(":", 1)[0] + f":{port}"
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
+        base = endpoint.rsplit(":", 1)[0]
+        endpoint = f"{base}:{sock.bind_to_random_port(base)}"
     else:
         sock.bind(endpoint)
     print(endpoint, flush=True)
     while True:
         parts = sock.recv_multipart(copy=False)
-        if len(parts) == 2 and parts[1].bytes == b"stop":
+        if len(parts) == 2 and parts[1].bytes == STOP:
             break
         # Echo back copies, as a server replying with its own state would.
-        sock.send_multipart([parts[0], *[bytes(p.buffer) for p in parts[1:]]], copy=False)
+        reply: list[Any] = [parts[0], parts[1]]
+        reply.extend(bytes(p.buffer) for p in parts[2:])
+        sock.send_multipart(reply, copy=False)
     sock.close(0)
     ctx.term()
 
 
 class EchoServer:
-    """A raw ROUTER echo server in its own process."""
+    """A raw ROUTER echo server in its own process, and a DEALER talking to it.
 
-    def __init__(self, endpoint: str = "tcp://127.0.0.1:0") -> None:
-        self.proc = subprocess.Popen([sys.executable, __file__, endpoint],
-                                     stdout=subprocess.PIPE, text=True)
+    ``endpoint`` is ``tcp://HOST:0`` (a free port is picked) or ``ipc://PATH``.
+    Use as a context manager, or call ``close``.
+    """
+
+    def __init__(self, endpoint: str = "tcp://127.0.0.1:0", start_timeout: float = 30.0) -> None:
+        self.proc: subprocess.Popen[str] = subprocess.Popen(
+            [sys.executable, "-m", "pserver.benchmark.baselines", endpoint],
+            stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
-        self.endpoint: str = self.proc.stdout.readline().strip()
-        if not self.endpoint:
-            raise RuntimeError("echo server failed to start")
-        self.ctx = zmq.Context()
+        line = ""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if sel.select(start_timeout):
+                line = self.proc.stdout.readline().strip()
+        if not line:
+            self._reap()
+            raise RuntimeError(f"echo server for {endpoint} did not start")
+        self.endpoint: str = line
+        self.ctx: zmq.Context[Any] = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 100_000)
-        self.sock.setsockopt(zmq.RCVHWM, 100_000)
+        self.sock.setsockopt(zmq.SNDHWM, HWM)
+        self.sock.setsockopt(zmq.RCVHWM, HWM)
         self.sock.connect(self.endpoint)
+        self._closed = False
 
-    def round(self, data: np.ndarray[Any, Any], chunk_bytes: int = 4 << 20,
-              frame_bytes: int = 1 << 20, window: int = 4) -> float:
-        """Seconds to send ``data`` and receive it back, chunked, ``window`` in flight."""
-        raw = memoryview(data.reshape(-1)).cast("B")
-        chunks = [raw[i : i + chunk_bytes] for i in range(0, len(raw), chunk_bytes)] or [raw]
-        out = np.empty_like(data).reshape(-1).view(np.uint8)
+    # -- measurements ---------------------------------------------------------------
+
+    def round(self, data: Array, chunk_bytes: int = 4 << 20, frame_bytes: int = 1 << 20,
+              window: int = 4, out: Array | None = None) -> float:
+        """Seconds to send ``data`` and receive it back into ``out`` (allocated here
+        when None): cut into chunks of ``chunk_bytes``, each sent as one message of
+        zero-copy frames of ``frame_bytes``, ``window`` chunks in flight."""
+        raw = memoryview(np.ascontiguousarray(data).reshape(-1)).cast("B")
+        if out is None:
+            out = np.empty(len(raw), np.uint8)
+        dest = out.reshape(-1).view(np.uint8)
+        if dest.size != len(raw):
+            raise ValueError("out must have as many bytes as data")
+        starts = list(range(0, len(raw), chunk_bytes)) or [0]
         t0 = time.perf_counter()
         sent = received = 0
-        offsets = {}
-        while received < len(chunks):
-            while sent < len(chunks) and sent - received < window:
-                c = chunks[sent]
+        while received < len(starts):
+            while sent < len(starts) and sent - received < window:
+                c = raw[starts[sent] : starts[sent] + chunk_bytes]
                 frames = [c[i : i + frame_bytes] for i in range(0, len(c), frame_bytes)] or [c]
-                offsets[sent] = sent * chunk_bytes
                 self.sock.send_multipart([sent.to_bytes(4, "little"), *frames], copy=False)
                 sent += 1
             parts = self.sock.recv_multipart(copy=False)
-            idx = int.from_bytes(parts[0].bytes, "little")
-            pos = offsets.pop(idx)
+            pos = starts[int.from_bytes(parts[0].bytes, "little")]
             for p in parts[1:]:
                 b = np.frombuffer(p.buffer, dtype=np.uint8)
-                out[pos : pos + b.size] = b
+                dest[pos : pos + b.size] = b
                 pos += b.size
             received += 1
         return time.perf_counter() - t0
 
+    def roundtrips(self, payload: Array | bytes, count: int) -> list[float]:
+        """Seconds of each of ``count`` lockstep round trips of ``payload`` (one frame,
+        sent without a copy, the reply received without one)."""
+        frame: Any = payload if isinstance(payload, bytes) else memoryview(
+            np.ascontiguousarray(payload).reshape(-1)).cast("B")
+        tag = b"\0\0\0\0"
+        sock = self.sock
+        clock = time.perf_counter
+        times: list[float] = []
+        for _ in range(count):
+            t0 = clock()
+            sock.send_multipart([tag, frame], copy=False)
+            sock.recv_multipart(copy=False)
+            times.append(clock() - t0)
+        return times
+
+    # -- lifecycle ------------------------------------------------------------------
+
     def close(self) -> None:
-        self.sock.send_multipart([b"stop"])
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.sock.send_multipart([STOP], flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self._reap()  # before closing: linger 0 would drop the stop message
+        self.sock.close(0)
+        self.ctx.term()
+
+    def _reap(self) -> None:
         try:
             self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.sock.close(0)
-        self.ctx.term()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> EchoServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def memory_bandwidth(nbytes: int = 64 << 20, repeats: int = 5) -> float:
-    """Best bytes/s of numpy ``a += b`` counting 3 x nbytes (read a, b; write a)."""
+    """Best bytes/s of numpy ``a += b`` on float32 arrays of ``nbytes`` each,
+    counting 3 x nbytes (read a and b, write a)."""
     a = np.ones(nbytes // 4, np.float32)
     b = np.ones(nbytes // 4, np.float32)
+    a += b  # fault the pages in before timing
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()

@@ -1,0 +1,1 @@
+"""pserver.benchmark: the `pserver bench` command, its scenarios and baselines."""
