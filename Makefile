@@ -36,8 +36,7 @@ typecheck: $(STAMP)
 
 lint: $(STAMP) typecheck
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check . || true
-	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q tests/test_layers.py
 
 clean:
 	rm -rf build dist *.egg-info kernels/*.so kernels/*.c

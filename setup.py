@@ -20,7 +20,11 @@ setup(
         "pserver.protocol": "protocol",
         "pserver.clients": "clients",
     },
-    package_data={"pserver.kernels": ["*.pyi", "*.pyx"], "pserver.protocol": ["PROTOCOL.md"], "pserver": ["py.typed"]},
+    package_data={
+        "pserver.kernels": ["*.pyi", "*.pyx"],
+        "pserver.protocol": ["PROTOCOL.md"],
+        "pserver": ["py.typed"],
+    },
     ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}),
     zip_safe=False,
 )

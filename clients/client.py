@@ -43,8 +43,9 @@ log = logging.getLogger(__name__)
 Array = np.ndarray[Any, Any]
 ENV_IPC = "PSERVER_IPC"
 # Replies can be larger than any request the server accepts: decode them generously.
-_REPLY_LIMITS = Limits(max_request_bytes=1 << 40, max_frames=1 << 20, max_keys=1 << 20,
-                       max_header_bytes=64 << 20)
+_REPLY_LIMITS = Limits(
+    max_request_bytes=1 << 40, max_frames=1 << 20, max_keys=1 << 20, max_header_bytes=64 << 20
+)
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,9 @@ class _Op:
 
 
 def _bootstrap(ctx: Any, address: str, kind: Kind, timeout: float) -> dict[str, Any]:
-    header, _ = call(ctx, address, Header(kind, int.from_bytes(os.urandom(6), "little")),
-                     _REPLY_LIMITS, timeout)
+    header, _ = call(
+        ctx, address, Header(kind, int.from_bytes(os.urandom(6), "little")), _REPLY_LIMITS, timeout
+    )
     return header.opts
 
 
@@ -127,8 +129,15 @@ def cluster_status(address: str, timeout: float = 5.0) -> dict[str, Any]:
 class Client:
     """A connection to a pserver cluster. Use ``pserver.connect``."""
 
-    def __init__(self, address: str, *, worker_id: int = 0, num_workers: int = 1,
-                 timeout: float = 30.0, ipc: bool | None = None) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        worker_id: int = 0,
+        num_workers: int = 1,
+        timeout: float = 30.0,
+        ipc: bool | None = None,
+    ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
         self.address = address
@@ -192,7 +201,8 @@ class Client:
         n = len(key.encode("utf-8"))
         if n > self.limits.max_key_bytes:
             raise RequestTooLarge(
-                f"key of {n} bytes exceeds the cluster's {self.limits.max_key_bytes}-byte cap")
+                f"key of {n} bytes exceeds the cluster's {self.limits.max_key_bytes}-byte cap"
+            )
         return key
 
     def _pieces(self, meta: KeyMeta, flat: Array | None = None) -> list[_Piece]:
@@ -200,8 +210,9 @@ class Client:
         ranges = part_ranges(meta.size, meta.np_dtype.itemsize, self.chunk_bytes)
         for part, (offset, count) in enumerate(ranges):
             data = None if flat is None else flat[offset : offset + count]
-            pieces.append(_Piece(meta, part, offset, count,
-                                 self.shard_map.shard_for(meta.key, part), data))
+            pieces.append(
+                _Piece(meta, part, offset, count, self.shard_map.shard_for(meta.key, part), data)
+            )
         return pieces
 
     def _batches(self, pieces: Iterable[_Piece]) -> list[tuple[int, list[_Piece]]]:
@@ -218,8 +229,11 @@ class Client:
             for p in items:
                 b = p.count * p.meta.np_dtype.itemsize
                 f = max(1, -(-b // self.frame_bytes))
-                if batch and (nbytes + b > self.chunk_bytes or len(batch) >= key_cap
-                              or nframes + f > self.limits.max_frames):
+                if batch and (
+                    nbytes + b > self.chunk_bytes
+                    or len(batch) >= key_cap
+                    or nframes + f > self.limits.max_frames
+                ):
                     out.append((shard, batch))
                     batch, nbytes, nframes = [], 0, 0
                 batch.append(p)
@@ -234,29 +248,48 @@ class Client:
         for p in batch:
             assert p.data is not None
             fr = split_frames(p.data, self.frame_bytes)
-            metas.append(TensorMeta(p.meta.key, p.part, p.meta.dtype, p.meta.shape, p.offset,
-                                    p.count, len(fr)))
+            metas.append(
+                TensorMeta(
+                    p.meta.key, p.part, p.meta.dtype, p.meta.shape, p.offset, p.count, len(fr)
+                )
+            )
             frames.extend(fr)
         return tuple(metas), frames
 
-    def _header(self, kind: Kind, tensors: tuple[TensorMeta, ...] = (),
-                refs: tuple[KeyRef, ...] = (), opts: dict[str, Any] | None = None,
-                mutating: bool = False) -> Header:
-        return Header(kind, next(self._ids), client_id=self.client_id,
-                      seq=next(self._seqs) if mutating else 0, tensors=tensors, refs=refs,
-                      opts=opts or {})
+    def _header(
+        self,
+        kind: Kind,
+        tensors: tuple[TensorMeta, ...] = (),
+        refs: tuple[KeyRef, ...] = (),
+        opts: dict[str, Any] | None = None,
+        mutating: bool = False,
+    ) -> Header:
+        return Header(
+            kind,
+            next(self._ids),
+            client_id=self.client_id,
+            seq=next(self._seqs) if mutating else 0,
+            tensors=tensors,
+            refs=refs,
+            opts=opts or {},
+        )
 
-    def _run(self, messages: Sequence[tuple[int, Header, list[Any]]],
-             on_reply: Callable[[int, Header, Incoming], None],
-             finish: Callable[[], Any]) -> Future[Any]:
+    def _run(
+        self,
+        messages: Sequence[tuple[int, Header, list[Any]]],
+        on_reply: Callable[[int, Header, Incoming], None],
+        finish: Callable[[], Any],
+    ) -> Future[Any]:
         """Send every message at once; ``finish`` builds the result after the last reply."""
         if self._closed:
             raise PServerError("the client is closed")
         op = _Op(len(messages), finish)
         for i, (shard, header, frames) in enumerate(messages):
+
             def reply(h: Header, inc: Incoming, i: int = i) -> None:
                 on_reply(i, h, inc)
                 op.done_one()
+
             self._io.submit(shard, header, frames, self.timeout, reply, op.fail)
         return op.future
 
@@ -270,12 +303,13 @@ class Client:
             refs_by_shard: dict[int, list[KeyRef]] = defaultdict(list)
             for k in missing:
                 refs_by_shard[self.shard_map.home(k)].append(KeyRef(k, 0))
-            messages = []
+            messages: list[tuple[int, Header, list[Any]]] = []
             cap = min(self.limits.max_keys, 1024)
             for shard, refs in refs_by_shard.items():
                 for i in range(0, len(refs), cap):
-                    messages.append((shard, self._header(Kind.META, refs=tuple(refs[i:i + cap])),
-                                     []))
+                    messages.append(
+                        (shard, self._header(Kind.META, refs=tuple(refs[i : i + cap])), [])
+                    )
             found: list[KeyMeta] = []
 
             def on_reply(_: int, h: Header, __: Incoming) -> None:
@@ -291,8 +325,14 @@ class Client:
 
     # -- public API -----------------------------------------------------------------
 
-    def init_async(self, arrays: Mapping[str, Array], *, optimizer: dict[str, Any] | None = None,
-                   mode: str | None = None, staleness: int | None = None) -> Future[dict[str, bool]]:
+    def init_async(
+        self,
+        arrays: Mapping[str, Array],
+        *,
+        optimizer: dict[str, Any] | None = None,
+        mode: str | None = None,
+        staleness: int | None = None,
+    ) -> Future[dict[str, bool]]:
         """``init`` returning a Future of {key: created}. The arrays must stay unchanged
         until the Future is done (their memory is sent without a copy)."""
         metas: dict[str, KeyMeta] = {}
@@ -311,11 +351,12 @@ class Client:
             opts["staleness"] = int(staleness)
         pieces = [p for k, m in metas.items() for p in self._pieces(m, flats[k])]
         batches = self._batches(pieces)
-        messages = []
+        messages: list[tuple[int, Header, list[Any]]] = []
         for shard, batch in batches:
             tensors, frames = self._encode(batch)
-            messages.append((shard, self._header(Kind.INIT, tensors, opts=opts, mutating=True),
-                             frames))
+            messages.append(
+                (shard, self._header(Kind.INIT, tensors, opts=opts, mutating=True), frames)
+            )
         created: dict[str, bool] = dict.fromkeys(metas, False)
 
         def on_reply(i: int, h: Header, _: Incoming) -> None:
@@ -329,8 +370,14 @@ class Client:
 
         return self._run(messages, on_reply, finish)
 
-    def init(self, arrays: Mapping[str, Array], *, optimizer: dict[str, Any] | None = None,
-             mode: str | None = None, staleness: int | None = None) -> dict[str, bool]:
+    def init(
+        self,
+        arrays: Mapping[str, Array],
+        *,
+        optimizer: dict[str, Any] | None = None,
+        mode: str | None = None,
+        staleness: int | None = None,
+    ) -> dict[str, bool]:
         """Create the keys that are absent, with these initial values.
 
         Initializing an existing key with the same shape and dtype is a no-op (its
@@ -338,8 +385,7 @@ class Client:
         ``optimizer`` is a dict such as ``{"name": "sgd", "lr": 0.1}`` (default sgd
         with lr 0.01). Returns {key: True if this call created it}.
         """
-        return self.init_async(arrays, optimizer=optimizer, mode=mode,
-                               staleness=staleness).result()
+        return self.init_async(arrays, optimizer=optimizer, mode=mode, staleness=staleness).result()
 
     def _grad_pieces(self, grads: Mapping[str, Array]) -> list[_Piece]:
         metas = self._ensure_meta(grads.keys())
@@ -350,14 +396,16 @@ class Client:
             if tuple(g.shape) != m.shape or g.dtype != m.np_dtype:
                 raise ShapeMismatch(
                     f"gradient for {key!r} is {g.dtype}{list(g.shape)}, "
-                    f"the key holds {m.dtype}{list(m.shape)}", key=key)
+                    f"the key holds {m.dtype}{list(m.shape)}",
+                    key=key,
+                )
             pieces.extend(self._pieces(m, flat))
         return pieces
 
     def push_async(self, grads: Mapping[str, Array]) -> Future[None]:
         """``push`` returning a Future. The gradient arrays are sent without a copy:
         the caller must not change them until the Future is done."""
-        messages = []
+        messages: list[tuple[int, Header, list[Any]]] = []
         for shard, batch in self._batches(self._grad_pieces(grads)):
             tensors, frames = self._encode(batch)
             messages.append((shard, self._header(Kind.PUSH, tensors, mutating=True), frames))
@@ -387,6 +435,7 @@ class Client:
                     dest[pos : pos + v.size] = v
                     pos += v.size
                 i += t.nframes
+
         return on_reply
 
     def pull_into_async(self, out: Mapping[str, Array]) -> Future[dict[str, Array]]:
@@ -399,10 +448,13 @@ class Client:
             m = metas[key]
             require_contiguous(key, arr)
             if tuple(arr.shape) != m.shape or arr.dtype != m.np_dtype:
-                raise ShapeMismatch(f"output for {key!r} is {arr.dtype}{list(arr.shape)}, "
-                                    f"the key holds {m.dtype}{list(m.shape)}", key=key)
+                raise ShapeMismatch(
+                    f"output for {key!r} is {arr.dtype}{list(arr.shape)}, "
+                    f"the key holds {m.dtype}{list(m.shape)}",
+                    key=key,
+                )
         pieces = [p for m in metas.values() for p in self._pieces(m)]
-        messages = []
+        messages: list[tuple[int, Header, list[Any]]] = []
         for shard, batch in self._batches(pieces):
             refs = tuple(KeyRef(p.meta.key, p.part) for p in batch)
             messages.append((shard, self._header(Kind.PULL, refs=refs), []))
@@ -430,11 +482,10 @@ class Client:
         it is done."""
         pieces = self._grad_pieces(grads)
         out = {k: np.empty(g.shape, dtype=g.dtype) for k, g in grads.items()}
-        messages = []
+        messages: list[tuple[int, Header, list[Any]]] = []
         for shard, batch in self._batches(pieces):
             tensors, frames = self._encode(batch)
-            messages.append((shard, self._header(Kind.PUSH_PULL, tensors, mutating=True),
-                             frames))
+            messages.append((shard, self._header(Kind.PUSH_PULL, tensors, mutating=True), frames))
         return self._run(messages, self._collect(out), lambda: out)
 
     def push_pull(self, grads: Mapping[str, Array]) -> dict[str, Array]:
@@ -448,8 +499,14 @@ class Client:
         return _bootstrap(self._ctx, self.address, Kind.STATUS, self.timeout)
 
 
-def connect(address: str | None = None, *, worker_id: int = 0, num_workers: int = 1,
-            timeout: float = 30.0, ipc: bool | None = None) -> Client:
+def connect(
+    address: str | None = None,
+    *,
+    worker_id: int = 0,
+    num_workers: int = 1,
+    timeout: float = 30.0,
+    ipc: bool | None = None,
+) -> Client:
     """Connect to the cluster whose bootstrap address is ``address`` (default:
     ``$PSERVER_ADDRESS``). ``ipc=False`` (or ``PSERVER_IPC=0``) keeps same-host
     clients on tcp. Raises ``Unavailable`` when the bootstrap does not answer

@@ -60,12 +60,20 @@ class IOThread(threading.Thread):
 
     # -- called from user threads ---------------------------------------------
 
-    def submit(self, shard: int, header: Header, frames: Sequence[Any], timeout: float,
-               on_reply: ReplyCallback, on_error: ErrorCallback) -> None:
+    def submit(
+        self,
+        shard: int,
+        header: Header,
+        frames: Sequence[Any],
+        timeout: float,
+        on_reply: ReplyCallback,
+        on_error: ErrorCallback,
+    ) -> None:
         if self._closing.is_set() or not self.is_alive():
             raise Unavailable("the client is closed", shard=shard)
-        self._queue.append(_Request(shard, header, frames, time.monotonic() + timeout, timeout,
-                                    on_reply, on_error))
+        self._queue.append(
+            _Request(shard, header, frames, time.monotonic() + timeout, timeout, on_reply, on_error)
+        )
         self._wake()
 
     def close(self, timeout: float = 5.0) -> None:
@@ -144,8 +152,9 @@ class IOThread(threading.Thread):
                 continue
             req = self._pending.pop(header.request_id, None)
             if req is None:
-                log.debug("late or unknown reply %d from shard %d dropped",
-                          header.request_id, shard)
+                log.debug(
+                    "late or unknown reply %d from shard %d dropped", header.request_id, shard
+                )
                 continue
             try:
                 if header.error:
@@ -166,9 +175,13 @@ class IOThread(threading.Thread):
         late = [rid for rid, r in self._pending.items() if r.deadline <= now]
         for rid in late:
             req = self._pending.pop(rid)
-            req.on_error(Unavailable(
-                f"shard {req.shard} did not answer {req.header.kind.name} within "
-                f"{req.timeout:g} s", shard=req.shard))
+            req.on_error(
+                Unavailable(
+                    f"shard {req.shard} did not answer {req.header.kind.name} within "
+                    f"{req.timeout:g} s",
+                    shard=req.shard,
+                )
+            )
 
     def _fail_all(self, exc: PServerError) -> None:
         while self._queue:

@@ -70,7 +70,9 @@ def _key(value: Any, limits: Limits) -> str:
 
 def _tensor(raw: Any, limits: Limits) -> TensorMeta:
     if not isinstance(raw, list) or len(raw) != 7:
-        raise ProtocolError("tensor descriptor must be [key, part, dtype, shape, offset, count, nframes]")
+        raise ProtocolError(
+            "tensor descriptor must be [key, part, dtype, shape, offset, count, nframes]"
+        )
     key = _key(raw[0], limits)
     part = _int(raw[1], "part", hi=_MAX_ELEMENTS)
     dtype = raw[2]
@@ -86,7 +88,9 @@ def _tensor(raw: Any, limits: Limits) -> TensorMeta:
     offset = _int(raw[4], "offset", hi=_MAX_ELEMENTS)
     count = _int(raw[5], "count", hi=_MAX_ELEMENTS)
     if offset + count > size:
-        raise ProtocolError(f"part [{offset}, {offset + count}) lies outside a tensor of {size} elements")
+        raise ProtocolError(
+            f"part [{offset}, {offset + count}) lies outside a tensor of {size} elements"
+        )
     nframes = _int(raw[6], "nframes", hi=limits.max_frames)
     return TensorMeta(key, part, dtype, shape, offset, count, nframes)
 
@@ -94,7 +98,9 @@ def _tensor(raw: Any, limits: Limits) -> TensorMeta:
 def decode_header(raw: bytes | memoryview, limits: Limits) -> Header:
     """msgpack bytes -> Header, rejecting anything malformed or over a cap."""
     if len(raw) > limits.max_header_bytes:
-        raise RequestTooLarge(f"header of {len(raw)} bytes exceeds the {limits.max_header_bytes}-byte cap")
+        raise RequestTooLarge(
+            f"header of {len(raw)} bytes exceeds the {limits.max_header_bytes}-byte cap"
+        )
     # Arrays may be as long as the header allows (the header cap bounds the work),
     # so a count above max_keys is reported as too large rather than malformed.
     cap = limits.max_header_bytes
@@ -109,7 +115,13 @@ def decode_header(raw: bytes | memoryview, limits: Limits) -> Header:
             max_map_len=cap,
             max_ext_len=0,
         )
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+    except (
+        ValueError,
+        TypeError,
+        msgpack.ExtraData,
+        msgpack.FormatError,
+        msgpack.StackError,
+    ) as exc:
         raise ProtocolError(f"header is not valid msgpack: {exc}") from None
     if not isinstance(wire, dict):
         raise ProtocolError("header must be a msgpack map")
@@ -127,14 +139,16 @@ def _decode_fields(wire: dict[Any, Any], limits: Limits) -> Header:
     version = wire.get("v")
     if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise UnsupportedVersion(
-            f"protocol version {version!r} is not supported (supported: {list(SUPPORTED_VERSIONS)})",
+            f"protocol version {version!r} is not supported "
+            f"(supported: {list(SUPPORTED_VERSIONS)})",
             supported=list(SUPPORTED_VERSIONS),
         )
     request_id = _int(wire.get("id"), "request id")
     try:
-        if type(wire.get("k")) is not int:
+        raw_kind = wire.get("k")
+        if type(raw_kind) is not int:
             raise ValueError
-        kind = Kind(wire.get("k"))
+        kind = Kind(raw_kind)
     except ValueError:
         raise UnknownKind(f"unknown message kind {wire.get('k')!r}") from None
     client_id = wire.get("cid", b"")
@@ -147,7 +161,8 @@ def _decode_fields(wire: dict[Any, Any], limits: Limits) -> Header:
         raise ProtocolError("'t' and 'r' must be lists")
     if len(tensors_raw) + len(refs_raw) > limits.max_keys:
         raise RequestTooLarge(
-            f"{len(tensors_raw) + len(refs_raw)} keys in one message exceed the cap of {limits.max_keys}"
+            f"{len(tensors_raw) + len(refs_raw)} keys in one message exceed "
+            f"the cap of {limits.max_keys}"
         )
     tensors = tuple(_tensor(t, limits) for t in tensors_raw)
     refs: list[KeyRef] = []
@@ -162,7 +177,9 @@ def _decode_fields(wire: dict[Any, Any], limits: Limits) -> Header:
     message = wire.get("m", "")
     if not isinstance(message, str):
         raise ProtocolError("'m' must be a string")
-    return Header(kind, request_id, version, client_id, seq, tensors, tuple(refs), opts, error, message)
+    return Header(
+        kind, request_id, version, client_id, seq, tensors, tuple(refs), opts, error, message
+    )
 
 
 def check_frames(header: Header, frame_sizes: Sequence[int], limits: Limits) -> None:
@@ -189,9 +206,13 @@ def check_frames(header: Header, frame_sizes: Sequence[int], limits: Limits) -> 
         got = 0
         for size in frame_sizes[i : i + t.nframes]:
             if size > limits.max_frame_bytes:
-                raise RequestTooLarge(f"frame of {size} bytes exceeds the {limits.max_frame_bytes}-byte cap")
+                raise RequestTooLarge(
+                    f"frame of {size} bytes exceeds the {limits.max_frame_bytes}-byte cap"
+                )
             if size % itemsize:
-                raise ProtocolError(f"frame of {size} bytes for {t.key!r} is not a whole number of {t.dtype}")
+                raise ProtocolError(
+                    f"frame of {size} bytes for {t.key!r} is not a whole number of {t.dtype}"
+                )
             got += size
         if t.nframes and got != t.nbytes:
             raise ProtocolError(
@@ -201,8 +222,14 @@ def check_frames(header: Header, frame_sizes: Sequence[int], limits: Limits) -> 
         i += t.nframes
 
 
-def reply_header(request: Header | None, *, error: int = 0, message: str = "",
-                 tensors: tuple[TensorMeta, ...] = (), opts: dict[str, Any] | None = None) -> Header:
+def reply_header(
+    request: Header | None,
+    *,
+    error: int = 0,
+    message: str = "",
+    tensors: tuple[TensorMeta, ...] = (),
+    opts: dict[str, Any] | None = None,
+) -> Header:
     """A REPLY header answering ``request`` (request id 0 when it was unreadable)."""
     return Header(
         Kind.REPLY,

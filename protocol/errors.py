@@ -146,7 +146,9 @@ def error_from_code(code: int, message: str, details: dict[str, Any] | None = No
     details = dict(details or {})
     cls = _BY_CODE.get(code, InternalError)
     if cls is NotLeader:
-        return NotLeader(message, shard=details.get("shard"), leader_hint=details.get("leader_hint"))
+        return NotLeader(
+            message, shard=details.get("shard"), leader_hint=details.get("leader_hint")
+        )
     if issubclass(cls, Unavailable):
         shard = details.pop("shard", None)
         return cls(message, shard=shard, **details)

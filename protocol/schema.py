@@ -104,8 +104,15 @@ class TensorMeta:
         return self.count * self.np_dtype.itemsize
 
     def to_wire(self) -> list[Any]:
-        return [self.key, self.part, self.dtype, list(self.shape), self.offset, self.count,
-                self.nframes]
+        return [
+            self.key,
+            self.part,
+            self.dtype,
+            list(self.shape),
+            self.offset,
+            self.count,
+            self.nframes,
+        ]
 
 
 @dataclass(frozen=True)

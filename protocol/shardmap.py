@@ -39,7 +39,9 @@ class ShardMap:
             for s in self.shard_ids
             for v in range(self.vnodes)
         )
-        object.__setattr__(self, "_ring", (tuple(p for p, _ in points), tuple(s for _, s in points)))
+        object.__setattr__(
+            self, "_ring", (tuple(p for p, _ in points), tuple(s for _, s in points))
+        )
 
     @classmethod
     def uniform(cls, num_shards: int, epoch: int = 1) -> ShardMap:
@@ -65,13 +67,21 @@ class ShardMap:
         return self.shard_ids[(i + part) % len(self.shard_ids)]
 
     def to_wire(self) -> dict[str, Any]:
-        return {"shard_ids": list(self.shard_ids), "epoch": self.epoch,
-                "vnodes": self.vnodes, "seed": self.seed}
+        return {
+            "shard_ids": list(self.shard_ids),
+            "epoch": self.epoch,
+            "vnodes": self.vnodes,
+            "seed": self.seed,
+        }
 
     @classmethod
     def from_wire(cls, raw: dict[str, Any]) -> ShardMap:
         try:
-            return cls(tuple(int(s) for s in raw["shard_ids"]), int(raw["epoch"]),
-                       int(raw["vnodes"]), int(raw["seed"]))
+            return cls(
+                tuple(int(s) for s in raw["shard_ids"]),
+                int(raw["epoch"]),
+                int(raw["vnodes"]),
+                int(raw["seed"]),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed shard map: {exc}") from None

@@ -98,8 +98,9 @@ class Endpoint:
         sock.connect(endpoint)
         return cls(sock, router=False, endpoints=[endpoint])
 
-    def send(self, header: Header, frames: Sequence[Any] = (), identity: bytes = b"",
-             block: bool = False) -> bool:
+    def send(
+        self, header: Header, frames: Sequence[Any] = (), identity: bytes = b"", block: bool = False
+    ) -> bool:
         """Send one message; False when the peer's queue is full (never blocks
         unless ``block``). A ROUTER silently drops messages to vanished peers."""
         parts: list[Any] = [identity] if self.router else []
@@ -149,7 +150,7 @@ class Poller:
 
     def poll(self, timeout_ms: float | None) -> set[Any]:
         """The sockets (zmq.Socket) and fds that are readable."""
-        return {s for s, _ in self._poller.poll(timeout_ms)}
+        return {s for s, _ in self._poller.poll(None if timeout_ms is None else int(timeout_ms))}
 
 
 def call(
@@ -177,7 +178,7 @@ def call(
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not ep.sock.poll(left * 1000, zmq.POLLIN):
+            if left <= 0 or not ep.sock.poll(max(1, int(left * 1000)), zmq.POLLIN):
                 raise Unavailable(f"no reply from {address} within {timeout:g} s")
             incoming = ep.recv()
             if incoming is None:

@@ -32,8 +32,12 @@ def _setup_logging(level: str) -> None:
 
 
 @click.group()
-@click.option("--log-level", default="info", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
 def main(log_level: str) -> None:
     """pserver: a sharded parameter server for distributed training."""
     _setup_logging(log_level)
@@ -49,12 +53,21 @@ def main(log_level: str) -> None:
 @click.option("--workers", type=int, help="workers per synchronous step [1]")
 @click.option("--staleness", type=int, help="ssp staleness bound [0]")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="where tensors live [cpu]")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False),
-              help="TOML file with settings (CLI > env PSERVER_* > file > defaults)")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="TOML file with settings (CLI > env PSERVER_* > file > defaults)",
+)
 @click.option("--chunk-bytes", type=int, help="tensors above this are cut into chunks [4 MiB]")
 @click.option("--frame-bytes", type=int, help="bytes per ZeroMQ frame [1 MiB]")
-@click.option("--no-ipc", "no_ipc", is_flag=True, default=None,
-              help="do not offer ipc:// endpoints to same-host clients")
+@click.option(
+    "--no-ipc",
+    "no_ipc",
+    is_flag=True,
+    default=None,
+    help="do not offer ipc:// endpoints to same-host clients",
+)
 @click.option("--max-request-bytes", type=int, help="largest accepted request [256 MiB]")
 def serve(config_file: str | None, no_ipc: bool | None, **options: Any) -> None:
     """Run a cluster on this machine in the foreground."""
@@ -83,52 +96,86 @@ def serve(config_file: str | None, no_ipc: bool | None, **options: Any) -> None:
 @main.command()
 @click.option("--shard-id", type=int, required=True)
 @click.option("--num-shards", type=int, required=True)
-@click.option("--endpoint", "endpoints", multiple=True, required=True,
-              help="tcp://HOST:PORT or ipc://PATH to bind (repeatable)")
+@click.option(
+    "--endpoint",
+    "endpoints",
+    multiple=True,
+    required=True,
+    help="tcp://HOST:PORT or ipc://PATH to bind (repeatable)",
+)
 @click.option("--parent-pid", type=int, default=None, help="exit when this process is gone")
 @click.option("--frame-bytes", type=int, default=1 << 20, show_default=True)
 @click.option("--chunk-bytes", type=int, default=4 << 20, show_default=True)
 @click.option("--max-request-bytes", type=int, default=Limits.max_request_bytes, show_default=True)
 @click.option("--max-keys", type=int, default=Limits.max_keys, show_default=True)
 @click.option("--max-key-bytes", type=int, default=Limits.max_key_bytes, show_default=True)
-def shard(shard_id: int, num_shards: int, endpoints: tuple[str, ...], parent_pid: int | None,
-          frame_bytes: int, chunk_bytes: int, max_request_bytes: int, max_keys: int, max_key_bytes: int) -> None:
+def shard(
+    shard_id: int,
+    num_shards: int,
+    endpoints: tuple[str, ...],
+    parent_pid: int | None,
+    frame_bytes: int,
+    chunk_bytes: int,
+    max_request_bytes: int,
+    max_keys: int,
+    max_key_bytes: int,
+) -> None:
     """Run one shard replica process (used by `serve`, or by hand across hosts).
 
     Prints one JSON line with the bound endpoints once it serves."""
     from .server import ShardServer
 
-    limits = Limits(max_request_bytes=max_request_bytes, max_keys=max_keys,
-                    max_key_bytes=max_key_bytes,
-                    max_frame_bytes=max(Limits.max_frame_bytes, frame_bytes))
-    server = ShardServer(shard_id, ShardMap.uniform(num_shards), endpoints, limits=limits,
-                         frame_bytes=frame_bytes, chunk_bytes=chunk_bytes, parent_pid=parent_pid)
+    limits = Limits(
+        max_request_bytes=max_request_bytes,
+        max_keys=max_keys,
+        max_key_bytes=max_key_bytes,
+        max_frame_bytes=max(Limits.max_frame_bytes, frame_bytes),
+    )
+    server = ShardServer(
+        shard_id,
+        ShardMap.uniform(num_shards),
+        endpoints,
+        limits=limits,
+        frame_bytes=frame_bytes,
+        chunk_bytes=chunk_bytes,
+        parent_pid=parent_pid,
+    )
     server.install_signal_handlers()
-    print(json.dumps({"shard": shard_id, "pid": os.getpid(), "endpoints": server.endpoints}),
-          flush=True)
+    print(
+        json.dumps({"shard": shard_id, "pid": os.getpid(), "endpoints": server.endpoints}),
+        flush=True,
+    )
     server.serve_forever()
 
 
 def _format_status(st: dict[str, Any]) -> str:
-    lines = [f"cluster {st['address']}  epoch {st['epoch']}  mode {st['mode']}  "
-             f"keys {st['keys']}  bytes {st['bytes']}"]
-    lines.append(f"{'shard':>5} {'replica':>7} {'role':<9} {'pid':>7} {'term':>5} "
-                 f"{'commit':>8} {'applied':>8} {'keys':>6} {'bytes':>12}  address")
+    lines = [
+        f"cluster {st['address']}  epoch {st['epoch']}  mode {st['mode']}  "
+        f"keys {st['keys']}  bytes {st['bytes']}"
+    ]
+    lines.append(
+        f"{'shard':>5} {'replica':>7} {'role':<9} {'pid':>7} {'term':>5} "
+        f"{'commit':>8} {'applied':>8} {'keys':>6} {'bytes':>12}  address"
+    )
     for s in st["shards"]:
         for r in s["replicas"]:
+
             def cell(v: Any) -> str:
                 return "-" if v is None else str(v)
+
             lines.append(
                 f"{s['id']:>5} {r['id']:>7} {r['role']:<9} {cell(r['pid']):>7} "
                 f"{cell(r['term']):>5} {cell(r['commit_index']):>8} "
                 f"{cell(r['applied_index']):>8} {cell(s['keys']):>6} {cell(s['bytes']):>12}  "
-                f"{r['address']}")
+                f"{r['address']}"
+            )
     return "\n".join(lines)
 
 
 @main.command()
-@click.option("--address", default=None,
-              help="bootstrap address [$PSERVER_ADDRESS or tcp://127.0.0.1:7000]")
+@click.option(
+    "--address", default=None, help="bootstrap address [$PSERVER_ADDRESS or tcp://127.0.0.1:7000]"
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 @click.option("--timeout", type=float, default=5.0, show_default=True)
 def status(address: str | None, as_json: bool, timeout: float) -> None:

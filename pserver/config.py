@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from pserver.protocol.frames import DEFAULT_CHUNK_BYTES, DEFAULT_FRAME_BYTES
 from pserver.protocol.schema import Limits
@@ -62,9 +63,12 @@ class ServerConfig:
             raise ConfigError("workers must be >= 1 and staleness >= 0")
         if self.frame_bytes < 4096 or self.chunk_bytes < self.frame_bytes:
             raise ConfigError("need frame_bytes >= 4096 and chunk_bytes >= frame_bytes")
-        limits = Limits(max_request_bytes=self.max_request_bytes, max_keys=self.max_keys,
-                        max_key_bytes=self.max_key_bytes,
-                        max_frame_bytes=max(Limits.max_frame_bytes, self.frame_bytes))
+        limits = Limits(
+            max_request_bytes=self.max_request_bytes,
+            max_keys=self.max_keys,
+            max_key_bytes=self.max_key_bytes,
+            max_frame_bytes=max(Limits.max_frame_bytes, self.frame_bytes),
+        )
         object.__setattr__(self, "limits", limits)
 
 
@@ -73,9 +77,10 @@ def _fields() -> dict[str, dataclasses.Field[Any]]:
 
 
 def _coerce(name: str, value: Any) -> Any:
-    kind = type(_fields()[name].default)
-    if kind is int and (isinstance(value, bool) or (
-            isinstance(value, float) and not value.is_integer())):
+    kind: Any = type(_fields()[name].default)
+    if kind is int and (
+        isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())
+    ):
         raise ConfigError(f"setting {name!r}: {value!r} is not an integer")
     try:
         if kind is bool and isinstance(value, str):
@@ -108,10 +113,11 @@ def load_config(
         if table is not None:
             if raw or not isinstance(table, dict):
                 raise ConfigError(
-                    f"{config_file}: put settings either at the top level or under [server]")
+                    f"{config_file}: put settings either at the top level or under [server]"
+                )
             raw = table
-        for name, value in raw.items():
-            name = name.replace("-", "_")
+        for raw_name, value in raw.items():
+            name = raw_name.replace("-", "_")
             if name not in _fields():
                 raise ConfigError(f"unknown setting {name!r} in {config_file}")
             values[name] = _coerce(name, value)

@@ -27,9 +27,23 @@ LR = 0.1
 
 def start_cluster(shards: int = 4) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pserver", "serve", "--shards", str(shards), "--replicas", "1",
-         "--port", "0", "--data-dir", "./pserver-data"],
-        stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "pserver",
+            "serve",
+            "--shards",
+            str(shards),
+            "--replicas",
+            "1",
+            "--port",
+            "0",
+            "--data-dir",
+            "./pserver-data",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     deadline = time.monotonic() + 60
     with selectors.DefaultSelector() as sel:
@@ -61,8 +75,9 @@ def main() -> None:
         with pserver.connect(address) as client:
             client.init(model, optimizer={"name": "sgd", "lr": LR})
             for _ in tqdm(range(STEPS), desc="push_pull steps", unit="step"):
-                grads = {k: rng.standard_normal(v.shape, dtype=np.float32)
-                         for k, v in model.items()}
+                grads = {
+                    k: rng.standard_normal(v.shape, dtype=np.float32) for k, v in model.items()
+                }
                 t = time.perf_counter()
                 values = client.push_pull(grads)
                 step_times.append(time.perf_counter() - t)
@@ -90,8 +105,10 @@ def main() -> None:
         ("steps (push_pull, sgd lr 0.1)", f"{STEPS}, every value equal to numpy's"),
         ("step time p50 / best", f"{np.median(ts) * 1e3:.1f} / {ts.min() * 1e3:.1f} ms"),
         ("throughput (pushed + pulled)", f"{2 * nbytes / np.median(ts) / 1e9:.2f} GB/s"),
-        ("4 KiB push_pull p50 / p99", f"{np.percentile(lat_us, 50):.0f} / "
-                                      f"{np.percentile(lat_us, 99):.0f} us"),
+        (
+            "4 KiB push_pull p50 / p99",
+            f"{np.percentile(lat_us, 50):.0f} / {np.percentile(lat_us, 99):.0f} us",
+        ),
     ]
     rows += [(f"shard {s['id']} bytes", f"{s['bytes']:,}") for s in status["shards"]]
     width = max(len(r[0]) for r in rows)

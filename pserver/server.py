@@ -30,7 +30,7 @@ from pserver.protocol.schema import Header, Kind, Limits, TensorMeta
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Endpoint, Incoming, Poller, new_context
 
-from .shard import Slot, ShardStateMachine
+from .shard import ShardStateMachine, Slot
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,11 @@ class ShardServer:
                 if self.parent_pid is not None and time.monotonic() >= next_parent_check:
                     next_parent_check = time.monotonic() + 1.0
                     if os.getppid() != self.parent_pid:
-                        log.warning("shard %d: supervisor %d is gone; exiting",
-                                    self.shard_id, self.parent_pid)
+                        log.warning(
+                            "shard %d: supervisor %d is gone; exiting",
+                            self.shard_id,
+                            self.parent_pid,
+                        )
                         break
         finally:
             self.close()
@@ -112,8 +115,13 @@ class ShardServer:
         opts["shard"] = self.shard_id
         header = reply_header(request, error=int(exc.code), message=exc.message, opts=opts)
         if request is None and "request_id" in exc.details:
-            header = Header(Kind.REPLY, int(exc.details["request_id"]), error=header.error,
-                            message=header.message, opts=opts)
+            header = Header(
+                Kind.REPLY,
+                int(exc.details["request_id"]),
+                error=header.error,
+                message=header.message,
+                opts=opts,
+            )
         self._reply(incoming, header)
 
     def handle(self, incoming: Incoming) -> None:
@@ -128,21 +136,26 @@ class ShardServer:
                 log.info("shard %d: malformed message: %s", self.shard_id, exc)
             self._error(incoming, header, exc)
         except Exception as exc:
-            log.exception("shard %d: internal error on %s", self.shard_id,
-                          header.kind.name if header else "message")
+            log.exception(
+                "shard %d: internal error on %s",
+                self.shard_id,
+                header.kind.name if header else "message",
+            )
             self._error(incoming, header, InternalError(f"{type(exc).__name__}: {exc}"))
 
     def _dispatch(self, incoming: Incoming, header: Header) -> None:
         kind = header.kind
         if kind == Kind.PING:
-            self._reply(incoming, reply_header(header, opts={"shard": self.shard_id,
-                                                             "pid": os.getpid()}))
+            self._reply(
+                incoming, reply_header(header, opts={"shard": self.shard_id, "pid": os.getpid()})
+            )
         elif kind == Kind.STATUS:
             self._reply(incoming, reply_header(header, opts=self.status()))
         elif kind == Kind.INIT:
             spec, mode = self.state.check_init(header.tensors, header.opts)
-            created = self.state.apply_init(header.tensors, self._data(header, incoming),
-                                            spec, mode)
+            created = self.state.apply_init(
+                header.tensors, self._data(header, incoming), spec, mode
+            )
             self._reply(incoming, reply_header(header, opts={"created": created}))
         elif kind in (Kind.PUSH, Kind.PUSH_PULL):
             self.state.check_push(header.tensors)
@@ -156,8 +169,9 @@ class ShardServer:
             self._send_values(incoming, header, self.state.check_refs(header.refs))
         elif kind == Kind.META:
             slots = self.state.check_refs(header.refs)
-            self._reply(incoming, reply_header(header, opts={
-                "meta": [s.describe() for s in slots]}))
+            self._reply(
+                incoming, reply_header(header, opts={"meta": [s.describe() for s in slots]})
+            )
         else:
             raise InvalidArgument(f"a shard does not serve {kind.name} requests")
 
@@ -198,4 +212,3 @@ class ShardServer:
             "uptime_s": round(time.time() - self.started, 3),
             "endpoints": self.endpoints,
         }
-

@@ -44,8 +44,9 @@ class Slot:
     mode: str
 
     def meta(self, nframes: int = 0) -> TensorMeta:
-        return TensorMeta(self.key, self.part, self.dtype, self.shape, self.offset, self.count,
-                          nframes)
+        return TensorMeta(
+            self.key, self.part, self.dtype, self.shape, self.offset, self.count, nframes
+        )
 
     def describe(self) -> list[Any]:
         return [self.key, self.dtype, list(self.shape), self.optimizer.to_wire(), self.mode]
@@ -65,8 +66,13 @@ def parse_mode(mode: Any, default: str) -> str:
 class ShardStateMachine:
     """All key parts of one shard. ``applied_index`` counts applied mutations."""
 
-    def __init__(self, shard_id: int, shard_map: ShardMap, default_mode: str = "async",
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+    def __init__(
+        self,
+        shard_id: int,
+        shard_map: ShardMap,
+        default_mode: str = "async",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
         self.shard_id = shard_id
         self.shard_map = shard_map
         self.chunk_bytes = chunk_bytes
@@ -81,7 +87,8 @@ class ShardStateMachine:
         if owner != self.shard_id:
             raise WrongShard(
                 f"{key!r} part {part} belongs to shard {owner}, not {self.shard_id}",
-                owner=owner, epoch=self.shard_map.epoch,
+                owner=owner,
+                epoch=self.shard_map.epoch,
             )
 
     def _slot(self, key: str, part: int) -> Slot:
@@ -106,8 +113,9 @@ class ShardStateMachine:
                 key=t.key,
             )
 
-    def check_init(self, tensors: Sequence[TensorMeta], opts: dict[str, Any]) -> tuple[
-            OptimizerSpec, str]:
+    def check_init(
+        self, tensors: Sequence[TensorMeta], opts: dict[str, Any]
+    ) -> tuple[OptimizerSpec, str]:
         """Validate an init; returns the parsed optimizer and mode."""
         spec = OptimizerSpec.parse(opts.get("optimizer"))
         mode = parse_mode(opts.get("mode"), self.default_mode)
@@ -118,16 +126,21 @@ class ShardStateMachine:
             self._check_owner(t.key, t.part)
             size = int(np.prod(t.shape, dtype=np.int64))
             if part_range(size, t.np_dtype.itemsize, self.chunk_bytes, t.part) != (
-                    t.offset, t.count):
+                t.offset,
+                t.count,
+            ):
                 raise InvalidArgument(
                     f"init of {t.key!r}: part {t.part} [{t.offset}, {t.offset + t.count}) is not "
-                    f"how a {t.dtype}{list(t.shape)} tensor is cut into {self.chunk_bytes}-byte chunks")
+                    f"how a {t.dtype}{list(t.shape)} tensor is cut into "
+                    f"{self.chunk_bytes}-byte chunks"
+                )
             slot = self.slots.get((t.key, t.part))
             if slot is not None:
                 self._check_same(slot, t, "init of existing key")
             elif (t.key, t.part) in seen and seen[(t.key, t.part)] != t:
-                raise ShapeMismatch(f"init names {t.key!r} part {t.part} twice, differently",
-                                    key=t.key)
+                raise ShapeMismatch(
+                    f"init names {t.key!r} part {t.part} twice, differently", key=t.key
+                )
             seen[(t.key, t.part)] = t
         return spec, mode
 
@@ -142,8 +155,13 @@ class ShardStateMachine:
 
     # -- application ----------------------------------------------------------
 
-    def apply_init(self, tensors: Sequence[TensorMeta], data: Sequence[Sequence[Any]],
-                   spec: OptimizerSpec, mode: str) -> list[bool]:
+    def apply_init(
+        self,
+        tensors: Sequence[TensorMeta],
+        data: Sequence[Sequence[Any]],
+        spec: OptimizerSpec,
+        mode: str,
+    ) -> list[bool]:
         """Create absent parts from their data; returns, per part, whether it was created."""
         created = []
         for t, frames in zip(tensors, data, strict=True):
@@ -152,8 +170,9 @@ class ShardStateMachine:
                 continue
             value = np.empty(t.count, dtype=t.np_dtype)
             join_frames(frames, t.np_dtype, out=value)
-            self.slots[(t.key, t.part)] = Slot(t.key, t.part, t.dtype, t.shape, t.offset, t.count,
-                                               value, spec, mode)
+            self.slots[(t.key, t.part)] = Slot(
+                t.key, t.part, t.dtype, t.shape, t.offset, t.count, value, spec, mode
+            )
             created.append(True)
         self.applied_index += 1
         return created

@@ -81,8 +81,12 @@ class Supervisor:
         self.bootstrap: Endpoint | None = None
         self.address = ""
         self.replicas = [
-            Replica(s, 0, f"tcp://{config.host}:0",
-                    f"ipc://{self.run_dir}/shard-{s}.sock" if config.ipc else None)
+            Replica(
+                s,
+                0,
+                f"tcp://{config.host}:0",
+                f"ipc://{self.run_dir}/shard-{s}.sock" if config.ipc else None,
+            )
             for s in range(config.shards)
         ]
 
@@ -99,7 +103,8 @@ class Supervisor:
         """Start every replica and the bootstrap endpoint; return the bootstrap address."""
         os.makedirs(self.config.data_dir, exist_ok=True)
         self.bootstrap = Endpoint.router_bound(
-            self.ctx, [f"tcp://{self.config.host}:{self.config.port}"], self.config.limits)
+            self.ctx, [f"tcp://{self.config.host}:{self.config.port}"], self.config.limits
+        )
         port = self.bootstrap.endpoints[0].rsplit(":", 1)[1]
         self.address = f"tcp://{self.config.host}:{port}"
         for r in self.replicas:
@@ -147,18 +152,38 @@ class Supervisor:
 
     def _command(self, r: Replica) -> list[str]:
         c = self.config
-        cmd = [sys.executable, "-m", "pserver", "shard",
-               "--shard-id", str(r.shard), "--num-shards", str(c.shards),
-               "--endpoint", r.tcp, "--parent-pid", str(os.getpid()),
-               "--frame-bytes", str(c.frame_bytes), "--chunk-bytes", str(c.chunk_bytes),
-               "--max-request-bytes", str(c.max_request_bytes),
-               "--max-keys", str(c.max_keys), "--max-key-bytes", str(c.max_key_bytes)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pserver",
+            "shard",
+            "--shard-id",
+            str(r.shard),
+            "--num-shards",
+            str(c.shards),
+            "--endpoint",
+            r.tcp,
+            "--parent-pid",
+            str(os.getpid()),
+            "--frame-bytes",
+            str(c.frame_bytes),
+            "--chunk-bytes",
+            str(c.chunk_bytes),
+            "--max-request-bytes",
+            str(c.max_request_bytes),
+            "--max-keys",
+            str(c.max_keys),
+            "--max-key-bytes",
+            str(c.max_key_bytes),
+        ]
         if r.ipc:
             cmd += ["--endpoint", r.ipc]
         return cmd
 
     def _spawn(self, r: Replica) -> None:
-        r.proc = subprocess.Popen(self._command(r), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        r.proc = subprocess.Popen(
+            self._command(r), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+        )
         r.started = time.monotonic()
         r.restart_at = None
         log.debug("spawned shard %d replica %d as pid %d", r.shard, r.replica, r.proc.pid)
@@ -176,7 +201,8 @@ class Supervisor:
                 chunk = os.read(r.proc.stdout.fileno(), 4096)
                 if not chunk:
                     raise RuntimeError(
-                        f"shard {r.shard} exited during start-up (code {r.proc.wait()})")
+                        f"shard {r.shard} exited during start-up (code {r.proc.wait()})"
+                    )
                 line += chunk
         r.proc.stdout.close()
         r.info = json.loads(line)
@@ -200,8 +226,14 @@ class Supervisor:
             code = r.proc.returncode
             if now - r.started > 10.0:
                 r.backoff = 0.1
-            log.warning("shard %d replica %d (pid %d) exited with %s; restarting in %.1f s",
-                        r.shard, r.replica, r.proc.pid, code, r.backoff)
+            log.warning(
+                "shard %d replica %d (pid %d) exited with %s; restarting in %.1f s",
+                r.shard,
+                r.replica,
+                r.proc.pid,
+                code,
+                r.backoff,
+            )
             r.restart_at = now + r.backoff
             r.backoff = min(r.backoff * 2, self.config.restart_backoff_max)
 
@@ -233,8 +265,10 @@ class Supervisor:
             "host_id": host_id(),
             "mode": c.mode,
             "shards": [
-                {"id": r.shard, "replicas": [{"id": r.replica, "tcp": r.tcp, "ipc": r.ipc,
-                                              "pid": r.pid}]}
+                {
+                    "id": r.shard,
+                    "replicas": [{"id": r.replica, "tcp": r.tcp, "ipc": r.ipc, "pid": r.pid}],
+                }
                 for r in self.replicas
             ],
         }
@@ -271,17 +305,29 @@ class Supervisor:
         shards = []
         for r in self.replicas:
             a = answers.get(r.shard)
-            replica = {"id": r.replica, "address": r.tcp, "ipc": r.ipc, "pid": r.pid,
-                       "restarts": r.restarts}
+            replica = {
+                "id": r.replica,
+                "address": r.tcp,
+                "ipc": r.ipc,
+                "pid": r.pid,
+                "restarts": r.restarts,
+            }
             if a is None:
                 replica.update(role="down", term=None, commit_index=None, applied_index=None)
             else:
-                replica.update({k: a[k] for k in ("role", "term", "commit_index",
-                                                  "applied_index", "pid")})
-            shards.append({"id": r.shard, "keys": a["keys"] if a else None,
-                           "home_keys": a["home_keys"] if a else None,
-                           "parts": a["parts"] if a else None,
-                           "bytes": a["bytes"] if a else None, "replicas": [replica]})
+                replica.update(
+                    {k: a[k] for k in ("role", "term", "commit_index", "applied_index", "pid")}
+                )
+            shards.append(
+                {
+                    "id": r.shard,
+                    "keys": a["keys"] if a else None,
+                    "home_keys": a["home_keys"] if a else None,
+                    "parts": a["parts"] if a else None,
+                    "bytes": a["bytes"] if a else None,
+                    "replicas": [replica],
+                }
+            )
         return {
             "address": self.address,
             "epoch": self.shard_map.epoch,
@@ -305,7 +351,8 @@ class Supervisor:
                 opts = {"pid": os.getpid()}
             else:
                 raise InvalidArgument(
-                    f"the bootstrap address serves MAP, STATUS and PING, not {header.kind.name}")
+                    f"the bootstrap address serves MAP, STATUS and PING, not {header.kind.name}"
+                )
             reply = reply_header(header, opts=opts)
         except Exception as exc:
             if not isinstance(exc, PServerError):
