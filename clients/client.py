@@ -21,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -36,11 +36,12 @@ from pserver.protocol.schema import DTYPES, Header, KeyRef, Kind, Limits, Tensor
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Incoming, call, host_id, new_context
 
-from .io import IOThread
+from .io import IOEngine
 
 log = logging.getLogger(__name__)
 
 Array = np.ndarray[Any, Any]
+T = TypeVar("T")
 ENV_IPC = "PSERVER_IPC"
 # Replies can be larger than any request the server accepts: decode them generously.
 _REPLY_LIMITS = Limits(
@@ -91,7 +92,7 @@ class _Op:
     def _complete(self) -> None:
         try:
             result = self._finish()
-        except PServerError as exc:
+        except Exception as exc:
             self.future.set_exception(exc)
         else:
             self.future.set_result(result)
@@ -171,8 +172,7 @@ class Client:
         self._ids = itertools.count(1)
         self._seqs = itertools.count(1)
         self._closed = False
-        self._io = IOThread(self._ctx, self.endpoints, _REPLY_LIMITS)
-        self._io.start()
+        self._io = IOEngine(self._ctx, self.endpoints, _REPLY_LIMITS)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -223,6 +223,7 @@ class Client:
             by_shard[p.shard].append(p)
         out: list[tuple[int, list[_Piece]]] = []
         key_cap = min(self.limits.max_keys, 1024)
+        max_bytes = min(self.chunk_bytes, self.limits.max_request_bytes)
         for shard, items in by_shard.items():
             batch: list[_Piece] = []
             nbytes = nframes = 0
@@ -230,7 +231,7 @@ class Client:
                 b = p.count * p.meta.np_dtype.itemsize
                 f = max(1, -(-b // self.frame_bytes))
                 if batch and (
-                    nbytes + b > self.chunk_bytes
+                    nbytes + b > max_bytes
                     or len(batch) >= key_cap
                     or nframes + f > self.limits.max_frames
                 ):
@@ -293,6 +294,11 @@ class Client:
             self._io.submit(shard, header, frames, self.timeout, reply, op.fail)
         return op.future
 
+    def _wait(self, future: Future[T]) -> T:
+        """Drive I/O on the calling thread until ``future`` is done (no hand-off)."""
+        with self._io.waiting():
+            return self._io.wait(future)
+
     # -- key metadata -------------------------------------------------------------
 
     def _ensure_meta(self, keys: Iterable[str]) -> dict[str, KeyMeta]:
@@ -316,7 +322,7 @@ class Client:
                 for key, dtype, shape, *_rest in h.opts.get("meta", []):
                     found.append(KeyMeta(key, dtype, tuple(shape)))
 
-            self._run(messages, on_reply, lambda: None).result()
+            self._wait(self._run(messages, on_reply, lambda: None))
             with self._meta_lock:
                 for m in found:
                     self._meta[m.key] = m
@@ -385,7 +391,9 @@ class Client:
         ``optimizer`` is a dict such as ``{"name": "sgd", "lr": 0.1}`` (default sgd
         with lr 0.01). Returns {key: True if this call created it}.
         """
-        return self.init_async(arrays, optimizer=optimizer, mode=mode, staleness=staleness).result()
+        return self._wait(
+            self.init_async(arrays, optimizer=optimizer, mode=mode, staleness=staleness)
+        )
 
     def _grad_pieces(self, grads: Mapping[str, Array]) -> list[_Piece]:
         metas = self._ensure_meta(grads.keys())
@@ -417,7 +425,7 @@ class Client:
         With ``{"name": "sgd", "lr": 0.5}`` a push of ``g`` changes the value by
         exactly ``-0.5 * g``; with ``sum`` it adds ``g``.
         """
-        self.push_async(grads).result()
+        self._wait(self.push_async(grads))
 
     def _collect(self, out: dict[str, Array]) -> Callable[[int, Header, Incoming], None]:
         """A reply handler copying returned parts into the flat views of ``out``."""
@@ -447,6 +455,8 @@ class Client:
         for key, arr in out.items():
             m = metas[key]
             require_contiguous(key, arr)
+            if not arr.flags.writeable:
+                raise InvalidArgument(f"output array for {key!r} is read-only")
             if tuple(arr.shape) != m.shape or arr.dtype != m.np_dtype:
                 raise ShapeMismatch(
                     f"output for {key!r} is {arr.dtype}{list(arr.shape)}, "
@@ -463,7 +473,7 @@ class Client:
 
     def pull_into(self, out: Mapping[str, Array]) -> dict[str, Array]:
         """See ``pull_into_async``."""
-        return self.pull_into_async(out).result()
+        return self._wait(self.pull_into_async(out))
 
     def pull_async(self, keys: Sequence[str]) -> Future[dict[str, Array]]:
         """``pull`` returning a Future."""
@@ -475,7 +485,7 @@ class Client:
         """The current value of each key, as new arrays the caller owns."""
         if isinstance(keys, str):
             raise TypeError("pull takes a list of keys, not a single string")
-        return self.pull_async(keys).result()
+        return self._wait(self.pull_async(keys))
 
     def push_pull_async(self, grads: Mapping[str, Array]) -> Future[dict[str, Array]]:
         """``push_pull`` returning a Future; the gradients must stay unchanged until
@@ -491,7 +501,7 @@ class Client:
     def push_pull(self, grads: Mapping[str, Array]) -> dict[str, Array]:
         """Push, then return each key's value right after this push was applied,
         in one round trip."""
-        return self.push_pull_async(grads).result()
+        return self._wait(self.push_pull_async(grads))
 
     def status(self) -> dict[str, Any]:
         """The cluster status: per shard its replicas (id, address, pid, role, term,

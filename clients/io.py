@@ -1,23 +1,31 @@
-"""The client's I/O thread: owns every socket of one ``Client``.
+"""The client's I/O engine: owns every socket of one ``Client``.
 
-ZeroMQ sockets must not be shared between threads, so one background thread
-owns a DEALER per shard. User threads hand it requests through a lock-free
-deque and a wake-up pipe; it sends them at once (requests to every shard are in
-flight together), matches replies by request id, enforces each request's
-deadline (``Unavailable`` naming the shard) and completes futures. Reply
-callbacks run on this thread. Imports the transport, never zmq directly.
+ZeroMQ sockets must not be used by two threads at once, so one lock owns a
+DEALER per shard, and whichever thread holds it "drives": sends queued
+requests, polls, matches replies to requests by id, runs their callbacks and
+fails requests whose deadline passed (``Unavailable`` naming the shard).
+
+A thread that waits for its own result (the synchronous ``push``/``pull``...)
+drives itself, so a round trip costs no thread hand-off. A background thread
+drives only while requests are pending and nobody waits on them (the
+``*_async`` futures). A request queued while another thread is blocked in poll
+wakes it through a pipe, so it is sent at once. Imports the transport, never
+zmq directly.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pserver.protocol.codec import check_frames, decode_header
 from pserver.protocol.errors import PServerError, Unavailable, error_from_code
@@ -28,6 +36,9 @@ log = logging.getLogger(__name__)
 
 ReplyCallback = Callable[[Header, Incoming], None]
 ErrorCallback = Callable[[PServerError], None]
+T = TypeVar("T")
+
+MAX_POLL_S = 0.05
 
 
 @dataclass
@@ -41,24 +52,33 @@ class _Request:
     on_error: ErrorCallback
 
 
-class IOThread(threading.Thread):
+class IOEngine:
     """Sends requests to shards and routes their replies; see the module docstring."""
 
     def __init__(self, ctx: Any, endpoints: dict[int, str], reply_limits: Limits) -> None:
-        super().__init__(name="pserver-client-io", daemon=True)
-        self._ctx = ctx
-        self._addresses = dict(endpoints)
         self._limits = reply_limits
-        self._queue: collections.deque[_Request] = collections.deque()
+        self._lock = threading.Lock()  # owns the sockets, the poller and _pending
+        self._sockets = {s: Endpoint.dealer_connected(ctx, a) for s, a in endpoints.items()}
+        self._by_sock = {ep.sock: (s, ep) for s, ep in self._sockets.items()}
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
+        self._poller = Poller()
+        self._poller.register(self._rfd)
+        for ep in self._sockets.values():
+            self._poller.register(ep)
+        self._queue: collections.deque[_Request] = collections.deque()
         self._pending: dict[int, _Request] = {}
-        self._closing = threading.Event()
-        self._started = threading.Event()
-        self._failure: BaseException | None = None
+        self._polling = False
+        self._waiters = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._background, name="pserver-client-io", daemon=True
+        )
+        self._thread.start()
 
-    # -- called from user threads ---------------------------------------------
+    # -- any thread -----------------------------------------------------------------
 
     def submit(
         self,
@@ -69,72 +89,94 @@ class IOThread(threading.Thread):
         on_reply: ReplyCallback,
         on_error: ErrorCallback,
     ) -> None:
-        if self._closing.is_set() or not self.is_alive():
+        """Queue one request; it is sent by the next thread that drives."""
+        if self._closed:
             raise Unavailable("the client is closed", shard=shard)
         self._queue.append(
             _Request(shard, header, frames, time.monotonic() + timeout, timeout, on_reply, on_error)
         )
-        self._wake()
+        if self._polling:
+            self._wake()
+        if self._waiters == 0:
+            with self._cond:
+                self._cond.notify()
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """Marks the calling thread as one that will drive until its result arrives,
+        so the background thread stays out of its way."""
+        with self._cond:
+            self._waiters += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._waiters -= 1
+                self._cond.notify()
+
+    def wait(self, future: Future[T]) -> T:
+        """Drive I/O on this thread until ``future`` is done; return its result.
+        Call inside ``waiting()``."""
+        while not future.done():
+            if self._lock.acquire(blocking=False):
+                try:
+                    self._drive_once(MAX_POLL_S)
+                finally:
+                    self._lock.release()
+            else:  # another thread drives and will complete our future too
+                wait_futures([future], timeout=0.001)
+        return future.result()
 
     def close(self, timeout: float = 5.0) -> None:
-        self._closing.set()
+        """Fail pending requests, stop the background thread, close the sockets."""
+        if self._closed:
+            return
+        self._closed = True
         self._wake()
-        if self.is_alive():
-            self.join(timeout)
-        for fd in (self._rfd, self._wfd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        with self._lock:
+            self._fail_all(Unavailable("the client is closed"))
+            for ep in self._sockets.values():
+                ep.close()
+            for fd in (self._rfd, self._wfd):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    # -- the driver (holds self._lock) ------------------------------------------------
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wfd, b"\0")
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full (a wake-up is already pending) or closed
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wfd, b"\0")  # a full pipe means a wake-up is already pending
 
-    # -- the thread -----------------------------------------------------------
-
-    def run(self) -> None:
-        sockets = {s: Endpoint.dealer_connected(self._ctx, a) for s, a in self._addresses.items()}
-        by_sock = {ep.sock: (s, ep) for s, ep in sockets.items()}
-        poller = Poller()
-        poller.register(self._rfd)
-        for ep in sockets.values():
-            poller.register(ep)
-        self._started.set()
+    def _drive_once(self, max_wait: float) -> None:
+        self._send_queued()
+        now = time.monotonic()
+        wait = min((r.deadline for r in self._pending.values()), default=now + max_wait)
+        timeout = max(0.0, min(wait - now, max_wait))
+        self._polling = True
         try:
-            while not self._closing.is_set():
-                now = time.monotonic()
-                wait = min((r.deadline for r in self._pending.values()), default=now + 1.0)
-                ready = poller.poll(max(0.0, min(wait - now, 1.0)) * 1000)
-                if self._rfd in ready:
-                    try:
-                        while os.read(self._rfd, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                self._send_queued(sockets)
-                for sock in ready:
-                    if sock in by_sock:
-                        self._receive(*by_sock[sock])
-                self._expire()
-        except BaseException as exc:  # keep callers from waiting forever on a dead thread
-            log.exception("client I/O thread failed")
-            self._failure = exc
+            ready = self._poller.poll(timeout * 1000) if not self._queue else set()
         finally:
-            self._fail_all(Unavailable("the client is closed"))
-            for ep in sockets.values():
-                ep.close()
+            self._polling = False
+        if self._rfd in ready:
+            with contextlib.suppress(BlockingIOError, OSError):
+                while os.read(self._rfd, 4096):
+                    pass
+        self._send_queued()
+        for sock in ready:
+            if sock in self._by_sock:
+                self._receive(*self._by_sock[sock])
+        self._expire()
 
-    def _send_queued(self, sockets: dict[int, Endpoint]) -> None:
+    def _send_queued(self) -> None:
         while self._queue:
             req = self._queue.popleft()
-            ep = sockets.get(req.shard)
+            ep = self._sockets.get(req.shard)
             if ep is None:
                 req.on_error(Unavailable(f"no endpoint for shard {req.shard}", shard=req.shard))
-                continue
-            if ep.send(req.header, req.frames):
+            elif ep.send(req.header, req.frames):
                 self._pending[req.header.request_id] = req
             else:
                 req.on_error(Unavailable(f"shard {req.shard}: send queue full", shard=req.shard))
@@ -172,8 +214,7 @@ class IOThread(threading.Thread):
 
     def _expire(self) -> None:
         now = time.monotonic()
-        late = [rid for rid, r in self._pending.items() if r.deadline <= now]
-        for rid in late:
+        for rid in [rid for rid, r in self._pending.items() if r.deadline <= now]:
             req = self._pending.pop(rid)
             req.on_error(
                 Unavailable(
@@ -189,3 +230,26 @@ class IOThread(threading.Thread):
         for req in self._pending.values():
             req.on_error(exc)
         self._pending.clear()
+
+    # -- the background thread ---------------------------------------------------------
+
+    def _background(self) -> None:
+        """Drive while requests are pending and no caller is driving for itself."""
+        try:
+            while not self._closed:
+                with self._cond:
+                    while not self._closed and (
+                        self._waiters > 0 or not (self._queue or self._pending)
+                    ):
+                        self._cond.wait(0.1)
+                if self._closed:
+                    break
+                if self._lock.acquire(timeout=MAX_POLL_S):
+                    try:
+                        self._drive_once(MAX_POLL_S)
+                    finally:
+                        self._lock.release()
+        except BaseException:  # never leave a caller waiting on a dead driver
+            log.exception("client I/O thread failed")
+            with self._lock:
+                self._fail_all(Unavailable("the client's I/O thread failed"))

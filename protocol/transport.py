@@ -23,6 +23,7 @@ from .schema import Header, Limits
 log = logging.getLogger(__name__)
 
 COPY_THRESHOLD = 64 * 1024
+SERVER_HWM = 2048
 POLLIN = zmq.POLLIN
 
 
@@ -77,6 +78,10 @@ class Endpoint:
         A frame above the largest allowed size makes libzmq drop that peer."""
         sock = ctx.socket(zmq.ROUTER)
         _common(sock)
+        # Bound what one slow or stuck client can make the server buffer: about
+        # SERVER_HWM frames each way (a full queue drops that client's replies).
+        sock.setsockopt(zmq.SNDHWM, SERVER_HWM)
+        sock.setsockopt(zmq.RCVHWM, SERVER_HWM)
         sock.setsockopt(zmq.MAXMSGSIZE, max(limits.max_frame_bytes, limits.max_header_bytes))
         resolved: list[str] = []
         try:

@@ -63,6 +63,10 @@ class ServerConfig:
             raise ConfigError("workers must be >= 1 and staleness >= 0")
         if self.frame_bytes < 4096 or self.chunk_bytes < self.frame_bytes:
             raise ConfigError("need frame_bytes >= 4096 and chunk_bytes >= frame_bytes")
+        if self.max_request_bytes < self.chunk_bytes:
+            raise ConfigError(
+                f"max_request_bytes ({self.max_request_bytes}) must be at least chunk_bytes "
+                f"({self.chunk_bytes}): one chunk travels in one request")
         limits = Limits(
             max_request_bytes=self.max_request_bytes,
             max_keys=self.max_keys,

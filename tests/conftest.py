@@ -25,9 +25,18 @@ class Cluster:
     stderr_path: Path
 
     def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (the supervisor stops its shards and removes its run directory);
+        SIGKILL if that takes longer than ``timeout``. Returns the exit code."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            if self.proc.stdout is not None:
+                self.proc.stdout.close()
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(errors="replace")
@@ -39,8 +48,9 @@ def start_cluster(tmp_path: Path, *args: str, timeout: float = 60.0,
     err = tmp_path / f"serve-{time.monotonic_ns()}.stderr"
     cmd = [sys.executable, "-m", "pserver", "serve", "--port", "0", "--replicas", "1",
            "--data-dir", str(tmp_path / "data"), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err.open("w"), text=True,
-                            env={**os.environ, **(env or {})})
+    with err.open("w") as err_file:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True,
+                                env={**os.environ, **(env or {})})
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
     import selectors
@@ -51,11 +61,15 @@ def start_cluster(tmp_path: Path, *args: str, timeout: float = 60.0,
             left = deadline - time.monotonic()
             if left <= 0:
                 proc.kill()
+                proc.wait()
+                proc.stdout.close()
                 raise TimeoutError(f"no ready line within {timeout} s:\n{err.read_text()}")
             if sel.select(left):
                 line = proc.stdout.readline()
                 if not line:
-                    raise RuntimeError(f"pserver serve exited ({proc.wait()}):\n{err.read_text()}")
+                    code = proc.wait()
+                    proc.stdout.close()
+                    raise RuntimeError(f"pserver serve exited ({code}):\n{err.read_text()}")
                 if line.startswith(READY_PREFIX):
                     return Cluster(proc, line[len(READY_PREFIX):].strip(), err)
 
@@ -72,9 +86,7 @@ def cluster_factory(tmp_path: Path) -> Iterator[object]:
 
     yield factory
     for c in started:
-        if c.proc.poll() is None:
-            c.proc.kill()
-            c.proc.wait()
+        c.stop()
 
 
 @pytest.fixture(scope="module")

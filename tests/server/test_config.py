@@ -99,10 +99,16 @@ def test_cli_strings_are_coerced() -> None:
 
 
 def test_limits_follow_settings() -> None:
-    cfg = load_config(cli={"max_keys": 10, "max_key_bytes": 64, "max_request_bytes": 1000},
-                      env=NO_ENV)
+    cfg = load_config(cli={"max_keys": 10, "max_key_bytes": 64, "max_request_bytes": 1 << 20,
+                           "chunk_bytes": 1 << 20}, env=NO_ENV)
     assert (cfg.limits.max_keys, cfg.limits.max_key_bytes) == (10, 64)
-    assert cfg.limits.max_request_bytes == 1000
+    assert cfg.limits.max_request_bytes == 1 << 20
+
+
+def test_a_request_cap_below_one_chunk_is_refused() -> None:
+    """One chunk travels in one request, so a smaller cap could never carry it."""
+    with pytest.raises(ConfigError, match="chunk_bytes"):
+        load_config(cli={"max_request_bytes": 1000}, env=NO_ENV)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+"""Integration tests: real `pserver serve` processes, ZeroMQ sockets and signals."""

@@ -1,0 +1,405 @@
+"""The public client surface (DESIGN.md section 3) against a real 4-shard cluster.
+
+Every test uses its own key names on the module's shared cluster (``cluster4``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import socket
+import threading
+import time
+import zlib
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pserver
+
+from .support import assert_bits_equal, key_on_shard, pid_alive, wait_until
+
+pytestmark = pytest.mark.integration
+
+SGD_HALF = {"name": "sgd", "lr": 0.5}
+SUM = {"name": "sum"}
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def client(cluster4: Any) -> Any:
+    c = pserver.connect(cluster4.address, timeout=20.0)
+    yield c
+    c.close()
+
+
+def rng_for(name: str) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(name.encode()))
+
+
+def f32(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+# -- dense updates -------------------------------------------------------------
+
+
+def test_sgd_push_changes_value_by_exactly_minus_half_grad(client: Any) -> None:
+    rng = rng_for("sgd")
+    w, g1, g2 = f32(rng, 33, 7), f32(rng, 33, 7), f32(rng, 33, 7)
+    assert client.init({"sgd/w": w}, optimizer=SGD_HALF) == {"sgd/w": True}
+    assert_bits_equal(client.pull(["sgd/w"])["sgd/w"], w, "value after init")
+
+    client.push({"sgd/w": g1})
+    want = w - np.float32(0.5) * g1
+    assert_bits_equal(client.pull(["sgd/w"])["sgd/w"], want, "value after one push")
+
+    got = client.push_pull({"sgd/w": g2})["sgd/w"]
+    want = want - np.float32(0.5) * g2
+    assert_bits_equal(got, want, "push_pull result")
+    assert_bits_equal(client.pull(["sgd/w"])["sgd/w"], want, "value after push_pull")
+
+
+def test_default_optimizer_is_sgd_lr_0_01(client: Any) -> None:
+    w = np.ones(5, np.float32)
+    g = np.full(5, 2.0, np.float32)
+    client.init({"default/w": w})
+    client.push({"default/w": g})
+    assert_bits_equal(client.pull(["default/w"])["default/w"], w - np.float32(0.01) * g)
+
+
+def test_sum_optimizer_accumulates_every_push(client: Any) -> None:
+    rng = rng_for("sum")
+    start = f32(rng, 1000)
+    grads = [f32(rng, 1000) for _ in range(5)]
+    client.init({"sum/acc": start}, optimizer=SUM)
+    want = start.copy()
+    for g in grads:
+        client.push({"sum/acc": g})
+        want += g
+    assert_bits_equal(client.pull(["sum/acc"])["sum/acc"], want)
+
+
+def test_init_again_with_same_shape_is_a_no_op(client: Any) -> None:
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert client.init({"noop/w": w}, optimizer=SUM) == {"noop/w": True}
+    client.push({"noop/w": np.ones((3, 4), np.float32)})
+    again = client.init({"noop/w": np.zeros((3, 4), np.float32)}, optimizer=SGD_HALF)
+    assert again == {"noop/w": False}
+    assert_bits_equal(client.pull(["noop/w"])["noop/w"], w + 1)
+    # The optimizer of the first init stays: sum still adds.
+    client.push({"noop/w": np.ones((3, 4), np.float32)})
+    assert_bits_equal(client.pull(["noop/w"])["noop/w"], w + 2)
+
+
+@pytest.mark.parametrize("other", [np.zeros((4, 3), np.float32), np.zeros(12, np.float32),
+                                   np.zeros((3, 4), np.float64), np.zeros((3, 4), np.int32)],
+                         ids=["transposed", "flat", "float64", "int32"])
+def test_init_with_other_shape_or_dtype_raises_shape_mismatch(client: Any,
+                                                              other: np.ndarray) -> None:
+    key = f"mismatch/{other.dtype}{other.shape}"
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    client.init({key: w})
+    with pytest.raises(pserver.ShapeMismatch) as info:
+        client.init({key: other})
+    assert isinstance(info.value, pserver.PServerError)
+    assert_bits_equal(client.pull([key])[key], w, "value after the refused init")
+
+
+def test_pull_of_unknown_key_raises_key_not_found(client: Any) -> None:
+    client.init({"known/k": np.zeros(3, np.float32)})
+    with pytest.raises(pserver.KeyNotFound) as info:
+        client.pull(["known/k", "never/initialized"])
+    assert isinstance(info.value, pserver.PServerError)
+    assert "never/initialized" in str(info.value)
+    with pytest.raises(pserver.KeyNotFound):
+        client.push({"never/initialized": np.zeros(3, np.float32)})
+
+
+@pytest.mark.parametrize("grad", [np.zeros(7, np.float32), np.zeros((2, 3), np.float32),
+                                  np.zeros(6, np.float64), np.zeros(6, np.int64)],
+                         ids=["longer", "2d", "float64", "int64"])
+def test_push_of_wrong_shape_or_dtype_raises_shape_mismatch(client: Any,
+                                                            grad: np.ndarray) -> None:
+    w = np.arange(6, dtype=np.float32)
+    client.init({"wrongpush/w": w}, optimizer=SUM)
+    before = client.pull(["wrongpush/w"])["wrongpush/w"]
+    with pytest.raises(pserver.ShapeMismatch):
+        client.push({"wrongpush/w": grad})
+    with pytest.raises(pserver.ShapeMismatch):
+        client.push_pull({"wrongpush/w": grad})
+    assert_bits_equal(client.pull(["wrongpush/w"])["wrongpush/w"], before)
+
+
+def test_unknown_optimizer_is_refused_and_creates_nothing(client: Any) -> None:
+    with pytest.raises(pserver.PServerError):
+        client.init({"badopt/w": np.zeros(3, np.float32)}, optimizer={"name": "no-such"})
+    with pytest.raises(pserver.KeyNotFound):
+        client.pull(["badopt/w"])
+
+
+# -- large tensors and many keys ------------------------------------------------
+
+
+def test_20_mib_tensor_is_chunked_over_all_shards_and_round_trips(client: Any) -> None:
+    rng = rng_for("big")
+    n = 20 * MiB // 4
+    w = f32(rng, n)
+    before = [s["bytes"] for s in client.status()["shards"]]
+    client.init({"big/w": w}, optimizer=SGD_HALF)
+    after = [s["bytes"] for s in client.status()["shards"]]
+    grown = [a - b for a, b in zip(after, before, strict=True)]
+    assert sum(grown) == w.nbytes, f"per-shard growth {grown}"
+    # 5 chunks of 4 MiB over 4 shards: every shard holds at least one whole chunk
+    assert all(g >= 4 * MiB for g in grown), f"per-shard growth {grown}"
+
+    assert_bits_equal(client.pull(["big/w"])["big/w"], w, "20 MiB round trip")
+    g = f32(rng, n)
+    got = client.push_pull({"big/w": g})["big/w"]
+    want = w - np.float32(0.5) * g
+    assert_bits_equal(got, want, "20 MiB push_pull")
+    out = np.empty_like(w)
+    client.pull_into({"big/w": out})
+    assert_bits_equal(out, want, "20 MiB pull_into")
+
+
+def test_10000_keys_in_one_init_and_one_pull(client: Any, cluster4: Any) -> None:
+    n = 10_000  # more than max_keys (4096) per request: the client must split
+    values = {f"many/{i}": np.full(4, i, np.int64) for i in range(n)}
+    before = client.status()["keys"]
+    created = client.init(values, optimizer=SUM)
+    assert len(created) == n
+    assert all(created.values())
+    assert client.status()["keys"] == before + n
+    # A fresh client knows none of the keys: its pull also fetches their metadata.
+    with pserver.connect(cluster4.address, timeout=20.0) as other:
+        got = other.pull(list(values))
+    assert set(got) == set(values)
+    for k, v in values.items():
+        assert_bits_equal(got[k], v, k)
+
+
+# -- dtypes and shapes ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("dtype", "start", "grads"), [
+    (np.float16, [1.5, -2.0, 1000.0], [[0.25, 0.125, 3.0], [0.001, -1.0, 0.5]]),
+    (np.float64, [0.1, 1e300, -3.0], [[0.2, 1e300, 1e-300], [0.3, -2e300, 7.0]]),
+    (np.int32, [1, -5, 2**31 - 10], [[2, -7, 3], [-3, 12, 6]]),
+    (np.int64, [2**53 + 1, -(2**62), 7], [[2, 3, -8], [2**53, 1, 1]]),
+    (np.uint64, [2**63 + 1, 0, 2**64 - 10], [[2**62 + 3, 1, 4], [1, 2**63, 5]]),
+], ids=["float16", "float64", "int32", "int64", "uint64"])
+def test_sum_is_exact_for_every_allowed_dtype(client: Any, dtype: Any, start: list[Any],
+                                              grads: list[list[Any]]) -> None:
+    key = f"dtype/{np.dtype(dtype).name}"
+    w = np.array(start, dtype=dtype)
+    client.init({key: w}, optimizer=SUM)
+    want = w.copy()
+    for g in grads:
+        ga = np.array(g, dtype=dtype)
+        client.push({key: ga})
+        want += ga
+    got = client.pull([key])[key]
+    assert_bits_equal(got, want, key)
+
+
+def test_empty_and_zero_dimensional_arrays(client: Any) -> None:
+    arrays = {
+        "shape/empty": np.zeros(0, np.float32),
+        "shape/empty2d": np.zeros((2, 0, 3), np.float64),
+        "shape/scalar": np.array(1.5, np.float32),
+    }
+    assert client.init(arrays, optimizer=SGD_HALF) == dict.fromkeys(arrays, True)
+    got = client.pull(list(arrays))
+    for k, v in arrays.items():
+        assert_bits_equal(got[k], v, k)
+    out = client.push_pull({"shape/scalar": np.array(1.0, np.float32),
+                            "shape/empty": np.zeros(0, np.float32)})
+    assert_bits_equal(out["shape/scalar"], np.array(1.0, np.float32))
+    assert_bits_equal(out["shape/empty"], np.zeros(0, np.float32))
+    assert_bits_equal(client.pull(["shape/scalar"])["shape/scalar"], np.array(1.0, np.float32))
+
+
+# -- futures, pull_into, threads ---------------------------------------------------
+
+
+def test_async_variants_return_futures(client: Any) -> None:
+    w = np.zeros(100, np.float32)
+    fut = client.init_async({"async/w": w}, optimizer=SUM)
+    assert isinstance(fut, concurrent.futures.Future)
+    assert fut.result(timeout=20) == {"async/w": True}
+
+    ones = np.ones(100, np.float32)
+    pushes = [client.push_async({"async/w": ones}) for _ in range(50)]
+    assert all(isinstance(f, concurrent.futures.Future) for f in pushes)
+    assert [f.result(timeout=20) for f in pushes] == [None] * 50
+
+    fut_pull = client.pull_async(["async/w"])
+    assert isinstance(fut_pull, concurrent.futures.Future)
+    assert_bits_equal(fut_pull.result(timeout=20)["async/w"], np.full(100, 50, np.float32))
+
+    fut_pp = client.push_pull_async({"async/w": ones})
+    assert isinstance(fut_pp, concurrent.futures.Future)
+    assert_bits_equal(fut_pp.result(timeout=20)["async/w"], np.full(100, 51, np.float32))
+
+    out = np.empty(100, np.float32)
+    fut_into = client.pull_into_async({"async/w": out})
+    assert isinstance(fut_into, concurrent.futures.Future)
+    fut_into.result(timeout=20)
+    assert_bits_equal(out, np.full(100, 51, np.float32))
+
+
+def test_async_errors_arrive_through_the_future(client: Any) -> None:
+    client.init({"asyncerr/w": np.zeros(3, np.float32)})
+    fut = client.init_async({"asyncerr/w": np.zeros(4, np.float32)})
+    with pytest.raises(pserver.ShapeMismatch):
+        fut.result(timeout=20)
+
+
+def test_pull_into_writes_into_the_callers_arrays(client: Any) -> None:
+    rng = rng_for("into")
+    a, b = f32(rng, 3, 5), np.arange(6 * MiB // 8, dtype=np.float64)  # b has 2 chunks
+    client.init({"into/a": a, "into/b": b})
+    out_a = np.full((3, 5), np.nan, np.float32)
+    out_b = np.zeros_like(b)
+    result = client.pull_into({"into/a": out_a, "into/b": out_b})
+    assert result["into/a"] is out_a
+    assert result["into/b"] is out_b
+    assert_bits_equal(out_a, a)
+    assert_bits_equal(out_b, b)
+    with pytest.raises(pserver.ShapeMismatch):
+        client.pull_into({"into/a": np.empty((5, 3), np.float32)})
+
+
+def test_client_shared_by_8_threads(client: Any) -> None:
+    threads, pushes = 8, 40
+    n = threads * pushes
+    client.init({"threads/oracle": np.zeros(n, np.float32),
+                 "threads/total": np.zeros(16, np.int64)}, optimizer=SUM)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(threads)
+
+    def worker(t: int) -> None:
+        try:
+            barrier.wait(timeout=20)
+            for i in range(pushes):
+                onehot = np.zeros(n, np.float32)
+                onehot[t * pushes + i] = 1.0  # each push owns one coordinate
+                total = np.full(16, t + 1, np.int64)
+                if i % 2:
+                    client.push({"threads/oracle": onehot, "threads/total": total})
+                else:
+                    client.push_pull({"threads/oracle": onehot, "threads/total": total})
+        except BaseException as exc:
+            errors.append(exc)
+
+    ts = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not any(t.is_alive() for t in ts), "a pushing thread hung"
+    assert errors == []
+    got = client.pull(["threads/oracle", "threads/total"])
+    assert_bits_equal(got["threads/oracle"], np.ones(n, np.float32), "one-hot oracle")
+    want_total = pushes * sum(range(1, threads + 1))
+    assert_bits_equal(got["threads/total"], np.full(16, want_total, np.int64), "total")
+
+
+# -- lifecycle, status, transports -------------------------------------------------
+
+
+def _io_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "pserver-client-io")
+
+
+def test_context_manager_closes_the_client(cluster4: Any) -> None:
+    before = _io_threads()
+    with pserver.connect(cluster4.address, timeout=10.0) as c:
+        c.init({"ctx/w": np.ones(2, np.float32)})
+        assert_bits_equal(c.pull(["ctx/w"])["ctx/w"], np.ones(2, np.float32))
+    wait_until(lambda: _io_threads() == before, 5.0, "the client's I/O thread stopped")
+    with pytest.raises(pserver.PServerError):
+        c.pull(["ctx/w"])
+    c.close()  # closing twice is harmless
+
+
+def test_status_fields(client: Any) -> None:
+    st = client.status()
+    shards = st["shards"]
+    assert [s["id"] for s in shards] == [0, 1, 2, 3]
+    pids = []
+    for s in shards:
+        assert isinstance(s["keys"], int)
+        assert isinstance(s["bytes"], int)
+        assert len(s["replicas"]) == 1
+        r = s["replicas"][0]
+        for field in ("id", "address", "pid", "role", "term", "commit_index", "applied_index"):
+            assert field in r, f"shard {s['id']} replica lacks {field}"
+        assert r["role"] == "leader"
+        assert r["address"] == client.cluster_map["shards"][s["id"]]["replicas"][0]["tcp"]
+        assert isinstance(r["term"], int)
+        assert r["commit_index"] >= r["applied_index"] >= 0
+        assert pid_alive(r["pid"])
+        pids.append(r["pid"])
+    assert len(set(pids)) == 4
+    assert os.getpid() not in pids
+
+    # keys, bytes and applied_index follow what the shard holds
+    key = key_on_shard(client.shard_map, 2, "status")
+    before = client.status()["shards"][2]
+    client.init({key: np.zeros(1000, np.float64)}, optimizer=SUM)
+    client.push({key: np.ones(1000, np.float64)})
+    after = client.status()["shards"][2]
+    assert after["keys"] == before["keys"] + 1
+    assert after["bytes"] == before["bytes"] + 8000
+    assert after["replicas"][0]["applied_index"] == before["replicas"][0]["applied_index"] + 2
+    total = client.status()
+    assert total["keys"] >= 1
+    assert total["bytes"] == sum(s["bytes"] for s in total["shards"])
+
+
+def test_same_host_client_uses_ipc_and_ipc_false_uses_tcp(client: Any, cluster4: Any) -> None:
+    assert client.endpoints
+    assert all(e.startswith("ipc://") for e in client.endpoints.values())
+    rng = rng_for("ipc")
+    w = f32(rng, 6 * MiB // 4)  # 2 chunks, so two shards are involved
+    client.init({"ipc/w": w}, optimizer=SUM)
+    with pserver.connect(cluster4.address, ipc=False, timeout=20.0) as tcp_client:
+        assert tcp_client.endpoints
+        assert all(e.startswith("tcp://") for e in tcp_client.endpoints.values())
+        assert_bits_equal(tcp_client.pull(["ipc/w"])["ipc/w"], w, "pull over tcp")
+        tcp_client.push({"ipc/w": w})
+    assert_bits_equal(client.pull(["ipc/w"])["ipc/w"], w + w, "tcp push seen over ipc")
+
+
+def test_connect_to_a_port_without_server_raises_unavailable_in_time() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(pserver.Unavailable):
+        pserver.connect(f"tcp://127.0.0.1:{port}", timeout=1.0)
+    assert time.monotonic() - t0 < 3.0
+
+
+def test_request_to_a_frozen_shard_raises_unavailable_naming_it(client: Any,
+                                                               cluster4: Any) -> None:
+    key = key_on_shard(client.shard_map, 1, "frozen")
+    client.init({key: np.ones(4, np.float32)}, optimizer=SUM)
+    pid = client.status()["shards"][1]["replicas"][0]["pid"]
+    with pserver.connect(cluster4.address, timeout=1.0) as impatient:
+        impatient.pull([key])  # metadata cached; the next pull only needs shard 1
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(pserver.Unavailable) as info:
+                impatient.pull([key])
+            assert time.monotonic() - t0 < 3.0
+            assert info.value.shard == 1
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # the shard answers again, and the late reply does not confuse the client
+        assert_bits_equal(impatient.pull([key])[key], np.ones(4, np.float32))

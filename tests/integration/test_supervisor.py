@@ -1,0 +1,216 @@
+"""`pserver serve` and `pserver status` as users run them: ready line, status
+output, restarts of dead shards, shutdown on signals, and orphan cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pserver
+
+from .support import assert_bits_equal, key_on_shard, pid_alive, shard_pids, wait_until
+
+pytestmark = pytest.mark.integration
+
+READY = re.compile(r"pserver ready: tcp://127\.0\.0\.1:([0-9]+)")
+REPLICA_FIELDS = ("id", "address", "pid", "role", "term", "commit_index", "applied_index")
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without PSERVER_* settings that would change the defaults."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PSERVER_")}
+
+
+def pserver_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pserver", *args]
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The next stdout line of ``proc`` ('' at EOF), waiting at most ``timeout`` s."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise AssertionError(f"no output within {timeout} s")
+        return proc.stdout.readline()
+
+
+def status_json(address: str) -> dict[str, Any]:
+    out = subprocess.run(pserver_cmd("status", "--address", address, "--json"),
+                         capture_output=True, text=True, timeout=30, check=False, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+# -- serve ------------------------------------------------------------------------
+
+
+def test_serve_prints_exactly_one_ready_line(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        pserver_cmd("serve", "--port", "0", "--replicas", "1", "--shards", "2",
+                    "--data-dir", str(tmp_path / "data")),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=clean_env())
+    try:
+        first = read_line(proc, 60)
+        m = READY.fullmatch(first.rstrip("\n"))
+        assert m, f"first stdout line is {first!r}"
+        assert int(m.group(1)) != 0
+        address = first.split(": ", 1)[1].strip()
+        with pserver.connect(address, timeout=10.0) as c:  # the address really serves
+            c.init({"x": np.ones(3, np.float32)})
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
+    assert rest == "", f"more stdout after the ready line: {rest!r}"
+
+
+def test_port_0_gives_each_cluster_its_own_free_port(cluster_factory: Any) -> None:
+    a, b = cluster_factory(), cluster_factory()
+    port_a, port_b = (int(c.address.rsplit(":", 1)[1]) for c in (a, b))
+    assert 0 not in (port_a, port_b)
+    assert port_a != port_b
+    for c in (a, b):
+        with pserver.connect(c.address, timeout=10.0) as client:
+            client.init({"k": np.full(2, port_a, np.int64)})
+            assert_bits_equal(client.pull(["k"])["k"], np.full(2, port_a, np.int64))
+
+
+def test_default_replicas_3_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    out = subprocess.run(
+        pserver_cmd("serve", "--port", "0", "--shards", "2", "--data-dir", str(tmp_path / "d")),
+        capture_output=True, text=True, timeout=30, check=False, env=clean_env())
+    assert out.returncode != 0
+    assert "replicas" in out.stderr.lower(), out.stderr
+    assert "pserver ready" not in out.stdout
+
+
+# -- status -----------------------------------------------------------------------
+
+
+def test_status_text_and_json(cluster_factory: Any) -> None:
+    cluster = cluster_factory("--shards", "3")
+    with pserver.connect(cluster.address, timeout=10.0) as c:
+        c.init({key_on_shard(c.shard_map, 1, "st"): np.zeros(250, np.float32)})
+
+    st = status_json(cluster.address)
+    assert [s["id"] for s in st["shards"]] == [0, 1, 2]
+    for s in st["shards"]:
+        assert len(s["replicas"]) == 1
+        r = s["replicas"][0]
+        assert set(REPLICA_FIELDS) <= set(r), r
+        assert r["role"] == "leader"
+        assert pid_alive(r["pid"])
+        assert isinstance(r["term"], int)
+        assert r["commit_index"] >= r["applied_index"]
+    assert [s["bytes"] for s in st["shards"]] == [0, 1000, 0]
+    assert [s["keys"] for s in st["shards"]] == [0, 1, 0]
+
+    text = subprocess.run(pserver_cmd("status", "--address", cluster.address),
+                          capture_output=True, text=True, timeout=30, check=False,
+                          env=clean_env())
+    assert text.returncode == 0, text.stderr
+    assert cluster.address in text.stdout
+    assert text.stdout.count("leader") == 3
+    for s in st["shards"]:
+        r = s["replicas"][0]
+        assert str(r["pid"]) in text.stdout
+        assert r["address"] in text.stdout
+
+
+def test_status_of_an_address_without_server_fails_fast(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    out = subprocess.run(pserver_cmd("status", "--address", f"tcp://127.0.0.1:{port}",
+                                     "--timeout", "1"),
+                         capture_output=True, text=True, timeout=30, check=False,
+                         env=clean_env())
+    assert time.monotonic() - t0 < 15
+    assert out.returncode != 0
+    assert out.stderr.strip()
+    assert out.stdout == ""
+
+
+# -- restarts ---------------------------------------------------------------------
+
+
+def test_killed_shard_is_restarted_and_serves_again(cluster_factory: Any) -> None:
+    cluster = cluster_factory("--shards", "3")
+    with pserver.connect(cluster.address, timeout=10.0) as client:
+        key = key_on_shard(client.shard_map, 1, "before")
+        client.init({key: np.ones(8, np.float32)})
+        for round_ in range(2):  # the second death is restarted too (backoff grows)
+            old = client.status()["shards"][1]["replicas"][0]["pid"]
+            others = [shard_pids(client.status())[i] for i in (0, 2)]
+            os.kill(old, signal.SIGKILL)
+
+            def restarted(old: int = old) -> Any:
+                r = client.status()["shards"][1]["replicas"][0]
+                return r["role"] == "leader" and r["pid"] not in (None, old) and r
+            replica = wait_until(restarted, 20.0, f"shard 1 restarted (round {round_})")
+            assert pid_alive(replica["pid"])
+            assert not pid_alive(old)
+            assert [shard_pids(client.status())[i] for i in (0, 2)] == others
+
+            # the existing client, and a new one, use the restarted shard
+            fresh = {key_on_shard(client.shard_map, s, f"after{round_}"): np.full(5, s, np.int64)
+                     for s in range(3)}
+            client.init(fresh, optimizer={"name": "sum"})
+            client.push(fresh)
+            with pserver.connect(cluster.address, timeout=10.0) as other:
+                got = other.pull(list(fresh))
+            for k, v in fresh.items():
+                assert_bits_equal(got[k], v + v, k)
+    log = cluster.stderr()
+    assert str(old) in log, log
+    assert "restart" in log.lower(), log
+
+
+# -- shutdown ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_everything_and_exits_0(cluster_factory: Any, sig: int) -> None:
+    cluster = cluster_factory("--shards", "3")
+    pids = shard_pids(status_json(cluster.address))
+    assert all(pid_alive(p) for p in pids)
+    t0 = time.monotonic()
+    cluster.proc.send_signal(sig)
+    assert cluster.proc.wait(timeout=30) == 0, cluster.stderr()
+    assert time.monotonic() - t0 < 30
+    alive = [p for p in pids if pid_alive(p)]
+    assert alive == [], f"shard processes left running: {alive}"
+
+
+def test_shards_exit_on_their_own_when_the_supervisor_is_killed(cluster_factory: Any) -> None:
+    cluster = cluster_factory("--shards", "3")
+    with pserver.connect(cluster.address, timeout=10.0) as c:
+        ipc = c.cluster_map["shards"][0]["replicas"][0]["ipc"]
+    pids = shard_pids(status_json(cluster.address))
+    cluster.proc.kill()
+    cluster.proc.wait(timeout=10)
+    try:
+        wait_until(lambda: not any(pid_alive(p) for p in pids), 10.0,
+                   f"orphaned shards {pids} exited")
+    finally:
+        if ipc:  # the killed supervisor could not remove its run directory
+            shutil.rmtree(Path(ipc.removeprefix("ipc://")).parent, ignore_errors=True)
