@@ -294,10 +294,11 @@ class Client:
             self._io.submit(shard, header, frames, self.timeout, reply, op.fail)
         return op.future
 
-    def _wait(self, future: Future[T]) -> T:
-        """Drive I/O on the calling thread until ``future`` is done (no hand-off)."""
+    def _wait(self, start: Callable[[], Future[T]]) -> T:
+        """Start an operation and drive I/O on the calling thread until it is done:
+        no thread hand-off, and the background I/O thread is not woken."""
         with self._io.waiting():
-            return self._io.wait(future)
+            return self._io.wait(start())
 
     # -- key metadata -------------------------------------------------------------
 
@@ -322,7 +323,7 @@ class Client:
                 for key, dtype, shape, *_rest in h.opts.get("meta", []):
                     found.append(KeyMeta(key, dtype, tuple(shape)))
 
-            self._wait(self._run(messages, on_reply, lambda: None))
+            self._wait(lambda: self._run(messages, on_reply, lambda: None))
             with self._meta_lock:
                 for m in found:
                     self._meta[m.key] = m
@@ -392,7 +393,7 @@ class Client:
         with lr 0.01). Returns {key: True if this call created it}.
         """
         return self._wait(
-            self.init_async(arrays, optimizer=optimizer, mode=mode, staleness=staleness)
+            lambda: self.init_async(arrays, optimizer=optimizer, mode=mode, staleness=staleness)
         )
 
     def _grad_pieces(self, grads: Mapping[str, Array]) -> list[_Piece]:
@@ -425,7 +426,7 @@ class Client:
         With ``{"name": "sgd", "lr": 0.5}`` a push of ``g`` changes the value by
         exactly ``-0.5 * g``; with ``sum`` it adds ``g``.
         """
-        self._wait(self.push_async(grads))
+        self._wait(lambda: self.push_async(grads))
 
     def _collect(self, out: dict[str, Array]) -> Callable[[int, Header, Incoming], None]:
         """A reply handler copying returned parts into the flat views of ``out``."""
@@ -473,7 +474,7 @@ class Client:
 
     def pull_into(self, out: Mapping[str, Array]) -> dict[str, Array]:
         """See ``pull_into_async``."""
-        return self._wait(self.pull_into_async(out))
+        return self._wait(lambda: self.pull_into_async(out))
 
     def pull_async(self, keys: Sequence[str]) -> Future[dict[str, Array]]:
         """``pull`` returning a Future."""
@@ -485,7 +486,7 @@ class Client:
         """The current value of each key, as new arrays the caller owns."""
         if isinstance(keys, str):
             raise TypeError("pull takes a list of keys, not a single string")
-        return self._wait(self.pull_async(keys))
+        return self._wait(lambda: self.pull_async(keys))
 
     def push_pull_async(self, grads: Mapping[str, Array]) -> Future[dict[str, Array]]:
         """``push_pull`` returning a Future; the gradients must stay unchanged until
@@ -501,7 +502,7 @@ class Client:
     def push_pull(self, grads: Mapping[str, Array]) -> dict[str, Array]:
         """Push, then return each key's value right after this push was applied,
         in one round trip."""
-        return self._wait(self.push_pull_async(grads))
+        return self._wait(lambda: self.push_pull_async(grads))
 
     def status(self) -> dict[str, Any]:
         """The cluster status: per shard its replicas (id, address, pid, role, term,

@@ -72,7 +72,7 @@ class IOEngine:
         self._polling = False
         self._waiters = 0
         self._cond = threading.Condition()
-        self._closed = False
+        self._stopping = threading.Event()
         self._thread = threading.Thread(
             target=self._background, name="pserver-client-io", daemon=True
         )
@@ -90,7 +90,7 @@ class IOEngine:
         on_error: ErrorCallback,
     ) -> None:
         """Queue one request; it is sent by the next thread that drives."""
-        if self._closed:
+        if self._stopping.is_set():
             raise Unavailable("the client is closed", shard=shard)
         self._queue.append(
             _Request(shard, header, frames, time.monotonic() + timeout, timeout, on_reply, on_error)
@@ -129,9 +129,9 @@ class IOEngine:
 
     def close(self, timeout: float = 5.0) -> None:
         """Fail pending requests, stop the background thread, close the sockets."""
-        if self._closed:
+        if self._stopping.is_set():
             return
-        self._closed = True
+        self._stopping.set()
         self._wake()
         with self._cond:
             self._cond.notify_all()
@@ -236,13 +236,13 @@ class IOEngine:
     def _background(self) -> None:
         """Drive while requests are pending and no caller is driving for itself."""
         try:
-            while not self._closed:
+            while not self._stopping.is_set():
                 with self._cond:
-                    while not self._closed and (
+                    while not self._stopping.is_set() and (
                         self._waiters > 0 or not (self._queue or self._pending)
                     ):
                         self._cond.wait(0.1)
-                if self._closed:
+                if self._stopping.is_set():
                     break
                 if self._lock.acquire(timeout=MAX_POLL_S):
                     try:

@@ -121,9 +121,14 @@ class Endpoint:
         """Send already-framed parts (tests and tools that speak off-protocol)."""
         self.sock.send_multipart(list(parts), copy=False)
 
+    def wait_readable(self, timeout_ms: int) -> bool:
+        """Block up to ``timeout_ms`` until a message is waiting."""
+        return bool(self.sock.poll(timeout_ms, zmq.POLLIN))
+
     def recv(self, block: bool = False) -> Incoming | None:
-        """The next message, or None when nothing is waiting (non-blocking).
-        Messages with no header frame are dropped here (logged)."""
+        """The next message, or None when nothing is waiting (non-blocking)."""
+        if not block and not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return None
         try:
             parts = self.sock.recv_multipart(flags=0 if block else zmq.NOBLOCK, copy=False)
         except zmq.Again:
@@ -132,8 +137,7 @@ class Endpoint:
         if self.router:
             identity = parts[0].bytes
             parts = parts[1:]
-        if not parts:
-            log.warning("dropped a message with no header frame")
+        if not parts:  # an empty header: the codec rejects it as malformed
             return Incoming(identity, memoryview(b""), [], [])
         return Incoming(identity, parts[0].buffer, [p.buffer for p in parts[1:]], parts)
 

@@ -28,7 +28,7 @@ from pserver.protocol.errors import (
 from pserver.protocol.frames import split_frames
 from pserver.protocol.schema import Header, Kind, Limits, TensorMeta
 from pserver.protocol.shardmap import ShardMap
-from pserver.protocol.transport import Endpoint, Incoming, Poller, new_context
+from pserver.protocol.transport import Endpoint, Incoming, new_context
 
 from .shard import ShardStateMachine, Slot
 
@@ -76,12 +76,10 @@ class ShardServer:
             signal.signal(sig, lambda *_: self.stop())
 
     def serve_forever(self) -> None:
-        poller = Poller()
-        poller.register(self.endpoint)
         next_parent_check = time.monotonic() + 1.0
         try:
             while not self._stop:
-                if poller.poll(200):
+                if self.endpoint.wait_readable(200):
                     for _ in range(DRAIN_BATCH):
                         incoming = self.endpoint.recv()
                         if incoming is None:
