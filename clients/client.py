@@ -79,13 +79,13 @@ class _Piece:
 
 
 class _Op:
-    """Joins the replies of one operation's messages into one Future."""
+    """Joins the replies of one operation's messages into one Future. Its callbacks
+    run on the thread driving I/O, one at a time (under the engine's lock)."""
 
     def __init__(self, messages: int, finish: Callable[[], Any]) -> None:
         self.future: Future[Any] = Future()
         self._left = messages
         self._finish = finish
-        self._lock = threading.Lock()
         if messages == 0:
             self._complete()
 
@@ -98,16 +98,12 @@ class _Op:
             self.future.set_result(result)
 
     def done_one(self) -> None:
-        with self._lock:
-            self._left -= 1
-            last = self._left == 0 and not self.future.done()
-        if last:
+        self._left -= 1
+        if self._left == 0 and not self.future.done():
             self._complete()
 
     def fail(self, exc: PServerError) -> None:
-        with self._lock:
-            if self.future.done():
-                return
+        if not self.future.done():
             self.future.set_exception(exc)
 
 
@@ -168,6 +164,7 @@ class Client:
             else:
                 self.endpoints[shard["id"]] = leader["tcp"]
         self._meta: dict[str, KeyMeta] = {}
+        self._plans: dict[KeyMeta, tuple[tuple[int, int, int, int], ...]] = {}
         self._meta_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._seqs = itertools.count(1)
@@ -205,15 +202,25 @@ class Client:
             )
         return key
 
-    def _pieces(self, meta: KeyMeta, flat: Array | None = None) -> list[_Piece]:
-        pieces = []
-        ranges = part_ranges(meta.size, meta.np_dtype.itemsize, self.chunk_bytes)
-        for part, (offset, count) in enumerate(ranges):
-            data = None if flat is None else flat[offset : offset + count]
-            pieces.append(
-                _Piece(meta, part, offset, count, self.shard_map.shard_for(meta.key, part), data)
+    def _plan(self, meta: KeyMeta) -> tuple[tuple[int, int, int, int], ...]:
+        """(part, offset, count, shard) of every part; computed once per key layout."""
+        plan = self._plans.get(meta)
+        if plan is None:
+            ranges = part_ranges(meta.size, meta.np_dtype.itemsize, self.chunk_bytes)
+            plan = tuple(
+                (part, offset, count, self.shard_map.shard_for(meta.key, part))
+                for part, (offset, count) in enumerate(ranges)
             )
-        return pieces
+            self._plans[meta] = plan
+        return plan
+
+    def _pieces(self, meta: KeyMeta, flat: Array | None = None) -> list[_Piece]:
+        if flat is None:
+            return [_Piece(meta, *p) for p in self._plan(meta)]
+        return [
+            _Piece(meta, part, offset, count, shard, flat[offset : offset + count])
+            for part, offset, count, shard in self._plan(meta)
+        ]
 
     def _batches(self, pieces: Iterable[_Piece]) -> list[tuple[int, list[_Piece]]]:
         """Group pieces per shard into messages of at most one chunk of data

@@ -71,6 +71,7 @@ class IOEngine:
         self._pending: dict[int, _Request] = {}
         self._polling = False
         self._waiters = 0
+        self._count_lock = threading.Lock()
         self._cond = threading.Condition()
         self._stopping = threading.Event()
         self._thread = threading.Thread(
@@ -105,14 +106,17 @@ class IOEngine:
     def waiting(self) -> Iterator[None]:
         """Marks the calling thread as one that will drive until its result arrives,
         so the background thread stays out of its way."""
-        with self._cond:
+        with self._count_lock:
             self._waiters += 1
         try:
             yield
         finally:
-            with self._cond:
+            with self._count_lock:
                 self._waiters -= 1
-                self._cond.notify()
+                idle = self._waiters == 0
+            if idle and (self._queue or self._pending):
+                with self._cond:  # async requests are left: hand them to the background
+                    self._cond.notify()
 
     def wait(self, future: Future[T]) -> T:
         """Drive I/O on this thread until ``future`` is done; return its result.

@@ -32,10 +32,24 @@ def accumulate(param: Array, grad: Array) -> None:
     reference.accumulate(param, grad)
 
 
-def sgd(param: Array, grad: Array, lr: float) -> None:
-    """``param -= lr * grad`` in place (torch.optim.SGD without momentum)."""
+def sgd(param: Array, grad: Array, lr: float, scratch: Array | None = None) -> None:
+    """``param -= lr * grad`` in place (torch.optim.SGD without momentum).
+
+    With ``scratch`` (a caller-owned 1-D array of the parameter's dtype) nothing is
+    allocated: ``lr * grad`` goes to scratch-sized blocks that stay in cache. The
+    result is bit-identical to the reference either way."""
     _check_pair(param, grad)
-    reference.sgd(param, grad, lr)
+    if scratch is None or scratch.dtype != param.dtype or grad.dtype != param.dtype:
+        reference.sgd(param, grad, lr)
+        return
+    lr_t = param.dtype.type(lr)
+    p, g = param.reshape(-1), grad.reshape(-1)
+    step = scratch.size
+    for i in range(0, p.size, step):
+        j = min(p.size, i + step)
+        t = scratch[: j - i]
+        np.multiply(g[i:j], lr_t, out=t)
+        np.subtract(p[i:j], t, out=p[i:j])
 
 
 def _as_ids(ids: Array) -> Array:

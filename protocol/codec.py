@@ -69,6 +69,35 @@ def _key(value: Any, limits: Limits) -> str:
 
 
 def _tensor(raw: Any, limits: Limits) -> TensorMeta:
+    """One tensor descriptor. A single-expression check accepts the common valid
+    case quickly; anything it does not accept goes through ``_tensor_checked``,
+    which names the exact problem (or accepts, e.g. a long non-ASCII key)."""
+    if type(raw) is list and len(raw) == 7:
+        key, part, dtype, shape, offset, count, nframes = raw
+        if (
+            type(key) is str
+            and 0 < len(key) <= limits.max_key_bytes // 4  # utf-8 needs <= 4 bytes a char
+            and type(part) is int
+            and 0 <= part <= _MAX_ELEMENTS
+            and type(dtype) is str
+            and dtype in DTYPES
+            and type(shape) is list
+            and len(shape) <= limits.max_rank
+            and all(type(d) is int and 0 <= d <= _MAX_ELEMENTS for d in shape)
+            and type(offset) is int
+            and type(count) is int
+            and type(nframes) is int
+            and offset >= 0
+            and count >= 0
+            and 0 <= nframes <= limits.max_frames
+        ):
+            size = math.prod(shape)
+            if size <= _MAX_ELEMENTS and offset + count <= size:
+                return TensorMeta(key, part, dtype, tuple(shape), offset, count, nframes)
+    return _tensor_checked(raw, limits)
+
+
+def _tensor_checked(raw: Any, limits: Limits) -> TensorMeta:
     if not isinstance(raw, list) or len(raw) != 7:
         raise ProtocolError(
             "tensor descriptor must be [key, part, dtype, shape, offset, count, nframes]"

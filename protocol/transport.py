@@ -117,6 +117,31 @@ class Endpoint:
             return False
         return True
 
+    def send_tracked(
+        self, header: Header, frames: Sequence[Any], identity: bytes = b""
+    ) -> list[Any] | None:
+        """Send without copying frames of COPY_THRESHOLD bytes or more. Returns, per
+        frame, a tracker (``tracker.done`` once libzmq released the memory) or None for
+        a small frame copied at once; None instead of the list when the peer's queue
+        is full and nothing was sent. The caller must not change a tracked buffer
+        until its tracker is done."""
+        parts: list[Any] = [identity] if self.router else []
+        parts.append(encode_header(header))
+        trackers: list[Any] = []
+        for f in frames:
+            if memoryview(f).nbytes >= COPY_THRESHOLD:
+                frame = zmq.Frame(f, copy=False, track=True)
+                trackers.append(frame.tracker)
+                parts.append(frame)
+            else:
+                trackers.append(None)
+                parts.append(bytes(f))
+        try:
+            self.sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        return trackers
+
     def send_raw(self, parts: Sequence[Any]) -> None:
         """Send already-framed parts (tests and tools that speak off-protocol)."""
         self.sock.send_multipart(list(parts), copy=False)

@@ -66,7 +66,8 @@ class ServerConfig:
         if self.max_request_bytes < self.chunk_bytes:
             raise ConfigError(
                 f"max_request_bytes ({self.max_request_bytes}) must be at least chunk_bytes "
-                f"({self.chunk_bytes}): one chunk travels in one request")
+                f"({self.chunk_bytes}): one chunk travels in one request"
+            )
         limits = Limits(
             max_request_bytes=self.max_request_bytes,
             max_keys=self.max_keys,

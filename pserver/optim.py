@@ -66,9 +66,15 @@ class OptimizerSpec:
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, **dict(self.params)}
 
-    def apply(self, param: np.ndarray[Any, Any], grad: np.ndarray[Any, Any]) -> None:
-        """Apply one update of ``grad`` to ``param`` (same-length 1-D slices)."""
+    def apply(
+        self,
+        param: np.ndarray[Any, Any],
+        grad: np.ndarray[Any, Any],
+        scratch: np.ndarray[Any, Any] | None = None,
+    ) -> None:
+        """Apply one update of ``grad`` to ``param`` (same-length 1-D slices);
+        ``scratch`` is optional caller-owned working memory of param's dtype."""
         if self.name == "sum":
             kernels.accumulate(param, grad)
         else:  # sgd
-            kernels.sgd(param, grad, dict(self.params)["lr"])
+            kernels.sgd(param, grad, dict(self.params)["lr"], scratch)

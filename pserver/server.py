@@ -182,15 +182,26 @@ class ShardServer:
         return out
 
     def _send_values(self, incoming: Incoming, header: Header, slots: Sequence[Slot]) -> None:
-        """Reply with the current values. The frames are copied into the message:
-        a zero-copy send could ship bytes a later push is already changing."""
+        """Reply with the current values, sent without copying. Each slot leases its
+        memory to the send, so a push arriving before libzmq has sent the bytes
+        writes into a copy instead (copy-on-write)."""
         metas: list[TensorMeta] = []
-        frames: list[bytes] = []
+        frames: list[memoryview] = []
+        owners: list[Slot] = []
         for s in slots:
             parts = split_frames(s.value, self.frame_bytes)
             metas.append(s.meta(len(parts)))
-            frames.extend(bytes(p) for p in parts)
-        self._reply(incoming, reply_header(header, tensors=tuple(metas)), frames)
+            frames.extend(parts)
+            owners.extend([s] * len(parts))
+        trackers = self.endpoint.send_tracked(
+            reply_header(header, tensors=tuple(metas)), frames, identity=incoming.identity
+        )
+        if trackers is None:
+            log.warning("shard %d: reply to a client with a full queue dropped", self.shard_id)
+            return
+        for owner, tracker in zip(owners, trackers, strict=True):
+            if tracker is not None:
+                owner.lease(tracker)
 
     def status(self) -> dict[str, Any]:
         stats = self.state.stats()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,23 @@ class Slot:
     value: np.ndarray[Any, Any]
     optimizer: OptimizerSpec
     mode: str
+    # Readers still holding ``value``'s memory (objects with a ``done`` flag, e.g.
+    # zero-copy sends in flight). Writing while one is not done copies first.
+    leases: list[Any] = field(default_factory=list)
+
+    def lease(self, reader: Any) -> None:
+        """Record that ``reader`` uses ``value``'s memory until ``reader.done``."""
+        if len(self.leases) >= 64:  # a key only ever pulled: forget finished readers
+            self.leases = [r for r in self.leases if not r.done]
+        self.leases.append(reader)
+
+    def writable(self) -> np.ndarray[Any, Any]:
+        """``value``, made safe to change: copy-on-write if a lease is still active."""
+        if self.leases:
+            if not all(r.done for r in self.leases):
+                self.value = self.value.copy()
+            self.leases.clear()
+        return self.value
 
     def meta(self, nframes: int = 0) -> TensorMeta:
         return TensorMeta(
@@ -78,6 +95,7 @@ class ShardStateMachine:
         self.chunk_bytes = chunk_bytes
         self.default_mode = default_mode
         self.slots: dict[tuple[str, int], Slot] = {}
+        self._scratch_by_dtype: dict[np.dtype[Any], np.ndarray[Any, Any]] = {}
         self.applied_index = 0
 
     # -- validation ---------------------------------------------------------
@@ -181,12 +199,21 @@ class ShardStateMachine:
         """Apply each part's optimizer to its gradient, frame by frame (no reassembly)."""
         for t, frames in zip(tensors, data, strict=True):
             slot = self.slots[(t.key, t.part)]
+            value = slot.writable()
+            scratch = self._scratch(value.dtype)
             pos = 0
             for frame in frames:
                 grad = np.frombuffer(frame, dtype=t.np_dtype)
-                slot.optimizer.apply(slot.value[pos : pos + grad.size], grad)
+                slot.optimizer.apply(value[pos : pos + grad.size], grad, scratch)
                 pos += grad.size
         self.applied_index += 1
+
+    def _scratch(self, dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+        """Working memory for update kernels: one 1 MiB buffer per dtype, reused."""
+        buf = self._scratch_by_dtype.get(dtype)
+        if buf is None:
+            buf = self._scratch_by_dtype[dtype] = np.empty((1 << 20) // dtype.itemsize, dtype)
+        return buf
 
     # -- reads ----------------------------------------------------------------
 

@@ -69,7 +69,9 @@ class EchoServer:
     def __init__(self, endpoint: str = "tcp://127.0.0.1:0", start_timeout: float = 30.0) -> None:
         self.proc: subprocess.Popen[str] = subprocess.Popen(
             [sys.executable, "-m", "pserver.benchmark.baselines", endpoint],
-            stdout=subprocess.PIPE, text=True)
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         assert self.proc.stdout is not None
         line = ""
         with selectors.DefaultSelector() as sel:
@@ -90,8 +92,14 @@ class EchoServer:
 
     # -- measurements ---------------------------------------------------------------
 
-    def round(self, data: Array, chunk_bytes: int = 4 << 20, frame_bytes: int = 1 << 20,
-              window: int = 4, out: Array | None = None) -> float:
+    def round(
+        self,
+        data: Array,
+        chunk_bytes: int = 4 << 20,
+        frame_bytes: int = 1 << 20,
+        window: int = 4,
+        out: Array | None = None,
+    ) -> float:
         """Seconds to send ``data`` and receive it back into ``out`` (allocated here
         when None): cut into chunks of ``chunk_bytes``, each sent as one message of
         zero-copy frames of ``frame_bytes``, ``window`` chunks in flight."""

@@ -18,8 +18,9 @@ import click
 from .scenarios import TRANSPORTS, LocalCluster, RunInfo, Settings, format_table, parse_size, run
 
 
-def _sizes(_ctx: click.Context, _param: click.Parameter,
-           value: str | None) -> tuple[int, ...] | None:
+def _sizes(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> tuple[int, ...] | None:
     if value is None:
         return None
     try:
@@ -29,30 +30,77 @@ def _sizes(_ctx: click.Context, _param: click.Parameter,
 
 
 @click.command()
-@click.option("--address", default=None,
-              help="bootstrap address of a running cluster; without it one is started here")
-@click.option("--shards", type=click.IntRange(min=1), default=4, show_default=True,
-              help="shards of the self-started cluster")
-@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True,
-              help="replicas per shard of the self-started cluster")
-@click.option("--sizes", callback=_sizes, default=None,
-              help="dense tensor sizes, comma-separated (e.g. 4K,64K,1M,16M,64M) "
-                   "[4K,64K,1M,16M,64M; --quick: 4K,1M,64M]")
-@click.option("--rounds", type=click.IntRange(min=1), default=None,
-              help="interleaved rounds per size; best and median reported [10; --quick: 5]")
-@click.option("--latency-count", type=click.IntRange(min=1), default=None,
-              help="4 KiB round trips timed per transport, after a warm-up [2000; --quick: 1000]")
-@click.option("--transport", "transports", multiple=True, type=click.Choice(TRANSPORTS),
-              help="transports to measure (repeatable) [tcp and ipc]")
+@click.option(
+    "--address",
+    default=None,
+    help="bootstrap address of a running cluster; without it one is started here",
+)
+@click.option(
+    "--shards",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="shards of the self-started cluster",
+)
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="replicas per shard of the self-started cluster",
+)
+@click.option(
+    "--sizes",
+    callback=_sizes,
+    default=None,
+    help="dense tensor sizes, comma-separated (e.g. 4K,64K,1M,16M,64M) "
+    "[4K,64K,1M,16M,64M; --quick: 4K,1M,64M]",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=None,
+    help="interleaved rounds per size; best and median reported [10; --quick: 5]",
+)
+@click.option(
+    "--latency-count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="4 KiB round trips timed per transport, after a warm-up [2000; --quick: 1000]",
+)
+@click.option(
+    "--transport",
+    "transports",
+    multiple=True,
+    type=click.Choice(TRANSPORTS),
+    help="transports to measure (repeatable) [tcp and ipc]",
+)
 @click.option("--quick", is_flag=True, help="fewer sizes and rounds: the whole run under 60 s")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of tables")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="also write the JSON report to this file (e.g. bench/results/run.json)")
-@click.option("--progress/--no-progress", default=None,
-              help="progress bar on stderr [when stderr is a terminal]")
-def bench(address: str | None, shards: int, replicas: int, sizes: tuple[int, ...] | None,
-          rounds: int | None, latency_count: int | None, transports: tuple[str, ...],
-          quick: bool, as_json: bool, out: Path | None, progress: bool | None) -> None:
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="also write the JSON report to this file (e.g. bench/results/run.json)",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="progress bar on stderr [when stderr is a terminal]",
+)
+def bench(
+    address: str | None,
+    shards: int,
+    replicas: int,
+    sizes: tuple[int, ...] | None,
+    rounds: int | None,
+    latency_count: int | None,
+    transports: tuple[str, ...],
+    quick: bool,
+    as_json: bool,
+    out: Path | None,
+    progress: bool | None,
+) -> None:
     """Throughput and latency benchmark against a running or self-started cluster.
 
     Dense push_pull throughput by tensor size over tcp and ipc, interleaved round
@@ -73,8 +121,14 @@ def bench(address: str | None, shards: int, replicas: int, sizes: tuple[int, ...
 
     from tqdm import tqdm
 
-    bar = tqdm(total=settings.steps(), file=sys.stderr, unit="step", leave=False,
-               dynamic_ncols=True, disable=None if progress is None else not progress)
+    bar = tqdm(
+        total=settings.steps(),
+        file=sys.stderr,
+        unit="step",
+        leave=False,
+        dynamic_ncols=True,
+        disable=None if progress is None else not progress,
+    )
 
     def step(label: str) -> None:
         bar.set_postfix_str(label, refresh=False)

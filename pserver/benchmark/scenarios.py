@@ -85,9 +85,15 @@ class Settings:
 
     @classmethod
     def quick_settings(cls, **overrides: Any) -> Settings:
-        base: dict[str, Any] = {"sizes": QUICK_SIZES, "rounds": 5, "latency_count": 1000,
-                                "latency_warmup": 100, "max_reps": 100, "membw_repeats": 3,
-                                "quick": True}
+        base: dict[str, Any] = {
+            "sizes": QUICK_SIZES,
+            "rounds": 5,
+            "latency_count": 1000,
+            "latency_warmup": 100,
+            "max_reps": 100,
+            "membw_repeats": 3,
+            "quick": True,
+        }
         base.update(overrides)
         return cls(**base)
 
@@ -115,16 +121,34 @@ class LocalCluster:
     owns_workdir: bool = True
 
     @classmethod
-    def start(cls, shards: int = 4, replicas: int = 1, extra: Sequence[str] = (),
-              timeout: float = 60.0, workdir: Path | None = None) -> LocalCluster:
+    def start(
+        cls,
+        shards: int = 4,
+        replicas: int = 1,
+        extra: Sequence[str] = (),
+        timeout: float = 60.0,
+        workdir: Path | None = None,
+    ) -> LocalCluster:
         """Run ``python -m pserver serve --port 0`` and wait for its ready line;
         the server's log goes to ``workdir/serve.log``."""
         owns = workdir is None
         wd = Path(tempfile.mkdtemp(prefix="pserver-bench-")) if workdir is None else workdir
         log_path = wd / "serve.log"
-        cmd = [sys.executable, "-m", "pserver", "serve", "--port", "0",
-               "--shards", str(shards), "--replicas", str(replicas),
-               "--data-dir", str(wd / "data"), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pserver",
+            "serve",
+            "--port",
+            "0",
+            "--shards",
+            str(shards),
+            "--replicas",
+            str(replicas),
+            "--data-dir",
+            str(wd / "data"),
+            *extra,
+        ]
         with log_path.open("w") as log_file:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True)
         cluster = cls(proc, "", wd, owns)
@@ -136,14 +160,16 @@ class LocalCluster:
                 left = deadline - time.monotonic()
                 if left <= 0 or not sel.select(left):
                     cluster.stop(keep_log=True)
-                    raise RuntimeError(f"pserver serve gave no ready line within {timeout:g} s:\n"
-                                       f"{cluster.log_tail()}")
+                    raise RuntimeError(
+                        f"pserver serve gave no ready line within {timeout:g} s:\n"
+                        f"{cluster.log_tail()}"
+                    )
                 line = proc.stdout.readline()
                 if not line:
                     code = cluster.stop(keep_log=True)
                     raise RuntimeError(f"pserver serve exited with {code}:\n{cluster.log_tail()}")
                 if line.startswith(READY_PREFIX):
-                    cluster.address = line[len(READY_PREFIX):].strip()
+                    cluster.address = line[len(READY_PREFIX) :].strip()
                     return cluster
 
     def log_tail(self, chars: int = 4000) -> str:
@@ -206,10 +232,12 @@ def open_pair(address: str, transport: str, scratch: Path, timeout: float = 60.0
     client = pserver.connect(address, ipc=transport == "ipc", timeout=timeout)
     if uses_ipc(client) != (transport == "ipc"):
         client.close()
-        raise RuntimeError(f"the cluster at {address} is not reachable over {transport} "
-                           "from this host")
-    endpoint = ("tcp://127.0.0.1:0" if transport == "tcp"
-                else f"ipc://{scratch}/echo-{os.getpid()}.sock")
+        raise RuntimeError(
+            f"the cluster at {address} is not reachable over {transport} from this host"
+        )
+    endpoint = (
+        "tcp://127.0.0.1:0" if transport == "tcp" else f"ipc://{scratch}/echo-{os.getpid()}.sock"
+    )
     try:
         echo = EchoServer(endpoint)
     except BaseException:
@@ -219,8 +247,9 @@ def open_pair(address: str, transport: str, scratch: Path, timeout: float = 60.0
 
 
 @contextlib.contextmanager
-def open_pairs(address: str, transports: Sequence[str],
-               notes: list[str] | None = None) -> Iterator[dict[str, Pair]]:
+def open_pairs(
+    address: str, transports: Sequence[str], notes: list[str] | None = None
+) -> Iterator[dict[str, Pair]]:
     """``open_pair`` for each transport; a transport that cannot be used is left
     out (and said in ``notes``). Everything is closed on exit."""
     scratch = Path(tempfile.mkdtemp(prefix="pserver-bench-echo-"))
@@ -279,8 +308,9 @@ def pserver_round(client: Client, key: str, grad: Array, reps: int = 1) -> float
     return time.perf_counter() - t0
 
 
-def echo_round(pair: Pair, grad: Array, out: Array, reps: int = 1, window: int = ECHO_WINDOW
-               ) -> float:
+def echo_round(
+    pair: Pair, grad: Array, out: Array, reps: int = 1, window: int = ECHO_WINDOW
+) -> float:
     """Seconds for ``reps`` echoes of ``grad`` in the client's chunking."""
     c = pair.client
     t0 = time.perf_counter()
@@ -289,8 +319,9 @@ def echo_round(pair: Pair, grad: Array, out: Array, reps: int = 1, window: int =
     return time.perf_counter() - t0
 
 
-def dense_throughput(pairs: dict[str, Pair], settings: Settings,
-                     progress: Progress | None = None) -> list[DenseRow]:
+def dense_throughput(
+    pairs: dict[str, Pair], settings: Settings, progress: Progress | None = None
+) -> list[DenseRow]:
     """For each size: a warm-up, then ``settings.rounds`` rounds in which every
     transport runs pserver and echo back to back (the order alternating)."""
     rows: list[DenseRow] = []
@@ -303,7 +334,8 @@ def dense_throughput(pairs: dict[str, Pair], settings: Settings,
         for pair in pairs.values():
             pair.client.init({key: grad})
         times: dict[tuple[str, str], list[float]] = {
-            (t, kind): [] for t in pairs for kind in ("pserver", "echo")}
+            (t, kind): [] for t in pairs for kind in ("pserver", "echo")
+        }
         for r in range(settings.rounds + 1):  # round 0 warms up
             for t, pair in pairs.items():
                 for kind in ("echo", "pserver") if r % 2 else ("pserver", "echo"):
@@ -318,15 +350,22 @@ def dense_throughput(pairs: dict[str, Pair], settings: Settings,
         for t in pairs:
             ps = [moved / s / GB for s in times[(t, "pserver")]]
             ec = [moved / s / GB for s in times[(t, "echo")]]
-            rows.append(DenseRow(
-                size_bytes=grad.nbytes, transport=t,
-                pserver_best_gbps=max(ps), pserver_median_gbps=statistics.median(ps),
-                echo_best_gbps=max(ec), echo_median_gbps=statistics.median(ec),
-                ratio_best=max(ps) / max(ec),
-                ratio_median=statistics.median(ps) / statistics.median(ec),
-                rounds=settings.rounds, reps_per_round=reps,
-                pserver_best_ms=min(times[(t, "pserver")]) / reps * 1e3,
-                echo_best_ms=min(times[(t, "echo")]) / reps * 1e3))
+            rows.append(
+                DenseRow(
+                    size_bytes=grad.nbytes,
+                    transport=t,
+                    pserver_best_gbps=max(ps),
+                    pserver_median_gbps=statistics.median(ps),
+                    echo_best_gbps=max(ec),
+                    echo_median_gbps=statistics.median(ec),
+                    ratio_best=max(ps) / max(ec),
+                    ratio_median=statistics.median(ps) / statistics.median(ec),
+                    rounds=settings.rounds,
+                    reps_per_round=reps,
+                    pserver_best_ms=min(times[(t, "pserver")]) / reps * 1e3,
+                    echo_best_ms=min(times[(t, "echo")]) / reps * 1e3,
+                )
+            )
     return rows
 
 
@@ -367,8 +406,9 @@ def pserver_roundtrips(client: Client, key: str, grad: Array, count: int) -> lis
     return times
 
 
-def small_latency(pair: Pair, settings: Settings, progress: Progress | None = None,
-                  size: int = LATENCY_BYTES) -> LatencyRow:
+def small_latency(
+    pair: Pair, settings: Settings, progress: Progress | None = None, size: int = LATENCY_BYTES
+) -> LatencyRow:
     """``push_pull`` of one float32 tensor of ``size`` bytes against a raw round trip
     of the same bytes, alternating blocks of ``LATENCY_BLOCK`` of each."""
     grad = dense_tensor(size)
@@ -390,11 +430,12 @@ def small_latency(pair: Pair, settings: Settings, progress: Progress | None = No
         block += 1
         if progress is not None:
             progress(f"latency {pair.transport}")
-    ps, ec = ps[settings.latency_warmup:], ec[settings.latency_warmup:]
+    ps, ec = ps[settings.latency_warmup :], ec[settings.latency_warmup :]
     p50, p99, p999 = percentiles_us(ps)
     e50, e99, e999 = percentiles_us(ec)
-    return LatencyRow(pair.transport, grad.nbytes, len(ps), p50, p99, p999, e50, e99, e999,
-                      p50 / e50)
+    return LatencyRow(
+        pair.transport, grad.nbytes, len(ps), p50, p99, p999, e50, e99, e999, p50 / e50
+    )
 
 
 # -- context ------------------------------------------------------------------------------
@@ -436,8 +477,13 @@ def git_commit() -> dict[str, Any]:
 
     def git(*args: str) -> str | None:
         try:
-            res = subprocess.run(["git", "-C", str(root), *args], capture_output=True,
-                                 text=True, timeout=10, check=False)
+            res = subprocess.run(
+                ["git", "-C", str(root), *args],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return res.stdout.strip() if res.returncode == 0 else None
@@ -467,22 +513,37 @@ def targets(dense: Sequence[DenseRow], latency: LatencyRow | None) -> list[dict[
     out: list[dict[str, Any]] = []
     for row in dense:
         if row.size_bytes >= TARGET_DENSE_MIN_BYTES:
-            out.append({"name": f"dense {format_size(row.size_bytes)} {row.transport} "
-                                "pserver/echo (best)",
-                        "value": row.ratio_best, "target": f">= {TARGET_DENSE_RATIO}",
-                        "met": row.ratio_best >= TARGET_DENSE_RATIO})
+            out.append(
+                {
+                    "name": f"dense {format_size(row.size_bytes)} {row.transport} "
+                    "pserver/echo (best)",
+                    "value": row.ratio_best,
+                    "target": f">= {TARGET_DENSE_RATIO}",
+                    "met": row.ratio_best >= TARGET_DENSE_RATIO,
+                }
+            )
     by = {(r.size_bytes, r.transport): r for r in dense}
     for size in sorted({r.size_bytes for r in dense}):
         tcp, ipc = by.get((size, "tcp")), by.get((size, "ipc"))
         if size >= 64 * MiB and tcp and ipc:
-            out.append({"name": f"dense {format_size(size)} ipc faster than tcp (best GB/s)",
-                        "value": ipc.pserver_best_gbps / tcp.pserver_best_gbps,
-                        "target": "> 1", "met": ipc.pserver_best_gbps > tcp.pserver_best_gbps})
+            out.append(
+                {
+                    "name": f"dense {format_size(size)} ipc faster than tcp (best GB/s)",
+                    "value": ipc.pserver_best_gbps / tcp.pserver_best_gbps,
+                    "target": "> 1",
+                    "met": ipc.pserver_best_gbps > tcp.pserver_best_gbps,
+                }
+            )
     if latency is not None:
-        out.append({"name": f"{format_size(latency.size_bytes)} round trip p50 "
-                            f"pserver/echo ({latency.transport})",
-                    "value": latency.ratio_p50, "target": f"<= {TARGET_LATENCY_RATIO}",
-                    "met": latency.ratio_p50 <= TARGET_LATENCY_RATIO})
+        out.append(
+            {
+                "name": f"{format_size(latency.size_bytes)} round trip p50 "
+                f"pserver/echo ({latency.transport})",
+                "value": latency.ratio_p50,
+                "target": f"<= {TARGET_LATENCY_RATIO}",
+                "met": latency.ratio_p50 <= TARGET_LATENCY_RATIO,
+            }
+        )
     return out
 
 
@@ -497,8 +558,9 @@ class RunInfo:
     self_started: bool = False
 
 
-def run(address: str, settings: Settings, info: RunInfo | None = None,
-        progress: Progress | None = None) -> dict[str, Any]:
+def run(
+    address: str, settings: Settings, info: RunInfo | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
     """Every scenario against the cluster at ``address``; the JSON-ready report."""
     info = info or RunInfo()
     started = time.monotonic()
@@ -520,24 +582,33 @@ def run(address: str, settings: Settings, info: RunInfo | None = None,
             raise RuntimeError("no transport could reach the cluster: " + "; ".join(notes))
         first = next(iter(pairs.values()))
         report["cluster"] = cluster_settings(first.client, address, info.self_started)
-        report["settings"] = {**asdict(settings), "latency_block": LATENCY_BLOCK,
-                              "latency_bytes": LATENCY_BYTES}
+        report["settings"] = {
+            **asdict(settings),
+            "latency_block": LATENCY_BLOCK,
+            "latency_bytes": LATENCY_BYTES,
+        }
         dense = dense_throughput(pairs, settings, progress)
         lat = [small_latency(p, settings, progress) for p in pairs.values()]
     # what pserver.connect(address) picks by default: ipc on the same host
     default = next((r for r in lat if r.transport == "ipc"), lat[0] if lat else None)
-    report.update({
-        "units": {"size": "bytes", "throughput": "GB/s = 1e9 bytes/s, pushed + pulled bytes",
-                  "latency": "microseconds", "memory_bandwidth": "GB/s counting 3N for a += b"},
-        "dense": [asdict(r) for r in dense],
-        "latency": asdict(default) if default else None,
-        "latency_by_transport": [asdict(r) for r in lat],
-        "memory_bandwidth_gbps": membw,
-        "memory_bandwidth_bytes": settings.membw_bytes,
-        "targets": targets(dense, default),
-        "notes": notes,
-        "duration_s": round(time.monotonic() - started, 2),
-    })
+    report.update(
+        {
+            "units": {
+                "size": "bytes",
+                "throughput": "GB/s = 1e9 bytes/s, pushed + pulled bytes",
+                "latency": "microseconds",
+                "memory_bandwidth": "GB/s counting 3N for a += b",
+            },
+            "dense": [asdict(r) for r in dense],
+            "latency": asdict(default) if default else None,
+            "latency_by_transport": [asdict(r) for r in lat],
+            "memory_bandwidth_gbps": membw,
+            "memory_bandwidth_bytes": settings.membw_bytes,
+            "targets": targets(dense, default),
+            "notes": notes,
+            "duration_s": round(time.monotonic() - started, 2),
+        }
+    )
     return report
 
 
@@ -593,23 +664,35 @@ def format_table(report: dict[str, Any]) -> str:
             f"{r['pserver_best_gbps']:>12.3f} {r['pserver_median_gbps']:>7.3f} "
             f"{r['pserver_best_ms']:>8.2f} | {r['echo_best_gbps']:>9.3f} "
             f"{r['echo_median_gbps']:>7.3f} {r['echo_best_ms']:>8.2f} | "
-            f"{r['ratio_best']:>10.2f} {r['ratio_median']:>7.2f}")
-    lines += ["", f"Small-request latency: lockstep {format_size(LATENCY_BYTES)} push_pull vs raw "
-              "DEALER/ROUTER round trip, µs",
-              f"{'transport':>9} {'count':>6} | {'pserver p50':>11} {'p99':>8} {'p99.9':>8} | "
-              f"{'echo p50':>8} {'p99':>8} {'p99.9':>8} | {'ratio p50':>9}"]
+            f"{r['ratio_best']:>10.2f} {r['ratio_median']:>7.2f}"
+        )
+    lines += [
+        "",
+        f"Small-request latency: lockstep {format_size(LATENCY_BYTES)} push_pull vs raw "
+        "DEALER/ROUTER round trip, µs",
+        f"{'transport':>9} {'count':>6} | {'pserver p50':>11} {'p99':>8} {'p99.9':>8} | "
+        f"{'echo p50':>8} {'p99':>8} {'p99.9':>8} | {'ratio p50':>9}",
+    ]
     for r in report["latency_by_transport"]:
         lines.append(
             f"{r['transport']:>9} {r['count']:>6} | {r['pserver_p50_us']:>11.1f} "
             f"{r['pserver_p99_us']:>8.1f} {r['pserver_p999_us']:>8.1f} | "
             f"{r['echo_p50_us']:>8.1f} {r['echo_p99_us']:>8.1f} {r['echo_p999_us']:>8.1f} | "
-            f"{r['ratio_p50']:>9.2f}")
-    lines += ["", f"Memory limit: numpy a += b "
-              f"({format_size(report['memory_bandwidth_bytes'])} float32, best, 3N counted): "
-              f"{report['memory_bandwidth_gbps']:.1f} GB/s", "", "Targets:"]
+            f"{r['ratio_p50']:>9.2f}"
+        )
+    lines += [
+        "",
+        f"Memory limit: numpy a += b "
+        f"({format_size(report['memory_bandwidth_bytes'])} float32, best, 3N counted): "
+        f"{report['memory_bandwidth_gbps']:.1f} GB/s",
+        "",
+        "Targets:",
+    ]
     for t in report["targets"]:
-        lines.append(f"  [{'met ' if t['met'] else 'MISS'}] {t['name']}: {t['value']:.2f} "
-                     f"(target {t['target']})")
+        lines.append(
+            f"  [{'met ' if t['met'] else 'MISS'}] {t['name']}: {t['value']:.2f} "
+            f"(target {t['target']})"
+        )
     for n in report["notes"]:
         lines.append(f"note: {n}")
     lines.append(f"({report['duration_s']:.1f} s)")

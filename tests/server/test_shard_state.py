@@ -375,3 +375,32 @@ def test_init_refuses_a_part_layout_the_chunking_rule_does_not_make() -> None:
     with pytest.raises(InvalidArgument):
         sm.check_init([bad], {})
     assert sm.slots == {}
+
+
+class _Reader:
+    """Stands for a zero-copy send in flight: ``done`` once the bytes are gone."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+
+def test_a_write_during_an_active_lease_goes_to_a_copy() -> None:
+    sm = ShardStateMachine(0, ShardMap.uniform(1))
+    t = TensorMeta("w", 0, "float32", (4,), 0, 4, 1)
+    spec, mode = sm.check_init([t], {"optimizer": {"name": "sum"}})
+    sm.apply_init([t], [_frames(np.zeros(4, np.float32))], spec, mode)
+    slot = sm.slots[("w", 0)]
+    sent = slot.value
+    reader = _Reader()
+    slot.lease(reader)
+    sm.apply_push([t], [_frames(np.ones(4, np.float32))])
+    np.testing.assert_array_equal(sent, np.zeros(4, np.float32))  # what the reader sends
+    np.testing.assert_array_equal(slot.value, np.ones(4, np.float32))
+    assert slot.value is not sent
+    reader2 = _Reader()
+    slot.lease(reader2)
+    reader2.done = True
+    before = slot.value
+    sm.apply_push([t], [_frames(np.ones(4, np.float32))])
+    assert slot.value is before  # a finished lease costs no copy
+    np.testing.assert_array_equal(slot.value, np.full(4, 2, np.float32))

@@ -226,3 +226,16 @@ def test_read_only_param_raises_kernel_error(op: str) -> None:
     grad = np.ones(4, dtype=np.float32)
     with pytest.raises(KernelError):
         OPS[op](param, grad)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1000, 4097])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_with_scratch_is_bit_identical_to_the_reference(n: int, dtype: Any) -> None:
+    rng = np.random.default_rng(n)
+    param = rng.standard_normal(n).astype(dtype)
+    grad = rng.standard_normal(n).astype(dtype)
+    expected = param.copy()
+    reference.sgd(expected, grad, 0.37)
+    scratch = np.empty(64, dtype)  # smaller than n: the kernel works in blocks
+    kernels.sgd(param, grad, 0.37, scratch)
+    assert param.tobytes() == expected.tobytes()
