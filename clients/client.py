@@ -304,12 +304,21 @@ class Client:
     def _wait(self, start: Callable[[], Future[T]]) -> T:
         """Start an operation and drive I/O on the calling thread until it is done:
         no thread hand-off, and the background I/O thread is not woken."""
-        with self._io.waiting():
-            return self._io.wait(start())
+        io = self._io
+        io.enter_wait()
+        try:
+            return io.wait(start())
+        finally:
+            io.exit_wait()
 
     # -- key metadata -------------------------------------------------------------
 
     def _ensure_meta(self, keys: Iterable[str]) -> dict[str, KeyMeta]:
+        known = self._meta
+        try:  # the common case: every key seen before (hence valid)
+            return {k: known[k] for k in keys}
+        except (KeyError, TypeError):
+            pass
         keys = [self._check_key(k) for k in keys]
         with self._meta_lock:
             missing = sorted({k for k in keys if k not in self._meta})

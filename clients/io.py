@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
@@ -102,25 +102,24 @@ class IOEngine:
             with self._cond:
                 self._cond.notify()
 
-    @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
-        """Marks the calling thread as one that will drive until its result arrives,
-        so the background thread stays out of its way."""
+    def enter_wait(self) -> None:
+        """Mark the calling thread as one that will drive until its result arrives
+        (``wait``), so the background thread stays out of its way. Pair with
+        ``exit_wait``."""
         with self._count_lock:
             self._waiters += 1
-        try:
-            yield
-        finally:
-            with self._count_lock:
-                self._waiters -= 1
-                idle = self._waiters == 0
-            if idle and (self._queue or self._pending):
-                with self._cond:  # async requests are left: hand them to the background
-                    self._cond.notify()
+
+    def exit_wait(self) -> None:
+        with self._count_lock:
+            self._waiters -= 1
+            idle = self._waiters == 0
+        if idle and (self._queue or self._pending):
+            with self._cond:  # async requests are left: hand them to the background
+                self._cond.notify()
 
     def wait(self, future: Future[T]) -> T:
         """Drive I/O on this thread until ``future`` is done; return its result.
-        Call inside ``waiting()``."""
+        Call between ``enter_wait`` and ``exit_wait``."""
         while not future.done():
             if self._lock.acquire(blocking=False):
                 try:

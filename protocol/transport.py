@@ -152,7 +152,8 @@ class Endpoint:
 
     def recv(self, block: bool = False) -> Incoming | None:
         """The next message, or None when nothing is waiting (non-blocking)."""
-        if not block and not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        events: int = self.sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
+        if not block and not events & zmq.POLLIN:
             return None
         try:
             parts = self.sock.recv_multipart(flags=0 if block else zmq.NOBLOCK, copy=False)

@@ -8,7 +8,7 @@ bits. Imports kernels, never sockets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ class OptimizerSpec:
 
     name: str
     params: tuple[tuple[str, float], ...]
+    lr: float = field(init=False, repr=False, compare=False)  # from params, for the hot path
 
     @classmethod
     def parse(cls, raw: dict[str, Any] | None) -> OptimizerSpec:
@@ -63,6 +64,9 @@ class OptimizerSpec:
             raise InvalidArgument("lr must be >= 0")
         return cls(name, tuple(sorted(params.items())))
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr", dict(self.params).get("lr", 0.0))
+
     def to_wire(self) -> dict[str, Any]:
         return {"name": self.name, **dict(self.params)}
 
@@ -77,4 +81,4 @@ class OptimizerSpec:
         if self.name == "sum":
             kernels.accumulate(param, grad)
         else:  # sgd
-            kernels.sgd(param, grad, dict(self.params)["lr"], scratch)
+            kernels.sgd(param, grad, self.lr, scratch)
