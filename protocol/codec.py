@@ -164,7 +164,42 @@ def decode_header(raw: bytes | memoryview, limits: Limits) -> Header:
         raise
 
 
+_KINDS = {int(k): k for k in Kind}
+_EMPTY: dict[str, Any] = {}
+
+
 def _decode_fields(wire: dict[Any, Any], limits: Limits) -> Header:
+    # Fast path: a well-formed header of the usual shape, checked in one go.
+    raw_kind = wire.get("k")
+    kind = _KINDS.get(raw_kind) if type(raw_kind) is int else None
+    version, rid = wire.get("v"), wire.get("id")
+    tensors_raw, refs_raw = wire.get("t", ()), wire.get("r", ())
+    cid, seq = wire.get("cid", b""), wire.get("seq", 0)
+    opts, error, message = wire.get("o", _EMPTY), wire.get("e", 0), wire.get("m", "")
+    if (
+        version in SUPPORTED_VERSIONS
+        and type(version) is int
+        and type(rid) is int
+        and 0 <= rid <= _MAX_UINT64
+        and kind is not None
+        and type(cid) is bytes
+        and len(cid) <= 64
+        and type(seq) is int
+        and 0 <= seq <= _MAX_UINT64
+        and type(tensors_raw) in (list, tuple)
+        and not refs_raw
+        and len(tensors_raw) <= limits.max_keys
+        and type(opts) is dict
+        and type(error) is int
+        and 0 <= error <= 1 << 16
+        and type(message) is str
+    ):
+        tensors = tuple([_tensor(t, limits) for t in tensors_raw])
+        return Header(kind, rid, version, cid, seq, tensors, (), opts, error, message)
+    return _decode_fields_checked(wire, limits)
+
+
+def _decode_fields_checked(wire: dict[Any, Any], limits: Limits) -> Header:
     version = wire.get("v")
     if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise UnsupportedVersion(

@@ -303,3 +303,13 @@ def test_check_frames_rejects(tensors: tuple[TensorMeta, ...], sizes: list[int],
         check_frames(header, sizes, limits)
     if error is ProtocolError:  # malformed, not merely over a cap
         assert type(info.value) is ProtocolError
+
+
+@pytest.mark.parametrize("kind", [[1], {"a": 1}, True, 1.0, "1"], ids=repr)
+def test_a_kind_of_the_wrong_type_is_unknown_not_a_crash(kind: Any) -> None:
+
+
+    raw = msgpack.packb({"v": 1, "k": kind, "id": 7})
+    with pytest.raises(UnknownKind) as info:
+        decode_header(raw, Limits())
+    assert info.value.details["request_id"] == 7
