@@ -469,17 +469,7 @@ class Client:
         arrays; they hold the new values once the Future is done and must not be
         read or written until then."""
         metas = self._ensure_meta(out.keys())
-        for key, arr in out.items():
-            m = metas[key]
-            require_contiguous(key, arr)
-            if not arr.flags.writeable:
-                raise InvalidArgument(f"output array for {key!r} is read-only")
-            if tuple(arr.shape) != m.shape or arr.dtype != m.np_dtype:
-                raise ShapeMismatch(
-                    f"output for {key!r} is {arr.dtype}{list(arr.shape)}, "
-                    f"the key holds {m.dtype}{list(m.shape)}",
-                    key=key,
-                )
+        self._check_outputs(out, metas)
         pieces = [p for m in metas.values() for p in self._pieces(m)]
         messages: list[tuple[int, Header, list[Any]]] = []
         for shard, batch in self._batches(pieces):
@@ -504,11 +494,50 @@ class Client:
             raise TypeError("pull takes a list of keys, not a single string")
         return self._wait(lambda: self.pull_async(keys))
 
+    def _check_outputs(self, out: Mapping[str, Array], metas: Mapping[str, KeyMeta]) -> None:
+        for key, arr in out.items():
+            m = metas.get(key)
+            if m is None:
+                raise InvalidArgument(f"output {key!r} has no matching key in this call")
+            require_contiguous(key, arr)
+            if not arr.flags.writeable:
+                raise InvalidArgument(f"output array for {key!r} is read-only")
+            if tuple(arr.shape) != m.shape or arr.dtype != m.np_dtype:
+                raise ShapeMismatch(
+                    f"output for {key!r} is {arr.dtype}{list(arr.shape)}, "
+                    f"the key holds {m.dtype}{list(m.shape)}",
+                    key=key,
+                )
+
+    def push_pull_into_async(
+        self, grads: Mapping[str, Array], out: Mapping[str, Array]
+    ) -> Future[dict[str, Array]]:
+        """Zero-allocation ``push_pull``: the new values are written into the caller's
+        arrays ``out[key]`` (one per pushed key; C-contiguous, writeable, the key's
+        shape and dtype). The caller owns ``out`` and must not touch it, nor change
+        ``grads``, until the Future is done."""
+        if set(out) != set(grads):
+            raise InvalidArgument("push_pull_into needs exactly one output per pushed key")
+        pieces = self._grad_pieces(grads)
+        self._check_outputs(out, self._ensure_meta(out.keys()))
+        return self._push_pull_messages(pieces, dict(out))
+
+    def push_pull_into(
+        self, grads: Mapping[str, Array], out: Mapping[str, Array]
+    ) -> dict[str, Array]:
+        """See ``push_pull_into_async``; returns ``out``."""
+        return self._wait(lambda: self.push_pull_into_async(grads, out))
+
     def push_pull_async(self, grads: Mapping[str, Array]) -> Future[dict[str, Array]]:
         """``push_pull`` returning a Future; the gradients must stay unchanged until
         it is done."""
         pieces = self._grad_pieces(grads)
         out = {k: np.empty(g.shape, dtype=g.dtype) for k, g in grads.items()}
+        return self._push_pull_messages(pieces, out)
+
+    def _push_pull_messages(
+        self, pieces: list[_Piece], out: dict[str, Array]
+    ) -> Future[dict[str, Array]]:
         messages: list[tuple[int, Header, list[Any]]] = []
         for shard, batch in self._batches(pieces):
             tensors, frames = self._encode(batch)

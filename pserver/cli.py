@@ -123,7 +123,10 @@ def shard(
     """Run one shard replica process (used by `serve`, or by hand across hosts).
 
     Prints one JSON line with the bound endpoints once it serves."""
+    from .memory import keep_freed_buffers
     from .server import ShardServer
+
+    keep_freed_buffers()
 
     limits = Limits(
         max_request_bytes=max_request_bytes,

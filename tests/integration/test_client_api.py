@@ -403,3 +403,18 @@ def test_request_to_a_frozen_shard_raises_unavailable_naming_it(client: Any,
             os.kill(pid, signal.SIGCONT)
         # the shard answers again, and the late reply does not confuse the client
         assert_bits_equal(impatient.pull([key])[key], np.ones(4, np.float32))
+
+
+def test_push_pull_into_writes_the_new_values_into_the_callers_arrays(client: Any) -> None:
+    key = "api/push-pull-into"
+    client.init({key: np.zeros((300, 7), np.float32)}, optimizer={"name": "sgd", "lr": 0.5})
+    out = {key: np.full((300, 7), 9.0, np.float32)}
+    got = client.push_pull_into({key: np.ones((300, 7), np.float32)}, out)
+    assert got[key] is out[key]
+    np.testing.assert_array_equal(out[key], np.full((300, 7), -0.5, np.float32))
+    with pytest.raises(pserver.ShapeMismatch):
+        client.push_pull_into({key: np.ones((300, 7), np.float32)},
+                              {key: np.empty((7, 300), np.float32)})
+    with pytest.raises(pserver.PServerError):
+        client.push_pull_into({key: np.ones((300, 7), np.float32)}, {})
+    np.testing.assert_array_equal(client.pull([key])[key], np.full((300, 7), -0.5, np.float32))
