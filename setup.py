@@ -10,6 +10,11 @@ extensions = [
         ["kernels/_hashing.pyx"],
         extra_compile_args=["-O3"],
     ),
+    Extension(
+        "pserver.kernels._rowindex",
+        ["kernels/_rowindex.pyx"],
+        extra_compile_args=["-O3"],
+    ),
 ]
 
 setup(

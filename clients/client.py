@@ -25,13 +25,20 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from pserver.kernels import partition_by_shard
 from pserver.protocol.errors import (
     InvalidArgument,
     PServerError,
     RequestTooLarge,
     ShapeMismatch,
 )
-from pserver.protocol.frames import part_ranges, require_contiguous, split_frames, wire_dtype
+from pserver.protocol.frames import (
+    join_frames,
+    part_ranges,
+    require_contiguous,
+    split_frames,
+    wire_dtype,
+)
 from pserver.protocol.schema import DTYPES, Header, KeyRef, Kind, Limits, TensorMeta
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Incoming, call, host_id, new_context
@@ -165,6 +172,7 @@ class Client:
                 self.endpoints[shard["id"]] = leader["tcp"]
         self._meta: dict[str, KeyMeta] = {}
         self._plans: dict[KeyMeta, tuple[tuple[int, int, int, int], ...]] = {}
+        self._tables: dict[str, tuple[int, np.dtype[Any]]] = {}
         self._meta_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._seqs = itertools.count(1)
@@ -373,25 +381,50 @@ class Client:
         if staleness is not None:
             opts["staleness"] = int(staleness)
         pieces = [p for k, m in metas.items() for p in self._pieces(m, flats[k])]
-        batches = self._batches(pieces)
-        messages: list[tuple[int, Header, list[Any]]] = []
-        for shard, batch in batches:
-            tensors, frames = self._encode(batch)
-            messages.append(
-                (shard, self._header(Kind.INIT, tensors, opts=opts, mutating=True), frames)
-            )
         created: dict[str, bool] = dict.fromkeys(metas, False)
 
-        def on_reply(i: int, h: Header, _: Incoming) -> None:
-            for p, c in zip(batches[i][1], h.opts.get("created", []), strict=False):
-                created[p.meta.key] |= bool(c)
+        def send(phase: list[_Piece], finish: Callable[[], Any]) -> Future[Any]:
+            batches = self._batches(phase)
+            messages: list[tuple[int, Header, list[Any]]] = []
+            for shard, batch in batches:
+                tensors, frames = self._encode(batch)
+                messages.append(
+                    (shard, self._header(Kind.INIT, tensors, opts=opts, mutating=True), frames)
+                )
 
-        def finish() -> dict[str, bool]:
+            def on_reply(i: int, h: Header, _: Incoming) -> None:
+                for p, c in zip(batches[i][1], h.opts.get("created", []), strict=False):
+                    created[p.meta.key] |= bool(c)
+
+            return self._run(messages, on_reply, finish)
+
+        def done() -> dict[str, bool]:
             with self._meta_lock:
                 self._meta.update(metas)
             return created
 
-        return self._run(messages, on_reply, finish)
+        # Part 0 decides: its shard refuses a key that exists with another shape or
+        # dtype, and only then are the other parts of chunked keys sent, so a refused
+        # init leaves no stray parts on other shards.
+        rest = [p for p in pieces if p.part != 0]
+        if not rest:
+            return send(pieces, done)
+        result: Future[dict[str, bool]] = Future()
+
+        def then(first: Future[Any]) -> None:
+            exc = first.exception()
+            if exc is not None:
+                result.set_exception(exc)
+                return
+            second = send(rest, done)
+            second.add_done_callback(
+                lambda f: result.set_exception(e)
+                if (e := f.exception()) is not None
+                else result.set_result(f.result())
+            )
+
+        send([p for p in pieces if p.part == 0], lambda: None).add_done_callback(then)
+        return result
 
     def init(
         self,
@@ -548,6 +581,121 @@ class Client:
         """Push, then return each key's value right after this push was applied,
         in one round trip."""
         return self._wait(lambda: self.push_pull_async(grads))
+
+    # -- sparse tables ----------------------------------------------------------------
+
+    def create_table(self, name: str, dim: int, *, dtype: str = "float32",
+                     optimizer: dict[str, Any] | None = None,
+                     init: tuple[Any, ...] = ("zeros",)) -> bool:
+        """Create a sparse table of ``dim``-wide rows on every shard (absent rows
+        are created on first push). ``optimizer`` defaults to adagrad lr 0.01;
+        ``init`` is ``("zeros",)``, ``("uniform", a, b)`` or ``("normal", std)``,
+        deterministic per (table, row id). Creating an existing table with the same
+        dim and dtype is a no-op (returns False); another dim or dtype raises
+        ``ShapeMismatch``."""
+        self._check_key(name)
+        opts: dict[str, Any] = {"table": name, "dim": dim, "dtype": dtype, "init": list(init)}
+        if optimizer is not None:
+            opts["optimizer"] = dict(optimizer)
+        messages: list[tuple[int, Header, list[Any]]] = [
+            (s, self._header(Kind.CREATE_TABLE, opts=opts, mutating=True), [])
+            for s in self.shard_map.shard_ids
+        ]
+        created: list[bool] = []
+
+        def on_reply(_: int, h: Header, __: Incoming) -> None:
+            created.append(bool(h.opts.get("created")))
+
+        self._wait(lambda: self._run(messages, on_reply, lambda: None))
+        with self._meta_lock:
+            self._tables.pop(name, None)
+        return any(created)
+
+    def _table(self, name: str) -> tuple[int, np.dtype[Any]]:
+        """(dim, dtype) of a table, asked once of its first shard and cached."""
+        known = self._tables.get(name)
+        if known is not None:
+            return known
+        self._check_key(name)
+        meta: dict[str, Any] = {}
+
+        def on_reply(_: int, h: Header, __: Incoming) -> None:
+            meta.update(h.opts)
+
+        header = self._header(Kind.TABLE_META, opts={"table": name})
+        self._wait(lambda: self._run([(self.shard_map.shard_ids[0], header, [])], on_reply,
+                                     lambda: None))
+        found = (int(meta["dim"]), np.dtype(meta["dtype"]))
+        with self._meta_lock:
+            self._tables[name] = found
+        return found
+
+    @staticmethod
+    def _row_ids(ids: Any) -> Array:
+        a = np.asarray(ids)
+        if a.dtype == np.int64:
+            a = a.view(np.uint64)
+        if a.ndim != 1 or a.dtype != np.uint64:
+            raise InvalidArgument(f"row ids must be a 1-D uint64 (or int64) array, not "
+                                  f"{a.dtype}{list(a.shape)}")
+        return np.ascontiguousarray(a)
+
+    def _row_batches(self, ids: Array, dim: int, itemsize: int) -> list[tuple[int, Array]]:
+        """(shard, positions) groups: ids by owning shard, cut so one message carries
+        at most one chunk of row data and the cluster's key cap."""
+        order, offsets = partition_by_shard(ids, self.shard_map.row_seed,
+                                            self.shard_map.num_shards)
+        per = max(1, min(self.chunk_bytes, self.limits.max_request_bytes) // (dim * itemsize))
+        out = []
+        for i, shard in enumerate(self.shard_map.shard_ids):
+            pos = order[offsets[i]:offsets[i + 1]]
+            for j in range(0, pos.size, per):
+                out.append((shard, pos[j:j + per]))
+        return out
+
+    def pull_rows(self, name: str, ids: Any) -> Array:
+        """Rows of table ``name`` for ``ids`` as a new (len(ids), dim) array, in the
+        order of ``ids``; ids never pushed read as their initial value."""
+        ids = self._row_ids(ids)
+        dim, dtype = self._table(name)
+        out = np.empty((ids.size, dim), dtype)
+        batches = self._row_batches(ids, dim, dtype.itemsize)
+        messages = []
+        for shard, pos in batches:
+            id_frames = split_frames(ids[pos], self.frame_bytes)
+            meta = TensorMeta(name, 0, "uint64", (pos.size,), 0, pos.size, len(id_frames))
+            messages.append((shard, self._header(Kind.PULL_ROWS, (meta,), opts={"table": name}),
+                             id_frames))
+
+        def on_reply(i: int, h: Header, inc: Incoming) -> None:
+            pos = batches[i][1]
+            (t,) = h.tensors
+            if t.shape != (pos.size, dim) or t.np_dtype != dtype:
+                raise PServerError(f"unexpected rows {t.dtype}{list(t.shape)} in reply")
+            out[pos] = join_frames(inc.frames, dtype).reshape(pos.size, dim)
+
+        return self._wait(lambda: self._run(messages, on_reply, lambda: out))
+
+    def push_rows(self, name: str, ids: Any, grads: Array) -> None:
+        """Apply the table's optimizer to the rows of ``ids`` with ``grads``
+        (len(ids), dim); repeated ids are summed first. Returns once applied."""
+        ids = self._row_ids(ids)
+        dim, dtype = self._table(name)
+        if not isinstance(grads, np.ndarray) or grads.shape != (ids.size, dim) \
+                or grads.dtype != dtype:
+            raise ShapeMismatch(f"row gradients must be {dtype}[{ids.size}, {dim}], not "
+                                f"{getattr(grads, 'dtype', type(grads).__name__)}"
+                                f"{list(getattr(grads, 'shape', ()))}", key=name)
+        messages = []
+        for shard, pos in self._row_batches(ids, dim, dtype.itemsize):
+            id_frames = split_frames(ids[pos], self.frame_bytes)
+            grad_frames = split_frames(grads[pos].reshape(-1), self.frame_bytes)
+            metas = (TensorMeta(name, 0, "uint64", (pos.size,), 0, pos.size, len(id_frames)),
+                     TensorMeta(name, 0, dtype.name, (pos.size, dim), 0, pos.size * dim,
+                                len(grad_frames)))
+            messages.append((shard, self._header(Kind.PUSH_ROWS, metas, opts={"table": name},
+                                                 mutating=True), id_frames + grad_frames))
+        self._wait(lambda: self._run(messages, lambda *_: None, lambda: None))
 
     def status(self) -> dict[str, Any]:
         """The cluster status: per shard its replicas (id, address, pid, role, term,

@@ -4,14 +4,35 @@ Exports the dispatch functions only. A leaf package: it imports neither
 ``pserver.protocol`` nor the server or client modules.
 """
 
-from .dispatch import accumulate, partition_by_shard, sgd, shard_of_ids
+from .dispatch import (
+    RowIndex,
+    accumulate,
+    adagrad,
+    adam,
+    aggregate,
+    dedup_ids,
+    default_backend,
+    new_row_index,
+    partition_by_shard,
+    segment_sum,
+    sgd,
+    shard_of_ids,
+)
 from .errors import BackendUnavailable, KernelError
 
 __all__ = [
     "BackendUnavailable",
     "KernelError",
     "accumulate",
+    "adagrad",
+    "adam",
+    "aggregate",
+    "default_backend",
     "partition_by_shard",
     "sgd",
     "shard_of_ids",
+    "RowIndex",
+    "dedup_ids",
+    "new_row_index",
+    "segment_sum",
 ]

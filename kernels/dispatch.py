@@ -1,55 +1,345 @@
 """One public function per kernel operation; picks the backend.
 
 Owns argument checking for kernels (shapes, dtypes, contiguity) and the choice
-of backend. The dense update kernels run on numpy for now; the fused numba
-CPU and numba-CUDA backends plug in here without changing callers. Row-id
-hashing runs in the compiled Cython module. Imports neither protocol, pserver
-nor clients.
+of backend: ``cpu`` runs the fused numba kernels of ``_cpu.py``, ``numpy`` the
+reference of ``reference.py`` (the oracle; ``PSERVER_KERNELS=numpy``), ``cuda``
+the numba-CUDA twins of ``_cuda.py`` (imported only when used; chosen by
+``backend="cuda"``, ``PSERVER_KERNELS=cuda``, or a param that is a CUDA device
+array). Update rules and hyperparameter names follow ``torch.optim``. Row-id hashing runs in
+the compiled Cython module. Imports neither protocol, pserver nor clients.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from . import _hashing, reference
-from .errors import KernelError
+from .errors import BackendUnavailable, KernelError
 
 Array = np.ndarray[Any, Any]
 
 
-def _check_pair(param: Array, grad: Array) -> None:
-    if param.shape != grad.shape:
-        raise KernelError(f"shape mismatch: param {param.shape}, grad {grad.shape}")
+BACKENDS = ("cpu", "numpy", "cuda")
+ENV_BACKEND = "PSERVER_KERNELS"
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def default_backend() -> str:
+    """``cpu`` (fused numba kernels) unless ``PSERVER_KERNELS`` asks for ``numpy``
+    (the reference) or ``cuda``; read at each call so tests can switch it. A param
+    that is a CUDA device array goes to ``cuda`` whatever this says."""
+    backend = os.environ.get(ENV_BACKEND, "cpu")
+    if backend not in BACKENDS:
+        raise KernelError(f"{ENV_BACKEND}={backend!r} is not one of {BACKENDS}")
+    return backend
+
+
+def _cpu() -> Any:
+    from . import _cpu as mod  # compiled lazily: importing numba costs ~0.5 s
+
+    return mod
+
+
+def _cuda() -> Any:
+    """The CUDA kernels (``_cuda.py``), imported on first use; ``BackendUnavailable``
+    where no CUDA GPU (nor numba's simulator) can run them."""
+    try:
+        from . import _cuda as mod
+    except ImportError as exc:  # a numba without its CUDA target
+        raise BackendUnavailable(f"the cuda backend needs numba's CUDA target: {exc}") from exc
+    if not mod.available():
+        raise BackendUnavailable(
+            "the cuda backend needs a CUDA GPU and driver, and numba.cuda.is_available() is "
+            "False on this machine; use backend='cpu', or set NUMBA_ENABLE_CUDASIM=1 before "
+            "numba is imported to run the CUDA kernels in numba's simulator")
+    return mod
+
+
+def _is_device(a: object) -> bool:
+    """Whether ``a`` is a CUDA device array: numba's (or its simulator's) or any
+    object with ``__cuda_array_interface__``; a numpy array never is."""
+    if isinstance(a, np.ndarray):
+        return False
+    return bool(getattr(a, "__cuda_ndarray__", False)) or hasattr(a, "__cuda_array_interface__")
+
+
+def _choose(backend: str | None, param: object) -> str:
+    """The backend of one call: ``backend`` when given, ``cuda`` for a param on the
+    device, else ``default_backend()``."""
+    if not backend:
+        return "cuda" if _is_device(param) else default_backend()
+    if backend not in BACKENDS:
+        raise KernelError(f"backend {backend!r} is not one of {BACKENDS}")
+    return backend
+
+
+class _OnDevice:
+    """The arrays of one ``cuda``-backend call, checked and made 1-D device arrays.
+
+    Device arrays are viewed in place (no copy). numpy arrays are accepted too:
+    each is copied to the device for the call (an allocation and a transfer), and
+    those the kernel writes are copied back by ``finish``, which then waits for
+    the device. With device arrays only, the kernels are queued on the default
+    stream and ``finish`` returns at once. ``param`` is checked first and fixes the
+    shape and dtype every other array must match."""
+
+    def __init__(self, name: str, param: Any) -> None:
+        self.kernels = _cuda()
+        self._back: list[tuple[Any, Array]] = []
+        self._shape: tuple[int, ...] | None = None
+        self.param = self._array(name, param, written=True)
+        self.dtype = np.dtype(self.param.dtype)
+        if self.dtype not in _FLOATS:
+            raise KernelError(f"the cuda backend takes float32 or float64 params, not {self.dtype}")
+
+    def _array(self, name: str, a: Any, *, written: bool) -> Any:
+        if isinstance(a, np.ndarray):
+            h, shape = _flat(name, a), a.shape
+            if self._shape is not None and a.shape != self._shape:
+                raise KernelError(f"shape mismatch: {name} {a.shape}, param {self._shape}")
+            if written and not a.flags.writeable:
+                raise KernelError(f"{name} must be writeable")
+            d = self.kernels.to_device(h)
+            if written:
+                self._back.append((d, h))
+        elif _is_device(a):
+            try:
+                d = self.kernels.as_device(a)
+            except TypeError as exc:
+                raise KernelError(f"{name}: {exc}") from exc
+            if self._shape is not None and tuple(d.shape) != self._shape:
+                raise KernelError(f"shape mismatch: {name} {tuple(d.shape)}, param {self._shape}")
+            if not d.is_c_contiguous():
+                raise KernelError(f"{name} must be C-contiguous")
+            shape = tuple(d.shape)
+            if d.ndim != 1 and d.size:
+                d = d.reshape(d.size)
+        else:
+            raise KernelError(f"{name} must be a CUDA device array or a numpy array")
+        if self._shape is None:
+            self._shape = shape
+        return d
+
+    def grad(self, grad: Any, name: str = "grad") -> Any:
+        """The gradient in the param's dtype (a float16 gradient is widened into a
+        new device array: the one case that allocates on the device)."""
+        g = self._array(name, grad, written=False)
+        gd = np.dtype(g.dtype)
+        if gd != self.dtype:
+            if gd != np.float16:
+                raise KernelError(f"{name} dtype {gd} does not fit param dtype {self.dtype}")
+            wide = self.kernels.empty(g.size, self.dtype)
+            self.kernels.assign(wide, g)
+            g = wide
+        return g
+
+    def state(self, name: str, a: Any) -> Any:
+        """An optimizer state array: required, written, the param's dtype."""
+        if a is None:
+            raise KernelError(f"{name} is required")
+        s = self._array(name, a, written=True)
+        if np.dtype(s.dtype) != self.dtype:
+            raise KernelError(f"{name} must be a writeable {self.dtype} array")
+        return s
+
+    def finish(self) -> None:
+        """Copy the written host arrays back (waits for the device); a no-op when
+        every array was on the device."""
+        for d, h in self._back:
+            d.copy_to_host(h)
+
+
+def _flat(name: str, a: Array, like: Array | None = None) -> Array:
+    if not isinstance(a, np.ndarray):
+        hint = " (it is a CUDA device array: use backend='cuda')" if _is_device(a) else ""
+        raise KernelError(f"{name} must be a numpy array{hint}")
+    if like is not None and a.shape != like.shape:
+        raise KernelError(f"shape mismatch: {name} {a.shape}, param {like.shape}")
+    if not a.flags.c_contiguous:
+        raise KernelError(f"{name} must be C-contiguous")
+    return a.reshape(-1)
+
+
+def _param(param: Array) -> Array:
+    if param.dtype.kind not in "fiu":
+        raise KernelError(f"param dtype {param.dtype} is not supported")
     if not param.flags.writeable:
         raise KernelError("param must be writeable")
+    return _flat("param", param)
 
 
-def accumulate(param: Array, grad: Array) -> None:
-    """``param += grad`` in place."""
-    _check_pair(param, grad)
-    reference.accumulate(param, grad)
+def _grad(grad: Array, param: Array) -> Array:
+    """The gradient as the parameter's dtype (float16 gradients into float32 params
+    are widened; this is the one case that allocates)."""
+    g = _flat("grad", grad, param)
+    if g.dtype != param.dtype:
+        if not (g.dtype == np.float16 and param.dtype in _FLOATS):
+            raise KernelError(f"grad dtype {g.dtype} does not fit param dtype {param.dtype}")
+        g = g.astype(param.dtype)
+    return g
 
 
-def sgd(param: Array, grad: Array, lr: float, scratch: Array | None = None) -> None:
-    """``param -= lr * grad`` in place (torch.optim.SGD without momentum).
+def _state(name: str, a: Array | None, param: Array) -> Array:
+    if a is None:
+        raise KernelError(f"{name} is required")
+    s = _flat(name, a, param)
+    if s.dtype != param.dtype or not s.flags.writeable:
+        raise KernelError(f"{name} must be a writeable {param.dtype} array")
+    return s
 
-    With ``scratch`` (a caller-owned 1-D array of the parameter's dtype) nothing is
-    allocated: ``lr * grad`` goes to scratch-sized blocks that stay in cache. The
-    result is bit-identical to the reference either way."""
-    _check_pair(param, grad)
-    if scratch is None or scratch.dtype != param.dtype or grad.dtype != param.dtype:
-        reference.sgd(param, grad, lr)
+
+def accumulate(param: Array, grad: Array, *, backend: str | None = None) -> None:
+    """``param += grad`` in place (the ``sum`` optimizer)."""
+    chosen = _choose(backend, param)
+    if chosen == "cuda":
+        dev = _OnDevice("param", param)
+        dev.kernels.add(dev.param, dev.grad(grad))
+        dev.finish()
         return
-    lr_t = param.dtype.type(lr)
-    p, g = param.reshape(-1), grad.reshape(-1)
-    step = scratch.size
-    for i in range(0, p.size, step):
-        j = min(p.size, i + step)
-        t = scratch[: j - i]
-        np.multiply(g[i:j], lr_t, out=t)
-        np.subtract(p[i:j], t, out=p[i:j])
+    p, g = _param(param), _grad(grad, param)
+    if chosen == "numpy" or p.dtype not in _FLOATS:
+        reference.accumulate(p, g)
+    else:
+        _cpu().add(p, g)
+
+
+def aggregate(grads: Sequence[Array], out: Array, *, mean: bool = False,
+              backend: str | None = None) -> None:
+    """``out`` = the sum of ``grads`` added in the given order (their mean when
+    ``mean``): deterministic for a fixed order."""
+    if not grads:
+        raise KernelError("aggregate needs at least one gradient")
+    chosen = _choose(backend, out)
+    if chosen == "cuda":
+        _aggregate_cuda(grads, out, mean)
+        return
+    o = _param(out)
+    gs = [_grad(g, out) for g in grads]
+    if chosen == "numpy" or o.dtype not in _FLOATS:
+        reference.aggregate(gs, o, mean)
+        return
+    cpu = _cpu()
+    o[...] = gs[0]
+    for g in gs[1:]:
+        cpu.add(o, g)
+    if mean:
+        cpu.scale(o, o.dtype.type(len(gs)))
+
+
+def _aggregate_cuda(grads: Sequence[Any], out: Any, mean: bool) -> None:
+    """``aggregate`` on the device: ``out = g0 + g1`` in one pass, then ``+= g``
+    for the rest in order (the same bits as the CPU kernels), ``/= W`` for the mean."""
+    dev = _OnDevice("out", out)
+    gs = [dev.grad(g, f"grads[{i}]") for i, g in enumerate(grads)]
+    cu, o = dev.kernels, dev.param
+    if len(gs) == 1:
+        cu.assign(o, gs[0])
+    else:
+        cu.sum2(o, gs[0], gs[1])
+        for g in gs[2:]:
+            cu.add(o, g)
+    if mean:
+        cu.scale(o, len(gs))
+    dev.finish()
+
+
+def sgd(param: Array, grad: Array, *, lr: float, weight_decay: float = 0.0,
+        momentum: float = 0.0, dampening: float = 0.0, nesterov: bool = False,
+        momentum_buffer: Array | None = None, first: bool = True, clip_value: float = 0.0,
+        backend: str | None = None) -> None:
+    """One torch.optim.SGD step in place. With ``momentum`` the caller owns
+    ``momentum_buffer`` (``first`` on the first step, when it is initialised from
+    the gradient). ``clip_value`` > 0 clips each gradient element first."""
+    chosen = _choose(backend, param)
+    dev = _OnDevice("param", param) if chosen == "cuda" else None
+    if dev is not None:
+        p, g, kern = dev.param, dev.grad(grad), dev.kernels
+        buf = dev.state("momentum_buffer", momentum_buffer) if momentum != 0 else None
+    else:
+        p, g = _param(param), _grad(grad, param)
+        buf = _state("momentum_buffer", momentum_buffer, param) if momentum != 0 else None
+        if chosen == "numpy":
+            reference.sgd_step(p, g, buf, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                               dampening=dampening, nesterov=nesterov, first=first,
+                               clip_value=clip_value)
+            return
+        kern = _cpu()
+    t = p.dtype.type
+    if buf is None:
+        kern.sgd(p, g, t(-lr), t(weight_decay), t(clip_value))
+    else:
+        kern.sgd_momentum(p, g, buf, t(-lr), t(weight_decay), t(momentum),
+                          t(1 - dampening), nesterov, first, t(clip_value))
+    if dev is not None:
+        dev.finish()
+
+
+def adam(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, *, step: int,
+         lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+         weight_decay: float = 0.0, decoupled: bool = False,
+         max_exp_avg_sq: Array | None = None, clip_value: float = 0.0,
+         backend: str | None = None) -> None:
+    """One torch.optim.Adam step (AdamW with ``decoupled``), step counted from 1.
+    ``max_exp_avg_sq`` given means amsgrad."""
+    if step < 1:
+        raise KernelError("step counts from 1")
+    chosen = _choose(backend, param)
+    dev = _OnDevice("param", param) if chosen == "cuda" else None
+    if dev is not None:
+        p, g, kern = dev.param, dev.grad(grad), dev.kernels
+        m, v = dev.state("exp_avg", exp_avg), dev.state("exp_avg_sq", exp_avg_sq)
+        vmax = None if max_exp_avg_sq is None else dev.state("max_exp_avg_sq", max_exp_avg_sq)
+    else:
+        p, g = _param(param), _grad(grad, param)
+        m, v = _state("exp_avg", exp_avg, param), _state("exp_avg_sq", exp_avg_sq, param)
+        vmax = (None if max_exp_avg_sq is None
+                else _state("max_exp_avg_sq", max_exp_avg_sq, param))
+        if chosen == "numpy":
+            reference.adam_step(p, g, m, v, vmax, step=step, lr=lr, beta1=beta1, beta2=beta2,
+                                eps=eps, weight_decay=weight_decay, decoupled=decoupled,
+                                clip_value=clip_value)
+            return
+        kern = _cpu()
+    t = p.dtype.type
+    bc1 = 1 - beta1**step
+    kern.adam(p, g, m, v, v if vmax is None else vmax, t(-lr / bc1),
+              t(np.sqrt(1 - beta2**step)), t(1 - beta1), t(beta2), t(1 - beta2), t(eps),
+              t(0 if decoupled else weight_decay),
+              t(1 - lr * weight_decay) if decoupled else t(1), vmax is not None,
+              t(clip_value))
+    if dev is not None:
+        dev.finish()
+
+
+def adagrad(param: Array, grad: Array, state_sum: Array, *, step: int, lr: float,
+            lr_decay: float = 0.0, weight_decay: float = 0.0, eps: float = 1e-10,
+            clip_value: float = 0.0, backend: str | None = None) -> None:
+    """One torch.optim.Adagrad step, step counted from 1; the caller owns
+    ``state_sum`` (initialised to ``initial_accumulator_value``)."""
+    if step < 1:
+        raise KernelError("step counts from 1")
+    chosen = _choose(backend, param)
+    dev = _OnDevice("param", param) if chosen == "cuda" else None
+    if dev is not None:
+        p, g, kern = dev.param, dev.grad(grad), dev.kernels
+        s = dev.state("state_sum", state_sum)
+    else:
+        p, g = _param(param), _grad(grad, param)
+        s = _state("state_sum", state_sum, param)
+        if chosen == "numpy":
+            reference.adagrad_step(p, g, s, step=step, lr=lr, lr_decay=lr_decay,
+                                   weight_decay=weight_decay, eps=eps, clip_value=clip_value)
+            return
+        kern = _cpu()
+    t = p.dtype.type
+    clr = lr / (1 + (step - 1) * lr_decay)
+    kern.adagrad(p, g, s, t(-clr), t(weight_decay), t(eps), t(clip_value))
+    if dev is not None:
+        dev.finish()
 
 
 def _as_ids(ids: Array) -> Array:
@@ -83,3 +373,176 @@ def partition_by_shard(ids: Array, seed: int, num_shards: int) -> tuple[Array, A
     offsets = np.empty(num_shards + 1, dtype=np.int64)
     _hashing.partition_by_shard(ids, seed, num_shards, order, offsets)
     return order, offsets
+
+
+# --- row index, id dedup and segment sums (Cython, kernels/_rowindex.pyx) ---------------
+# Appended as one block; the import can join the others at the top when this settles.
+
+from . import _rowindex  # noqa: E402
+
+
+def _i64_out(name: str, out: Array | None, n: int) -> Array:
+    if out is None:
+        return np.empty(n, dtype=np.int64)
+    if (not isinstance(out, np.ndarray) or out.dtype != np.int64 or out.shape != (n,)
+            or not out.flags.c_contiguous or not out.flags.writeable):
+        raise KernelError(f"{name} must be a writeable C-contiguous int64 array of shape ({n},)")
+    return out
+
+
+class RowIndex:
+    """uint64 row id -> int64 row slot, checked in front of the Cython table.
+
+    Slots are deterministic: a new id takes the most recently freed slot, else
+    the next never-used one, in the order ids first appear; so replicas that
+    apply the same batches get the same slots whatever their capacity. Ids are
+    1-D uint64 (int64 is read as its bits); bad arguments raise ``KernelError``.
+    Methods write into ``out`` arrays when given and allocate them otherwise.
+    """
+
+    __slots__ = ("_index",)
+
+    def __init__(self, capacity_hint: int = 0) -> None:
+        if capacity_hint < 0:
+            raise KernelError("capacity_hint must be >= 0")
+        self._index = _rowindex.RowIndex(capacity_hint)
+
+    def lookup(self, ids: Array, out: Array | None = None) -> Array:
+        """The slot of every id, -1 where absent."""
+        ids = _as_ids(ids)
+        out = _i64_out("out", out, ids.shape[0])
+        self._index.lookup(ids, out)
+        return out
+
+    def lookup_or_insert(self, ids: Array, out: Array | None = None,
+                         created: Array | None = None) -> tuple[Array, Array]:
+        """(slots, created positions): the slot of every id, inserting the absent
+        ones, and the input positions that created a row (first occurrences of
+        new ids, in order; a view of ``created`` when given, len(ids) long)."""
+        ids = _as_ids(ids)
+        n = ids.shape[0]
+        out = _i64_out("out", out, n)
+        created = _i64_out("created", created, n)
+        made = self._index.lookup_or_insert(ids, out, created)
+        return out, created[:made]
+
+    def delete(self, ids: Array) -> int:
+        """Remove the ids (absent ones are ignored); return how many were removed.
+        Their slots are freed in input order and reused last freed first."""
+        return self._index.delete(_as_ids(ids))
+
+    def reserve(self, n: int) -> None:
+        """Grow now so that ``n`` ids fit without growing again."""
+        if n < 0:
+            raise KernelError("n must be >= 0")
+        self._index.reserve(n)
+
+    def clear(self) -> None:
+        """Remove every id and forget every slot (the capacity is kept)."""
+        self._index.clear()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __repr__(self) -> str:
+        return repr(self._index)
+
+    @property
+    def capacity(self) -> int:
+        """Number of hash buckets (a power of two, at most 0.7 used)."""
+        return self._index.capacity
+
+    @property
+    def num_slots(self) -> int:
+        """Slots ever handed out: the number of rows the caller's storage needs."""
+        return self._index.num_slots
+
+    def items(self) -> tuple[Array, Array]:
+        """(ids, slots) held, in increasing slot order (a snapshot)."""
+        return self._index.items()
+
+    def ids(self) -> Array:
+        """The ids held (uint64), in increasing slot order."""
+        return self._index.ids()
+
+    def slots(self) -> Array:
+        """The slots in use (int64), increasing; pairs with ``ids()``."""
+        return self._index.slots()
+
+    def free_slots(self) -> Array:
+        """The free list (int64), oldest first; the last one is reused next."""
+        return self._index.free_slots()
+
+    def restore(self, ids: Array, slots: Array, num_slots: int, free_slots: Array) -> None:
+        """Load a snapshot (``items()``, ``num_slots``, ``free_slots()``) so later
+        inserts assign the slots the snapshotted index would have assigned."""
+        ids = _as_ids(ids)
+        slots = np.ascontiguousarray(slots)
+        free = np.ascontiguousarray(free_slots)
+        for name, a in (("slots", slots), ("free_slots", free)):
+            if a.dtype != np.int64 or a.ndim != 1:
+                raise KernelError(f"{name} must be a 1-D int64 array")
+        try:
+            self._index.restore(ids, slots, num_slots, free)
+        except ValueError as exc:
+            raise KernelError(str(exc)) from exc
+
+
+def new_row_index(capacity_hint: int = 0) -> RowIndex:
+    """An empty row index sized for ``capacity_hint`` ids (it grows past that)."""
+    return RowIndex(capacity_hint)
+
+
+def dedup_ids(ids: Array, *, inverse: Array | None = None, unique: Array | None = None,
+              scratch: RowIndex | None = None) -> tuple[Array, Array]:
+    """(unique, inverse): the distinct ids in first-appearance order (uint64) and,
+    per position, the index of its id in ``unique`` (``unique[inverse] == ids``).
+
+    ``inverse`` and ``unique`` (int64 and uint64, len(ids)) receive the results
+    when given; ``unique`` is then returned as a view of its first k entries.
+    ``scratch``, a ``RowIndex`` kept by the caller, is cleared and used as the
+    hash table, so nothing is allocated per call."""
+    ids = _as_ids(ids)
+    n = ids.shape[0]
+    inverse = _i64_out("inverse", inverse, n)
+    if unique is None:
+        unique = np.empty(n, dtype=np.uint64)
+    elif (not isinstance(unique, np.ndarray) or unique.dtype != np.uint64
+          or unique.shape != (n,) or not unique.flags.c_contiguous
+          or not unique.flags.writeable):
+        raise KernelError(f"unique must be a writeable C-contiguous uint64 array of shape ({n},)")
+    table = None if scratch is None else scratch._index
+    k = _rowindex.dedup_segments(ids, inverse, unique, table)
+    return unique[:k], inverse
+
+
+def segment_sum(values: Array, inverse: Array, num_segments: int,
+                out: Array | None = None) -> Array:
+    """``out[s]`` = the sum of the rows ``values[i]`` with ``inverse[i] == s``.
+
+    The rows are added in input order, so repeated ids in one push sum to the
+    same bits on every run and replica. ``values`` is 2-D C-contiguous float32
+    or float64; ``inverse`` 1-D int64 with one entry per row, each in
+    [0, num_segments); ``out`` (num_segments, dim) of the same dtype is
+    overwritten (rows no input maps to become zeros) and returned."""
+    if not isinstance(values, np.ndarray) or values.ndim != 2 or values.dtype not in _FLOATS:
+        raise KernelError("values must be a 2-D float32 or float64 array")
+    if not values.flags.c_contiguous:
+        raise KernelError("values must be C-contiguous")
+    if (not isinstance(inverse, np.ndarray) or inverse.dtype != np.int64
+            or inverse.shape != (values.shape[0],)):
+        raise KernelError(f"inverse must be int64 of shape ({values.shape[0]},)")
+    if num_segments < 0:
+        raise KernelError("num_segments must be >= 0")
+    shape = (num_segments, values.shape[1])
+    if out is None:
+        out = np.empty(shape, dtype=values.dtype)
+    elif (not isinstance(out, np.ndarray) or out.dtype != values.dtype or out.shape != shape
+          or not out.flags.c_contiguous or not out.flags.writeable):
+        raise KernelError(f"out must be a writeable C-contiguous {values.dtype} array of "
+                          f"shape {shape}")
+    try:
+        _rowindex.segment_sum(values, np.ascontiguousarray(inverse), out)
+    except ValueError as exc:
+        raise KernelError(str(exc)) from exc
+    return out

@@ -28,10 +28,15 @@ class Kind(IntEnum):
     PULL = 12
     PUSH_PULL = 13
     META = 14
+    CREATE_TABLE = 15
+    PULL_ROWS = 16
+    PUSH_ROWS = 17
+    TABLE_META = 18
     REPLY = 100
 
 
-MUTATING_KINDS = frozenset({Kind.INIT, Kind.PUSH, Kind.PUSH_PULL})
+MUTATING_KINDS = frozenset({Kind.INIT, Kind.PUSH, Kind.PUSH_PULL, Kind.CREATE_TABLE,
+                            Kind.PUSH_ROWS})
 
 # dtype names on the wire -> numpy dtypes (always little-endian).
 DTYPES: dict[str, np.dtype[Any]] = {

@@ -26,6 +26,7 @@ class ShardMap:
     epoch: int = 1
     vnodes: int = 64
     seed: int = 0
+    row_seed: int = 0  # rows of sparse tables go to shard_ids[splitmix64(id + row_seed) % N]
     _ring: tuple[tuple[int, ...], tuple[int, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -58,6 +59,10 @@ class ShardMap:
         i = bisect.bisect_right(hashes, h) % len(hashes)
         return owners[i]
 
+    def row_shard_index(self, shard: int) -> int:
+        """Rows hash to an index in [0, num_shards): the position in ``shard_ids``."""
+        return self.shard_ids.index(shard)
+
     def shard_for(self, key: str, part: int = 0) -> int:
         """The shard that owns ``part`` of ``key``."""
         home = self.home(key)
@@ -72,6 +77,7 @@ class ShardMap:
             "epoch": self.epoch,
             "vnodes": self.vnodes,
             "seed": self.seed,
+            "row_seed": self.row_seed,
         }
 
     @classmethod
@@ -82,6 +88,7 @@ class ShardMap:
                 int(raw["epoch"]),
                 int(raw["vnodes"]),
                 int(raw["seed"]),
+                int(raw.get("row_seed", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed shard map: {exc}") from None

@@ -18,14 +18,17 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from pserver.protocol.codec import check_frames, decode_header, reply_header
 from pserver.protocol.errors import (
     InternalError,
     InvalidArgument,
     ProtocolError,
     PServerError,
+    ShapeMismatch,
 )
-from pserver.protocol.frames import split_frames
+from pserver.protocol.frames import join_frames, split_frames
 from pserver.protocol.schema import Header, Kind, Limits, TensorMeta
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Endpoint, Incoming, new_context
@@ -165,6 +168,28 @@ class ShardServer:
                 self._send_values(incoming, header, slots)
         elif kind == Kind.PULL:
             self._send_values(incoming, header, self.state.check_refs(header.refs))
+        elif kind == Kind.CREATE_TABLE:
+            table_spec = self.state.check_create_table(header.opts)
+            table_created = self.state.apply_create_table(table_spec)
+            self._reply(incoming, reply_header(header, opts={"created": table_created}))
+        elif kind == Kind.TABLE_META:
+            table = self.state.table(header.opts.get("table"))
+            self._reply(incoming, reply_header(header, opts=table.spec.to_wire()))
+        elif kind == Kind.PULL_ROWS:
+            name, ids, _ = self._rows_request(header, incoming, with_grads=False)
+            table = self.state.check_rows(name, ids)
+            rows = table.pull(ids)
+            frames = split_frames(rows.reshape(-1), self.frame_bytes)
+            meta = TensorMeta(table.spec.name, 0, table.spec.dtype, rows.shape, 0, rows.size,
+                              len(frames))
+            self._reply(incoming, reply_header(header, tensors=(meta,)), frames)
+        elif kind == Kind.PUSH_ROWS:
+            name, ids, grads = self._rows_request(header, incoming, with_grads=True)
+            table = self.state.check_rows(name, ids)
+            assert grads is not None
+            table.check_push(ids, grads)
+            self.state.apply_push_rows(table, ids, grads)
+            self._reply(incoming, reply_header(header))
         elif kind == Kind.META:
             slots = self.state.check_refs(header.refs)
             self._reply(
@@ -172,6 +197,31 @@ class ShardServer:
             )
         else:
             raise InvalidArgument(f"a shard does not serve {kind.name} requests")
+
+    def _rows_request(self, header: Header, incoming: Incoming, with_grads: bool) -> tuple[
+            Any, np.ndarray[Any, Any], np.ndarray[Any, Any] | None]:
+        """(table name, ids, grads) of a PULL_ROWS or PUSH_ROWS message: the first
+        tensor holds the uint64 ids, the second (push) the (n, dim) gradients."""
+        want = 2 if with_grads else 1
+        if len(header.tensors) != want:
+            raise InvalidArgument(f"{header.kind.name} carries {want} tensor(s), "
+                                  f"not {len(header.tensors)}")
+        data = self._data(header, incoming)
+        ids_meta = header.tensors[0]
+        if ids_meta.dtype != "uint64" or len(ids_meta.shape) != 1 or ids_meta.offset != 0 \
+                or ids_meta.count != ids_meta.shape[0]:
+            raise InvalidArgument("row ids must be one whole 1-D uint64 tensor")
+        ids = join_frames(data[0], ids_meta.np_dtype) if ids_meta.nframes else np.empty(
+            0, np.uint64)
+        grads = None
+        if with_grads:
+            g = header.tensors[1]
+            if len(g.shape) != 2 or g.offset != 0 or g.count != g.shape[0] * g.shape[1] \
+                    or g.shape[0] != ids.shape[0]:
+                raise ShapeMismatch(f"row gradients {g.dtype}{list(g.shape)} do not match "
+                                    f"{ids.shape[0]} ids", key=ids_meta.key)
+            grads = join_frames(data[1], g.np_dtype).reshape(g.shape)
+        return header.opts.get("table"), ids, grads
 
     @staticmethod
     def _data(header: Header, incoming: Incoming) -> list[list[memoryview]]:
@@ -215,6 +265,8 @@ class ShardServer:
             "keys": stats["keys"],
             "home_keys": stats["home_keys"],
             "parts": stats["parts"],
+            "tables": stats["tables"],
+            "rows": stats["rows"],
             "bytes": stats["bytes"],
             "requests": self.requests,
             "errors": self.errors,

@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from pserver import kernels
 from pserver.protocol.errors import InvalidArgument, KeyNotFound, ShapeMismatch, WrongShard
 from pserver.protocol.frames import DEFAULT_CHUNK_BYTES, join_frames, part_range
 from pserver.protocol.schema import KeyRef, TensorMeta
 from pserver.protocol.shardmap import ShardMap
 
 from .optim import OptimizerSpec
+from .tables import Table, TableSpec
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ class Slot:
     value: np.ndarray[Any, Any]
     optimizer: OptimizerSpec
     mode: str
+    state: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)  # optimizer slots
+    step: int = 0  # updates applied
     # Readers still holding ``value``'s memory (objects with a ``done`` flag, e.g.
     # zero-copy sends in flight). Writing while one is not done copies first.
     leases: list[Any] = field(default_factory=list)
@@ -93,9 +97,9 @@ class ShardStateMachine:
         self.shard_id = shard_id
         self.shard_map = shard_map
         self.chunk_bytes = chunk_bytes
+        self.tables: dict[str, Table] = {}
         self.default_mode = default_mode
         self.slots: dict[tuple[str, int], Slot] = {}
-        self._scratch_by_dtype: dict[np.dtype[Any], np.ndarray[Any, Any]] = {}
         self.applied_index = 0
 
     # -- validation ---------------------------------------------------------
@@ -137,6 +141,7 @@ class ShardStateMachine:
         """Validate an init; returns the parsed optimizer and mode."""
         spec = OptimizerSpec.parse(opts.get("optimizer"))
         mode = parse_mode(opts.get("mode"), self.default_mode)
+
         seen: dict[tuple[str, int], TensorMeta] = {}
         for t in tensors:
             if t.nframes == 0:
@@ -166,7 +171,13 @@ class ShardStateMachine:
         for t in tensors:
             if t.nframes == 0:
                 raise InvalidArgument(f"push of {t.key!r} carries no data")
-            self._check_same(self._slot(t.key, t.part), t, "push to")
+            slot = self._slot(t.key, t.part)
+            self._check_same(slot, t, "push to")
+            if slot.optimizer.name != "sum" and slot.dtype not in ("float32", "float64"):
+                raise InvalidArgument(
+                    f"push to {t.key!r}: optimizer {slot.optimizer.name!r} updates float32 or "
+                    f"float64 values, the key holds {slot.dtype} (init it with "
+                    f"{{'name': 'sum'}} to accumulate other dtypes)")
 
     def check_refs(self, refs: Sequence[KeyRef]) -> list[Slot]:
         return [self._slot(r.key, r.part) for r in refs]
@@ -188,9 +199,10 @@ class ShardStateMachine:
                 continue
             value = np.empty(t.count, dtype=t.np_dtype)
             join_frames(frames, t.np_dtype, out=value)
-            self.slots[(t.key, t.part)] = Slot(
+            self.slots[(t.key, t.part)] = slot = Slot(
                 t.key, t.part, t.dtype, t.shape, t.offset, t.count, value, spec, mode
             )
+            slot.state = spec.new_state(t.count, t.np_dtype)
             created.append(True)
         self.applied_index += 1
         return created
@@ -200,22 +212,58 @@ class ShardStateMachine:
         for t, frames in zip(tensors, data, strict=True):
             slot = self.slots[(t.key, t.part)]
             value = slot.writable()
-            scratch = self._scratch(value.dtype)
+            slot.step += 1
             pos = 0
             for frame in frames:
                 grad = np.frombuffer(frame, dtype=t.np_dtype)
-                slot.optimizer.apply(value[pos : pos + grad.size], grad, scratch)
-                pos += grad.size
+                end = pos + grad.size
+                state = {k: v[pos:end] for k, v in slot.state.items()}
+                slot.optimizer.apply(value[pos:end], grad, state, slot.step)
+                pos = end
         self.applied_index += 1
 
-    def _scratch(self, dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
-        """Working memory for update kernels: one 1 MiB buffer per dtype, reused."""
-        buf = self._scratch_by_dtype.get(dtype)
-        if buf is None:
-            buf = self._scratch_by_dtype[dtype] = np.empty((1 << 20) // dtype.itemsize, dtype)
-        return buf
-
     # -- reads ----------------------------------------------------------------
+
+    # -- sparse tables -------------------------------------------------------------
+
+    def check_create_table(self, opts: dict[str, Any]) -> TableSpec:
+        spec = TableSpec.parse(opts)
+        table = self.tables.get(spec.name)
+        if table is not None and (table.spec.dim, table.spec.dtype) != (spec.dim, spec.dtype):
+            raise ShapeMismatch(
+                f"table {spec.name!r} exists as {table.spec.dtype}[*, {table.spec.dim}], "
+                f"not {spec.dtype}[*, {spec.dim}]", key=spec.name)
+        return spec
+
+    def apply_create_table(self, spec: TableSpec) -> bool:
+        """Create the table unless it exists (then its first definition stays)."""
+        self.applied_index += 1
+        if spec.name in self.tables:
+            return False
+        self.tables[spec.name] = Table(spec)
+        return True
+
+    def table(self, name: Any) -> Table:
+        table = self.tables.get(name) if isinstance(name, str) else None
+        if table is None:
+            raise KeyNotFound(f"table {name!r} does not exist", key=str(name))
+        return table
+
+    def check_rows(self, name: Any, ids: np.ndarray[Any, Any]) -> Table:
+        """The table, once every id is checked to belong to this shard."""
+        table = self.table(name)
+        if ids.size:
+            mine = self.shard_map.row_shard_index(self.shard_id)
+            owners = kernels.shard_of_ids(ids, self.shard_map.row_seed, self.shard_map.num_shards)
+            if not (owners == mine).all():
+                raise WrongShard(f"rows of table {name!r} sent to shard {self.shard_id} belong "
+                                 "to other shards", epoch=self.shard_map.epoch)
+        return table
+
+    def apply_push_rows(self, table: Table, ids: np.ndarray[Any, Any],
+                        grads: np.ndarray[Any, Any]) -> None:
+        table.push(ids, grads)
+        self.applied_index += 1
 
     def stats(self) -> dict[str, Any]:
         keys = {k for k, _ in self.slots}
@@ -223,6 +271,9 @@ class ShardStateMachine:
             "keys": len(keys),
             "home_keys": sum(1 for _, part in self.slots if part == 0),
             "parts": len(self.slots),
-            "bytes": int(sum(s.value.nbytes for s in self.slots.values())),
+            "tables": len(self.tables),
+            "rows": sum(len(t) for t in self.tables.values()),
+            "bytes": int(sum(s.value.nbytes for s in self.slots.values()))
+            + sum(t.nbytes for t in self.tables.values()),
             "applied_index": self.applied_index,
         }

@@ -324,6 +324,8 @@ class Supervisor:
                     "keys": a["keys"] if a else None,
                     "home_keys": a["home_keys"] if a else None,
                     "parts": a["parts"] if a else None,
+                    "tables": a["tables"] if a else None,
+                    "rows": a["rows"] if a else None,
                     "bytes": a["bytes"] if a else None,
                     "replicas": [replica],
                 }

@@ -12,6 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# The machines are shared and noisy, and numba compiles a kernel on its first call:
+# a per-example deadline would fail tests for timing, which tests never assert.
+settings.register_profile("pserver", deadline=None)
+settings.load_profile("pserver")
 
 READY_PREFIX = "pserver ready: "
 

@@ -15,8 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"pserver": "pserver", "kernels": "pserver.kernels", "protocol": "pserver.protocol",
             "clients": "pserver.clients"}
-SERVER_MODULES = ("pserver.config", "pserver.optim", "pserver.shard", "pserver.server",
-                  "pserver.supervisor", "pserver.cli")
+SERVER_MODULES = ("pserver.config", "pserver.optim", "pserver.tables", "pserver.shard",
+                  "pserver.server", "pserver.supervisor", "pserver.memory", "pserver.cli")
 
 
 def _module_name(path: Path) -> str:

@@ -103,7 +103,9 @@ def test_init_from_several_frames(sm: ShardStateMachine) -> None:
 def test_default_optimizer_is_sgd_lr_001(sm: ShardStateMachine) -> None:
     _init(sm, {"w": np.ones(2, dtype=np.float32)})
     (slot,) = sm.check_refs([KeyRef("w", 0)])
-    assert slot.optimizer.to_wire() == {"name": "sgd", "lr": 0.01}
+    wire = slot.optimizer.to_wire()
+    assert (wire["name"], wire["lr"], wire["momentum"], wire["weight_decay"]) == (
+        "sgd", 0.01, 0.0, 0.0)
     assert slot.mode == "async"
 
 

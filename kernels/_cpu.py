@@ -1,0 +1,169 @@
+"""numba CPU kernels: fused, parallel, deterministic element-wise updates.
+
+Owns the compiled loops behind ``dispatch``. Every kernel is
+``@njit(parallel=True, nogil=True, cache=True)``, writes in place into arrays
+the caller owns, allocates nothing, and is element-wise (no reductions), so the
+result does not depend on how the loop is split over threads: the same inputs
+give the same bits in every process, whatever the thread count. No fastmath;
+LLVM does fuse ``a + b * c`` into one FMA, so a result may differ from the
+numpy reference in the last bit (one rounding instead of two). Scalars arrive
+already cast to the parameter's dtype, so a float32 update computes in
+float32. Must not import ``numba.cuda``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit, prange
+
+_opts: dict[str, Any] = {"parallel": True, "nogil": True, "cache": True}
+
+
+@njit(**_opts)
+def add(p, g):  # type: ignore[no-untyped-def]
+    for i in prange(p.size):
+        p[i] = p[i] + g[i]
+
+
+@njit(**_opts)
+def scale(p, factor):  # type: ignore[no-untyped-def]
+    for i in prange(p.size):
+        p[i] = p[i] / factor
+
+
+@njit(inline="always")
+def _clip(x, c):  # type: ignore[no-untyped-def]
+    if c > 0:
+        if x > c:
+            return c
+        if x < -c:
+            return -c
+    return x
+
+
+@njit(**_opts)
+def sgd(p, g, neg_lr, wd, clip):  # type: ignore[no-untyped-def]
+    for i in prange(p.size):
+        d = _clip(g[i], clip)
+        if wd != 0:
+            d = d + wd * p[i]
+        p[i] = p[i] + neg_lr * d
+
+
+@njit(**_opts)
+def sgd_momentum(p, g, buf, neg_lr, wd, momentum, keep, nesterov, first, clip):  # type: ignore[no-untyped-def]
+    for i in prange(p.size):
+        d = _clip(g[i], clip)
+        if wd != 0:
+            d = d + wd * p[i]
+        b = d if first else momentum * buf[i] + keep * d
+        buf[i] = b
+        if nesterov:
+            d = d + momentum * b
+        else:
+            d = b
+        p[i] = p[i] + neg_lr * d
+
+
+@njit(**_opts)
+def adam(p, g, m, v, vmax, neg_step_size, bc2_sqrt, w1, b2, w2, eps, wd, decay, amsgrad, clip):  # type: ignore[no-untyped-def]
+    for i in prange(p.size):
+        gi = _clip(g[i], clip)
+        pi = p[i] * decay  # decay is 1 - lr * weight_decay for AdamW, else 1
+        if wd != 0:
+            gi = gi + wd * pi
+        mi = m[i]
+        if w1 < 0.5:  # torch's lerp: exp_avg.lerp_(grad, 1 - beta1)
+            mi = mi + w1 * (gi - mi)
+        else:
+            mi = gi - (gi - mi) * (1 - w1)
+        vi = v[i] * b2 + w2 * gi * gi
+        m[i] = mi
+        v[i] = vi
+        if amsgrad:
+            vi = max(vi, vmax[i])
+            vmax[i] = vi
+        denom = np.sqrt(vi) / bc2_sqrt + eps
+        p[i] = pi + neg_step_size * (mi / denom)
+
+
+@njit(**_opts)
+def adagrad(p, g, s, neg_clr, wd, eps, clip):  # type: ignore[no-untyped-def]
+    for i in prange(p.size):
+        gi = _clip(g[i], clip)
+        if wd != 0:
+            gi = gi + wd * p[i]
+        si = s[i] + gi * gi
+        s[i] = si
+        p[i] = p[i] + neg_clr * (gi / (np.sqrt(si) + eps))
+
+
+# -- row-sparse updates: rows[slots[j]] updated with grads[j]; slots are unique ---------
+
+
+@njit(**_opts)
+def rows_add(values, slots, grads):  # type: ignore[no-untyped-def]
+    for j in prange(slots.size):
+        r = slots[j]
+        for k in range(values.shape[1]):
+            values[r, k] = values[r, k] + grads[j, k]
+
+
+@njit(**_opts)
+def rows_sgd(values, buf, slots, grads, steps, neg_lr, wd, momentum, keep, nesterov, clip):  # type: ignore[no-untyped-def]
+    for j in prange(slots.size):
+        r = slots[j]
+        first = steps[r] == 1
+        for k in range(values.shape[1]):
+            d = _clip(grads[j, k], clip)
+            if wd != 0:
+                d = d + wd * values[r, k]
+            if momentum != 0:
+                b = d if first else momentum * buf[r, k] + keep * d
+                buf[r, k] = b
+                if nesterov:
+                    d = d + momentum * b
+                else:
+                    d = b
+            values[r, k] = values[r, k] + neg_lr * d
+
+
+@njit(**_opts)
+def rows_adam(  # type: ignore[no-untyped-def]
+    values, m, v, vmax, slots, grads, neg_step, bc2_sqrt, w1, b2, w2, eps, wd, decay, amsgrad, clip
+):
+    for j in prange(slots.size):
+        r = slots[j]
+        for k in range(values.shape[1]):
+            gi = _clip(grads[j, k], clip)
+            pi = values[r, k] * decay
+            if wd != 0:
+                gi = gi + wd * pi
+            mi = m[r, k]
+            if w1 < 0.5:
+                mi = mi + w1 * (gi - mi)
+            else:
+                mi = gi - (gi - mi) * (1 - w1)
+            vi = v[r, k] * b2 + w2 * gi * gi
+            m[r, k] = mi
+            v[r, k] = vi
+            if amsgrad:
+                vi = max(vi, vmax[r, k])
+                vmax[r, k] = vi
+            denom = np.sqrt(vi) / bc2_sqrt[j] + eps
+            values[r, k] = pi + neg_step[j] * (mi / denom)
+
+
+@njit(**_opts)
+def rows_adagrad(values, s, slots, grads, neg_clr, wd, eps, clip):  # type: ignore[no-untyped-def]
+    for j in prange(slots.size):
+        r = slots[j]
+        for k in range(values.shape[1]):
+            gi = _clip(grads[j, k], clip)
+            if wd != 0:
+                gi = gi + wd * values[r, k]
+            si = s[r, k] + gi * gi
+            s[r, k] = si
+            values[r, k] = values[r, k] + neg_clr[j] * (gi / (np.sqrt(si) + eps))

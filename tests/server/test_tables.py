@@ -1,0 +1,98 @@
+"""pserver.tables and the table commands of the shard state machine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pserver.kernels import reference
+from pserver.protocol.errors import InvalidArgument, KeyNotFound, ShapeMismatch, WrongShard
+from pserver.protocol.shardmap import ShardMap
+from pserver.shard import ShardStateMachine
+from pserver.tables import Table, TableSpec
+
+
+def _table(**opts: Any) -> Table:
+    return Table(TableSpec.parse({"table": "emb", "dim": 4, **opts}))
+
+
+def test_rows_never_pushed_read_as_their_initial_value_without_being_created() -> None:
+    t = _table(init=["normal", 0.1])
+    ids = np.array([3, 2**63, 3], np.uint64)
+    first = t.pull(ids)
+    np.testing.assert_array_equal(first[0], first[2])
+    assert len(t) == 0  # a read creates nothing
+    np.testing.assert_array_equal(t.pull(ids), first)
+
+
+def test_repeated_ids_in_one_push_are_summed_before_one_update() -> None:
+    t = _table(optimizer={"name": "sgd", "lr": 0.5})
+    ids = np.array([7, 8, 7], np.uint64)
+    grads = np.array([[1, 1, 1, 1], [2, 2, 2, 2], [3, 3, 3, 3]], np.float32)
+    t.push(ids, grads)
+    np.testing.assert_array_equal(t.pull(np.array([7, 8], np.uint64)),
+                                  [[-2.0] * 4, [-1.0] * 4])
+    assert len(t) == 2
+
+
+def test_adagrad_is_the_default_and_follows_the_reference_per_row() -> None:
+    t = _table(init=["uniform", -1, 1])
+    rng = np.random.default_rng(0)
+    ids = np.array([1, 2], np.uint64)
+    want = t.pull(ids)
+    acc = np.zeros_like(want)
+    for step in range(1, 6):
+        g = rng.standard_normal((2, 4)).astype(np.float32)
+        t.push(ids, g)
+        for r in range(2):
+            reference.adagrad_step(want[r], g[r], acc[r], step=step, lr=0.01, lr_decay=0.0,
+                                   weight_decay=0.0, eps=1e-10)
+    np.testing.assert_allclose(t.pull(ids), want, rtol=1e-5, atol=1e-6)
+    assert t.spec.optimizer.name == "adagrad"
+
+
+def test_tables_grow_past_their_first_allocation_and_keep_rows() -> None:
+    t = _table(optimizer={"name": "sum"})
+    ids = np.arange(5000, dtype=np.uint64)
+    t.push(ids, np.ones((5000, 4), np.float32))
+    t.push(ids[:10], np.ones((10, 4), np.float32))
+    got = t.pull(ids)
+    np.testing.assert_array_equal(got[:10], 2.0)
+    np.testing.assert_array_equal(got[10:], 1.0)
+    assert t.capacity >= 5000
+
+
+@pytest.mark.parametrize("opts", [
+    {"dim": 0}, {"dim": 2**20}, {"dtype": "int32"}, {"init": ["uniform", 1, 0]},
+    {"init": ["normal"]}, {"init": ["xavier", 1]}, {"optimizer": {"name": "rmsprop"}},
+    {"table": ""},
+], ids=lambda o: next(iter(o)))
+def test_bad_table_specs_are_refused(opts: dict[str, Any]) -> None:
+    with pytest.raises(InvalidArgument):
+        TableSpec.parse({"table": "emb", "dim": 4, **opts})
+
+
+def test_the_state_machine_creates_checks_and_owns_rows() -> None:
+    sm = ShardStateMachine(1, ShardMap.uniform(4))
+    spec = sm.check_create_table({"table": "emb", "dim": 4})
+    assert sm.apply_create_table(spec) is True
+    assert sm.apply_create_table(sm.check_create_table({"table": "emb", "dim": 4})) is False
+    with pytest.raises(ShapeMismatch):
+        sm.check_create_table({"table": "emb", "dim": 5})
+    with pytest.raises(KeyNotFound):
+        sm.table("other")
+    from pserver import kernels
+
+    ids = np.arange(64, dtype=np.uint64)
+    owners = kernels.shard_of_ids(ids, 0, 4)
+    mine, theirs = ids[owners == 1], ids[owners != 1]
+    assert sm.check_rows("emb", mine) is sm.tables["emb"]
+    with pytest.raises(WrongShard):
+        sm.check_rows("emb", theirs)
+    before = sm.stats()
+    sm.apply_push_rows(sm.tables["emb"], mine, np.ones((mine.size, 4), np.float32))
+    after = sm.stats()
+    assert after["rows"] == mine.size and after["tables"] == 1
+    assert after["bytes"] > before["bytes"]
