@@ -39,7 +39,7 @@ from pserver.protocol.frames import (
     split_frames,
     wire_dtype,
 )
-from pserver.protocol.schema import DTYPES, Header, KeyRef, Kind, Limits, TensorMeta
+from pserver.protocol.schema import DTYPES, Header, KeyRef, Kind, Limits, TensorMeta, dtype_name
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Incoming, call, host_id, new_context
 
@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 Array = np.ndarray[Any, Any]
 T = TypeVar("T")
 ENV_IPC = "PSERVER_IPC"
+_HALF_DTYPES = (DTYPES["float16"], DTYPES["bfloat16"])
 # Replies can be larger than any request the server accepts: decode them generously.
 _REPLY_LIMITS = Limits(
     max_request_bytes=1 << 40, max_frames=1 << 20, max_keys=1 << 20, max_header_bytes=64 << 20
@@ -58,11 +59,12 @@ _REPLY_LIMITS = Limits(
 
 @dataclass(frozen=True)
 class KeyMeta:
-    """What the client knows of a key: its dtype, shape and parts."""
+    """What the client knows of a key: its dtype, shape and gradient compression."""
 
     key: str
     dtype: str
     shape: tuple[int, ...]
+    compression: tuple[Any, ...] = ("none",)
 
     @property
     def np_dtype(self) -> np.dtype[Any]:
@@ -112,6 +114,22 @@ class _Op:
     def fail(self, exc: PServerError) -> None:
         if not self.future.done():
             self.future.set_exception(exc)
+
+
+def _compression(raw: Any) -> tuple[Any, ...]:
+    """Normalise ``init(compression=...)``: None, "float16", "bfloat16",
+    ("topk", ratio) or {"name": "topk", "ratio": r}. The server validates again."""
+    if raw is None or raw == "none":
+        return ("none",)
+    if isinstance(raw, dict):
+        raw = (raw.get("name"), raw["ratio"]) if "ratio" in raw else (raw.get("name"),)
+    if isinstance(raw, str):
+        raw = (raw,)
+    if not isinstance(raw, tuple | list) or not raw or raw[0] not in (
+            "float16", "bfloat16", "topk"):
+        raise InvalidArgument(
+            f"compression must be None, 'float16', 'bfloat16' or ('topk', ratio), not {raw!r}")
+    return tuple(raw)
 
 
 def _bootstrap(ctx: Any, address: str, kind: Kind, timeout: float) -> dict[str, Any]:
@@ -173,6 +191,8 @@ class Client:
         self._meta: dict[str, KeyMeta] = {}
         self._plans: dict[KeyMeta, tuple[tuple[int, int, int, int], ...]] = {}
         self._tables: dict[str, tuple[int, np.dtype[Any]]] = {}
+        self._residuals: dict[tuple[str, int], Array] = {}  # top-k error feedback per part
+        self._residual_lock = threading.Lock()
         self._meta_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._seqs = itertools.count(1)
@@ -259,15 +279,64 @@ class Client:
                 out.append((shard, batch))
         return out
 
-    def _encode(self, batch: Sequence[_Piece]) -> tuple[tuple[TensorMeta, ...], list[Any]]:
+    def _gradient_messages(self, kind: Kind, pieces: list[_Piece]) -> list[
+            tuple[int, Header, list[Any]]]:
+        """PUSH or PUSH_PULL messages for gradient pieces, each key encoded as its
+        compression says; top-k keys travel in messages of their own."""
+        topk = [p for p in pieces if p.meta.compression[0] == "topk"]
+        dense = [p for p in pieces if p.meta.compression[0] != "topk"] if topk else pieces
+        messages: list[tuple[int, Header, list[Any]]] = []
+        for shard, batch in self._batches(dense):
+            tensors, frames = self._encode(batch, compress=True)
+            messages.append((shard, self._header(kind, tensors, mutating=True), frames))
+        for shard, batch in self._batches(topk):
+            tensors, frames = self._encode_topk(batch)
+            messages.append((shard, self._header(kind, tensors, opts={"encoding": "topk"},
+                                                 mutating=True), frames))
+        return messages
+
+    def _encode_topk(self, batch: Sequence[_Piece]) -> tuple[tuple[TensorMeta, ...], list[Any]]:
+        """Per part: add the gradient to the part's error-feedback residual, send its
+        k largest-magnitude entries (values, then int64 positions, ascending) and
+        keep the rest for later pushes."""
+        metas: list[TensorMeta] = []
+        frames: list[Any] = []
+        for p in batch:
+            assert p.data is not None
+            ratio = float(p.meta.compression[1])
+            with self._residual_lock:
+                r = self._residuals.get((p.meta.key, p.part))
+                if r is None:
+                    r = self._residuals[(p.meta.key, p.part)] = np.zeros(p.count, p.meta.np_dtype)
+                r += p.data
+                k = min(p.count, max(1, int(np.ceil(ratio * p.count)))) if p.count else 0
+                pos = np.sort(np.argpartition(np.abs(r), p.count - k)[p.count - k:]) if k else (
+                    np.empty(0, np.int64))
+                pos = pos.astype(np.int64)
+                vals = r[pos]
+                r[pos] = 0
+            vf, pf = split_frames(vals, self.frame_bytes), split_frames(pos, self.frame_bytes)
+            metas.append(TensorMeta(p.meta.key, p.part, p.meta.dtype, (k,), 0, k, len(vf)))
+            metas.append(TensorMeta(p.meta.key, p.part, "int64", (k,), 0, k, len(pf)))
+            frames.extend(vf)
+            frames.extend(pf)
+        return tuple(metas), frames
+
+    def _encode(self, batch: Sequence[_Piece], compress: bool = False) -> tuple[
+            tuple[TensorMeta, ...], list[Any]]:
+        """Tensor descriptors and zero-copy frames of the pieces' data; with ``compress``
+        a float16/bfloat16 key's gradient is cast first (one half-size copy)."""
         metas, frames = [], []
         for p in batch:
             assert p.data is not None
-            fr = split_frames(p.data, self.frame_bytes)
+            data = p.data
+            if compress and p.meta.compression[0] in ("float16", "bfloat16") \
+                    and data.dtype != DTYPES[p.meta.compression[0]]:
+                data = data.astype(DTYPES[p.meta.compression[0]])
+            dtype = dtype_name(data.dtype) or p.meta.dtype
+            fr = split_frames(data, self.frame_bytes)
             metas.append(
-                TensorMeta(
-                    p.meta.key, p.part, p.meta.dtype, p.meta.shape, p.offset, p.count, len(fr)
-                )
+                TensorMeta(p.meta.key, p.part, dtype, p.meta.shape, p.offset, p.count, len(fr))
             )
             frames.extend(fr)
         return tuple(metas), frames
@@ -344,8 +413,9 @@ class Client:
             found: list[KeyMeta] = []
 
             def on_reply(_: int, h: Header, __: Incoming) -> None:
-                for key, dtype, shape, *_rest in h.opts.get("meta", []):
-                    found.append(KeyMeta(key, dtype, tuple(shape)))
+                for key, dtype, shape, _opt, _mode, *rest in h.opts.get("meta", []):
+                    comp = tuple(rest[0]) if rest else ("none",)
+                    found.append(KeyMeta(key, dtype, tuple(shape), comp))
 
             self._wait(lambda: self._run(messages, on_reply, lambda: None))
             with self._meta_lock:
@@ -363,15 +433,18 @@ class Client:
         optimizer: dict[str, Any] | None = None,
         mode: str | None = None,
         staleness: int | None = None,
+        compression: Any = None,
     ) -> Future[dict[str, bool]]:
         """``init`` returning a Future of {key: created}. The arrays must stay unchanged
         until the Future is done (their memory is sent without a copy)."""
+        comp = _compression(compression)
         metas: dict[str, KeyMeta] = {}
         flats: dict[str, Array] = {}
         for key, arr in arrays.items():
             self._check_key(key)
             flat = require_contiguous(key, arr)
-            metas[key] = KeyMeta(key, wire_dtype(key, arr), tuple(int(d) for d in arr.shape))
+            metas[key] = KeyMeta(key, wire_dtype(key, arr), tuple(int(d) for d in arr.shape),
+                                 comp)
             flats[key] = flat
         opts: dict[str, Any] = {}
         if optimizer is not None:
@@ -380,6 +453,8 @@ class Client:
             opts["mode"] = mode
         if staleness is not None:
             opts["staleness"] = int(staleness)
+        if comp != ("none",):
+            opts["compression"] = list(comp)
         pieces = [p for k, m in metas.items() for p in self._pieces(m, flats[k])]
         created: dict[str, bool] = dict.fromkeys(metas, False)
 
@@ -433,6 +508,7 @@ class Client:
         optimizer: dict[str, Any] | None = None,
         mode: str | None = None,
         staleness: int | None = None,
+        compression: Any = None,
     ) -> dict[str, bool]:
         """Create the keys that are absent, with these initial values.
 
@@ -442,7 +518,8 @@ class Client:
         with lr 0.01). Returns {key: True if this call created it}.
         """
         return self._wait(
-            lambda: self.init_async(arrays, optimizer=optimizer, mode=mode, staleness=staleness)
+            lambda: self.init_async(arrays, optimizer=optimizer, mode=mode, staleness=staleness,
+                                    compression=compression)
         )
 
     def _grad_pieces(self, grads: Mapping[str, Array]) -> list[_Piece]:
@@ -451,7 +528,8 @@ class Client:
         for key, g in grads.items():
             m = metas[key]
             flat = require_contiguous(key, g)
-            if tuple(g.shape) != m.shape or g.dtype != m.np_dtype:
+            half_ok = m.dtype in ("float32", "float64") and g.dtype in _HALF_DTYPES
+            if tuple(g.shape) != m.shape or (g.dtype != m.np_dtype and not half_ok):
                 raise ShapeMismatch(
                     f"gradient for {key!r} is {g.dtype}{list(g.shape)}, "
                     f"the key holds {m.dtype}{list(m.shape)}",
@@ -463,10 +541,7 @@ class Client:
     def push_async(self, grads: Mapping[str, Array]) -> Future[None]:
         """``push`` returning a Future. The gradient arrays are sent without a copy:
         the caller must not change them until the Future is done."""
-        messages: list[tuple[int, Header, list[Any]]] = []
-        for shard, batch in self._batches(self._grad_pieces(grads)):
-            tensors, frames = self._encode(batch)
-            messages.append((shard, self._header(Kind.PUSH, tensors, mutating=True), frames))
+        messages = self._gradient_messages(Kind.PUSH, self._grad_pieces(grads))
         return self._run(messages, lambda *_: None, lambda: None)
 
     def push(self, grads: Mapping[str, Array]) -> None:
@@ -571,10 +646,7 @@ class Client:
     def _push_pull_messages(
         self, pieces: list[_Piece], out: dict[str, Array]
     ) -> Future[dict[str, Array]]:
-        messages: list[tuple[int, Header, list[Any]]] = []
-        for shard, batch in self._batches(pieces):
-            tensors, frames = self._encode(batch)
-            messages.append((shard, self._header(Kind.PUSH_PULL, tensors, mutating=True), frames))
+        messages = self._gradient_messages(Kind.PUSH_PULL, pieces)
         return self._run(messages, self._collect(out), lambda: out)
 
     def push_pull(self, grads: Mapping[str, Array]) -> dict[str, Array]:

@@ -75,7 +75,8 @@ def split_frames(flat: np.ndarray[Any, Any], frame_bytes: int) -> list[memoryvie
     """Zero-copy views of a 1-D contiguous array, each at most ``frame_bytes``
     (and at least one element), covering it in order. An empty array gives one
     empty frame."""
-    view = memoryview(flat).cast("B")  # type: ignore[arg-type]
+    # via a uint8 view: some dtypes (bfloat16) have no buffer-protocol format
+    view = memoryview(flat.view(np.uint8))  # type: ignore[arg-type]
     per = max(1, frame_bytes // flat.itemsize) * flat.itemsize
     if len(view) <= per:
         return [view]

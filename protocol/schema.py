@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 PROTOCOL_VERSION = 1
@@ -43,6 +44,7 @@ DTYPES: dict[str, np.dtype[Any]] = {
     "float16": np.dtype("<f2"),
     "float32": np.dtype("<f4"),
     "float64": np.dtype("<f8"),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
     "int32": np.dtype("<i4"),
     "int64": np.dtype("<i8"),
     "uint64": np.dtype("<u8"),

@@ -33,7 +33,7 @@ from pserver.protocol.schema import Header, Kind, Limits, TensorMeta
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Endpoint, Incoming, new_context
 
-from .shard import ShardStateMachine, Slot
+from .shard import ShardStateMachine, Slot, parse_compression
 
 log = logging.getLogger(__name__)
 
@@ -154,17 +154,23 @@ class ShardServer:
             self._reply(incoming, reply_header(header, opts=self.status()))
         elif kind == Kind.INIT:
             spec, mode = self.state.check_init(header.tensors, header.opts)
+            compression = parse_compression(header.opts.get("compression"))
+            if compression[0] != "none" and any(
+                    t.dtype not in ("float32", "float64") for t in header.tensors):
+                raise InvalidArgument("compression applies to float32 and float64 keys only")
             created = self.state.apply_init(
-                header.tensors, self._data(header, incoming), spec, mode
+                header.tensors, self._data(header, incoming), spec, mode, compression
             )
             self._reply(incoming, reply_header(header, opts={"created": created}))
         elif kind in (Kind.PUSH, Kind.PUSH_PULL):
-            self.state.check_push(header.tensors)
-            self.state.apply_push(header.tensors, self._data(header, incoming))
+            self.state.check_push(header.tensors, header.opts)
+            self.state.apply_push(header.tensors, self._data(header, incoming), header.opts)
             if kind == Kind.PUSH:
                 self._reply(incoming, reply_header(header))
             else:
-                slots = [self.state.slots[(t.key, t.part)] for t in header.tensors]
+                sent = header.tensors[::2] if header.opts.get("encoding") == "topk" else (
+                    header.tensors)
+                slots = [self.state.slots[(t.key, t.part)] for t in sent]
                 self._send_values(incoming, header, slots)
         elif kind == Kind.PULL:
             self._send_values(incoming, header, self.state.check_refs(header.refs))

@@ -28,6 +28,8 @@ from .tables import Table, TableSpec
 log = logging.getLogger(__name__)
 
 MODES = ("async", "sync", "ssp")
+COMPRESSIONS = ("none", "float16", "bfloat16", "topk")
+_HALF = ("float16", "bfloat16")
 AVAILABLE_MODES = ("async",)
 
 
@@ -44,6 +46,7 @@ class Slot:
     value: np.ndarray[Any, Any]
     optimizer: OptimizerSpec
     mode: str
+    compression: tuple[Any, ...] = ("none",)  # what clients send: see parse_compression
     state: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)  # optimizer slots
     step: int = 0  # updates applied
     # Readers still holding ``value``'s memory (objects with a ``done`` flag, e.g.
@@ -70,7 +73,29 @@ class Slot:
         )
 
     def describe(self) -> list[Any]:
-        return [self.key, self.dtype, list(self.shape), self.optimizer.to_wire(), self.mode]
+        return [self.key, self.dtype, list(self.shape), self.optimizer.to_wire(), self.mode,
+                list(self.compression)]
+
+
+def parse_compression(raw: Any) -> tuple[Any, ...]:
+    """A key's gradient compression on the wire: ``("none",)``, ``("float16",)``,
+    ``("bfloat16",)`` (the client casts; the server widens back) or
+    ``("topk", ratio)`` (the client sends the ``ratio`` largest-magnitude entries of
+    its error-feedback residual as values and positions)."""
+    if raw is None:
+        return ("none",)
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list | tuple) or not raw or raw[0] not in COMPRESSIONS:
+        raise InvalidArgument(f"compression must be one of {list(COMPRESSIONS)}, not {raw!r}")
+    if raw[0] == "topk":
+        ratio = raw[1] if len(raw) == 2 else None
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 1:
+            raise InvalidArgument("compression ('topk', ratio) needs 0 < ratio <= 1")
+        return ("topk", float(ratio))
+    if len(raw) != 1:
+        raise InvalidArgument(f"compression {raw[0]!r} takes no arguments")
+    return (str(raw[0]),)
 
 
 def parse_mode(mode: Any, default: str) -> str:
@@ -167,12 +192,24 @@ class ShardStateMachine:
             seen[(t.key, t.part)] = t
         return spec, mode
 
-    def check_push(self, tensors: Sequence[TensorMeta]) -> None:
+    def check_push(self, tensors: Sequence[TensorMeta], opts: dict[str, Any] | None = None,
+                   ) -> None:
+        """Validate a push. Gradients of float keys may come as float16 or bfloat16;
+        with ``opts["encoding"] == "topk"`` each part comes as two tensors, its k
+        values (the key's dtype) then their k distinct int64 positions in the part."""
+        if opts and opts.get("encoding") == "topk":
+            self._check_topk(tensors)
+            return
         for t in tensors:
             if t.nframes == 0:
                 raise InvalidArgument(f"push of {t.key!r} carries no data")
             slot = self._slot(t.key, t.part)
-            self._check_same(slot, t, "push to")
+            seen = t
+            if t.dtype != slot.dtype and t.dtype in _HALF and slot.dtype in ("float32",
+                                                                             "float64"):
+                seen = TensorMeta(t.key, t.part, slot.dtype, t.shape, t.offset, t.count,
+                                  t.nframes)
+            self._check_same(slot, seen, "push to")
             if slot.optimizer.name != "sum" and slot.dtype not in ("float32", "float64"):
                 raise InvalidArgument(
                     f"push to {t.key!r}: optimizer {slot.optimizer.name!r} updates float32 or "
@@ -182,6 +219,19 @@ class ShardStateMachine:
     def check_refs(self, refs: Sequence[KeyRef]) -> list[Slot]:
         return [self._slot(r.key, r.part) for r in refs]
 
+    def _check_topk(self, tensors: Sequence[TensorMeta]) -> None:
+        if len(tensors) % 2:
+            raise InvalidArgument("a topk push carries (values, positions) pairs of tensors")
+        for vals, pos in zip(tensors[::2], tensors[1::2], strict=True):
+            slot = self._slot(vals.key, vals.part)
+            k = vals.count
+            if (pos.key, pos.part) != (vals.key, vals.part) or pos.dtype != "int64" \
+                    or vals.dtype != slot.dtype or vals.shape != (k,) or pos.shape != (k,) \
+                    or pos.count != k or vals.offset or pos.offset or k > slot.count:
+                raise ShapeMismatch(
+                    f"topk push to {vals.key!r} part {vals.part}: expected k {slot.dtype} "
+                    f"values and k int64 positions with k <= {slot.count}", key=vals.key)
+
     # -- application ----------------------------------------------------------
 
     def apply_init(
@@ -190,6 +240,7 @@ class ShardStateMachine:
         data: Sequence[Sequence[Any]],
         spec: OptimizerSpec,
         mode: str,
+        compression: tuple[Any, ...] = ("none",),
     ) -> list[bool]:
         """Create absent parts from their data; returns, per part, whether it was created."""
         created = []
@@ -200,15 +251,20 @@ class ShardStateMachine:
             value = np.empty(t.count, dtype=t.np_dtype)
             join_frames(frames, t.np_dtype, out=value)
             self.slots[(t.key, t.part)] = slot = Slot(
-                t.key, t.part, t.dtype, t.shape, t.offset, t.count, value, spec, mode
+                t.key, t.part, t.dtype, t.shape, t.offset, t.count, value, spec, mode,
+                compression,
             )
             slot.state = spec.new_state(t.count, t.np_dtype)
             created.append(True)
         self.applied_index += 1
         return created
 
-    def apply_push(self, tensors: Sequence[TensorMeta], data: Sequence[Sequence[Any]]) -> None:
+    def apply_push(self, tensors: Sequence[TensorMeta], data: Sequence[Sequence[Any]],
+                   opts: dict[str, Any] | None = None) -> None:
         """Apply each part's optimizer to its gradient, frame by frame (no reassembly)."""
+        if opts and opts.get("encoding") == "topk":
+            self._apply_topk(tensors, data)
+            return
         for t, frames in zip(tensors, data, strict=True):
             slot = self.slots[(t.key, t.part)]
             value = slot.writable()
@@ -216,6 +272,8 @@ class ShardStateMachine:
             pos = 0
             for frame in frames:
                 grad = np.frombuffer(frame, dtype=t.np_dtype)
+                if grad.dtype != value.dtype:  # a float16/bfloat16 gradient: widen it
+                    grad = grad.astype(value.dtype)
                 end = pos + grad.size
                 state = {k: v[pos:end] for k, v in slot.state.items()}
                 slot.optimizer.apply(value[pos:end], grad, state, slot.step)
@@ -223,6 +281,25 @@ class ShardStateMachine:
         self.applied_index += 1
 
     # -- reads ----------------------------------------------------------------
+
+    def _apply_topk(self, tensors: Sequence[TensorMeta], data: Sequence[Sequence[Any]]) -> None:
+        """Rebuild each part's dense gradient (zeros but at the sent positions) and
+        apply the optimizer to it: the same update as a dense push of that gradient."""
+        decoded = []
+        for vals, pos, vframes, pframes in zip(tensors[::2], tensors[1::2], data[::2],
+                                               data[1::2], strict=True):
+            slot = self.slots[(vals.key, vals.part)]
+            positions = join_frames(pframes, pos.np_dtype)
+            if positions.size and (positions.min() < 0 or positions.max() >= slot.count):
+                raise InvalidArgument(f"topk push to {vals.key!r}: a position lies outside "
+                                      "the part")  # found before anything changed
+            decoded.append((slot, positions, join_frames(vframes, vals.np_dtype)))
+        for slot, positions, values in decoded:
+            dense = np.zeros(slot.count, slot.value.dtype)
+            dense[positions] = values
+            slot.step += 1
+            slot.optimizer.apply(slot.writable(), dense, slot.state, slot.step)
+        self.applied_index += 1
 
     # -- sparse tables -------------------------------------------------------------
 

@@ -457,3 +457,56 @@ def test_optimizer_hyperparameters_are_checked(client: Any) -> None:
             client.init({"api/bad-hp": np.zeros(3, np.float32)}, optimizer=bad)
     with pytest.raises(pserver.KeyNotFound):
         client.pull(["api/bad-hp"])
+
+
+@pytest.mark.parametrize(("comp", "rtol"), [("float16", 1e-3), ("bfloat16", 1e-2)])
+def test_half_precision_compression_stays_close(client: Any, comp: str, rtol: float) -> None:
+    """The client casts each gradient for the wire; the server widens it back and
+    accumulates in float32 (a chunked key: both parts)."""
+    rng = np.random.default_rng(1)
+    key = f"api/comp-{comp}"
+    n = 6 * 2**20 // 4
+    client.init({key: np.zeros(n, np.float32)}, optimizer={"name": "sum"}, compression=comp)
+    total = np.zeros(n, np.float32)
+    for _ in range(2):
+        g = rng.standard_normal(n).astype(np.float32)
+        client.push({key: g})
+        total += g
+    got = client.pull([key])[key]
+    assert got.dtype == np.float32
+    assert np.linalg.norm(got - total) / np.linalg.norm(total) < rtol
+    with pserver.connect(client.address) as other:  # another client learns the setting
+        other.push({key: np.ones(n, np.float32)})
+    np.testing.assert_allclose(client.pull([key])[key], got + 1, rtol=rtol, atol=rtol)
+
+
+def test_topk_with_error_feedback_delivers_the_whole_gradient_over_time(client: Any) -> None:
+    key = "api/comp-topk"
+    client.init({key: np.zeros(1000, np.float32)}, optimizer={"name": "sum"},
+                compression=("topk", 0.05))
+    g = np.random.default_rng(2).standard_normal(1000).astype(np.float32)
+    client.push({key: g})
+    first = client.pull([key])[key]
+    assert np.count_nonzero(first) == 50  # 5 % of the entries, the largest ones
+    np.testing.assert_array_equal(first[first != 0], g[first != 0])
+    assert np.abs(g[first != 0]).min() >= np.abs(g[first == 0]).max()
+    for _ in range(199):
+        client.push({key: g})
+    got = client.pull([key])[key]
+    assert np.linalg.norm(got - 200 * g) / np.linalg.norm(200 * g) < 0.1
+
+
+def test_float16_gradients_go_into_float32_keys(client: Any) -> None:
+    key = "api/half-grad"
+    client.init({key: np.zeros(8, np.float32)}, optimizer={"name": "sgd", "lr": 0.5})
+    client.push({key: np.ones(8, np.float16)})
+    np.testing.assert_array_equal(client.pull([key])[key], np.full(8, -0.5, np.float32))
+
+
+def test_bad_compression_settings_are_refused(client: Any) -> None:
+    for bad in ("gzip", ("topk", 0), ("topk", 1.5), ("topk",)):
+        with pytest.raises(pserver.InvalidArgument):
+            client.init({"api/bad-comp": np.zeros(4, np.float32)}, compression=bad)
+    with pytest.raises(pserver.InvalidArgument):
+        client.init({"api/bad-comp-int": np.zeros(4, np.int32)}, optimizer={"name": "sum"},
+                    compression="float16")

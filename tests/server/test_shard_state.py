@@ -406,3 +406,24 @@ def test_a_write_during_an_active_lease_goes_to_a_copy() -> None:
     sm.apply_push([t], [_frames(np.ones(4, np.float32))])
     assert slot.value is before  # a finished lease costs no copy
     np.testing.assert_array_equal(slot.value, np.full(4, 2, np.float32))
+
+
+def test_topk_pushes_are_checked_whole_before_any_part_changes() -> None:
+    sm = ShardStateMachine(0, ShardMap.uniform(1))
+    t = TensorMeta("w", 0, "float32", (6,), 0, 6, 1)
+    spec, mode = sm.check_init([t], {"optimizer": {"name": "sum"}})
+    sm.apply_init([t], [_frames(np.zeros(6, np.float32))], spec, mode, ("topk", 0.5))
+    vals = TensorMeta("w", 0, "float32", (2,), 0, 2, 1)
+    pos = TensorMeta("w", 0, "int64", (2,), 0, 2, 1)
+    topk = {"encoding": "topk"}
+    sm.check_push([vals, pos], topk)
+    sm.apply_push([vals, pos], [_frames(np.array([1.5, -2.0], np.float32)),
+                                _frames(np.array([1, 4], np.int64))], topk)
+    np.testing.assert_array_equal(_value(sm, "w"), [0, 1.5, 0, 0, -2.0, 0])
+    with pytest.raises(ShapeMismatch):  # positions must be int64
+        sm.check_push([vals, TensorMeta("w", 0, "int32", (2,), 0, 2, 1)], topk)
+    with pytest.raises(InvalidArgument):  # a position outside the part
+        sm.apply_push([vals, pos], [_frames(np.ones(2, np.float32)),
+                                    _frames(np.array([0, 6], np.int64))], topk)
+    np.testing.assert_array_equal(_value(sm, "w"), [0, 1.5, 0, 0, -2.0, 0])
+    assert sm.slots[("w", 0)].compression == ("topk", 0.5)
