@@ -155,8 +155,9 @@ class _OnDevice:
 
 def _flat(name: str, a: Array, like: Array | None = None) -> Array:
     if not isinstance(a, np.ndarray):
-        hint = " (it is a CUDA device array: use backend='cuda')" if _is_device(a) else ""
-        raise KernelError(f"{name} must be a numpy array{hint}")
+        raise KernelError(f"{name} must be a numpy array"
+                          + (" (it is a CUDA device array: use backend='cuda')"
+                             if _is_device(a) else ""))
     if like is not None and a.shape != like.shape:
         raise KernelError(f"shape mismatch: {name} {a.shape}, param {like.shape}")
     if not a.flags.c_contiguous:
@@ -165,11 +166,12 @@ def _flat(name: str, a: Array, like: Array | None = None) -> Array:
 
 
 def _param(param: Array) -> Array:
-    if param.dtype.kind not in "fiu":
-        raise KernelError(f"param dtype {param.dtype} is not supported")
-    if not param.flags.writeable:
+    p = _flat("param", param)  # first: a non-array has no dtype to check
+    if p.dtype.kind not in "fiu":
+        raise KernelError(f"param dtype {p.dtype} is not supported")
+    if not p.flags.writeable:
         raise KernelError("param must be writeable")
-    return _flat("param", param)
+    return p
 
 
 def _grad(grad: Array, param: Array) -> Array:

@@ -11,9 +11,10 @@ then compares every written array: bit for bit for the sums (``accumulate``,
 ``aggregate``), within per-dtype tolerances for the optimizers (NVVM may fuse
 ``a + b * c`` into one FMA). A few extra cases check float16 gradients, host
 arrays under ``backend="cuda"``, 2-D params, the grid-stride loops, argument
-errors, and that ``import pserver.kernels`` does not import numba.cuda. The
-results go to ``--out`` as JSON: ``{"cases": {id: {"ok", "max_abs_err",
-"detail"}}, "seconds", "simulated"}``.
+errors, ``__cuda_array_interface__`` objects, ``PSERVER_KERNELS=cuda``, and
+that ``import pserver.kernels`` does not import numba.cuda. The results go to
+``--out`` as JSON: ``{"cases": {id: {"ok", "max_abs_err", "detail",
+"seconds"}}, "seconds", "simulated", "plan"}``.
 
 Importing this module imports neither numba nor pserver: the tests read
 ``case_ids`` at collection time.
@@ -66,7 +67,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 EXACT_OPS = ("accumulate", "aggregate")
 SPECIAL = ("lazy-import", "float16-grad", "host-arrays", "2d-param", "grid-stride",
-           "bad-arguments", "env-backend")
+           "bad-arguments", "foreign-arrays", "env-backend")
 
 
 def case_ids(plan: str) -> list[str]:
@@ -189,7 +190,8 @@ def _float16_grad(env: _Env) -> tuple[bool, float, str]:
 
 def _host_arrays(env: _Env) -> tuple[bool, float, str]:
     """``backend="cuda"`` with numpy arrays: staged through the device and the
-    written arrays copied back (adam with amsgrad, adagrad, aggregate)."""
+    written arrays copied back (adam with amsgrad, aggregate); and a device param
+    with a host gradient."""
     k, n = env.k, 257
     runs = {b: [env.rand(n, np.float64)] + [np.zeros(n) for _ in range(3)] for b in ("r", "c")}
     runs["c"][0][...] = runs["r"][0]
@@ -205,6 +207,12 @@ def _host_arrays(env: _Env) -> tuple[bool, float, str]:
     k.aggregate(gs, got, backend="cuda")
     if ok:
         ok, _, detail = _compare([got], [want], exact=True)
+    p = env.rand(n, np.float32)  # a device param with a host gradient
+    dp, g = env.dev(p), env.rand(n, np.float32)
+    k.sgd(p, g, lr=0.5, backend="numpy")
+    k.sgd(dp, g, lr=0.5)
+    if ok:
+        ok, _, detail = _compare([dp], [p], exact=False)
     return ok, err, detail
 
 
@@ -277,6 +285,39 @@ def _bad_arguments(env: _Env) -> tuple[bool, float, str]:
     return True, 0.0, ""
 
 
+class _Foreign:
+    """A device array known only by ``__cuda_array_interface__`` (like CuPy's)."""
+
+    def __init__(self, d: Any) -> None:
+        self._d = d
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return dict(self._d.__cuda_array_interface__)
+
+
+def _foreign_arrays(env: _Env) -> tuple[bool, float, str]:
+    """Objects with ``__cuda_array_interface__`` are viewed without a copy on a
+    GPU; the simulator's arrays have no such interface, so there only numba's
+    own device arrays are accepted and a foreign object is a KernelError."""
+    from numba import config
+
+    from pserver.kernels import KernelError
+
+    k, n = env.k, 100
+    p, g = env.rand(n, np.float32), env.rand(n, np.float32)
+    dp, dg = env.dev(p), env.dev(g)
+    if config.ENABLE_CUDASIM:
+        try:
+            k.sgd(_Foreign(dp), _Foreign(dg), lr=0.5)
+        except KernelError:
+            return True, 0.0, ""
+        return False, 0.0, "a foreign object was accepted by the simulator"
+    k.sgd(p, g, lr=0.5, backend="numpy")
+    k.sgd(_Foreign(dp), _Foreign(dg), lr=0.5)
+    return _compare([dp], [p], exact=False)
+
+
 def _env_backend(env: _Env) -> tuple[bool, float, str]:
     """``PSERVER_KERNELS=cuda`` sends host arrays through the cuda backend."""
     import os
@@ -301,7 +342,7 @@ def _env_backend(env: _Env) -> tuple[bool, float, str]:
 def run(plan: str, seed: int = 0) -> dict[str, Any]:
     """Run every case of ``plan``; a case that raises is recorded as failed."""
     t0 = time.perf_counter()
-    import pserver.kernels as kernels
+    from pserver import kernels
 
     lazy = {"after import": "numba.cuda" in sys.modules}
     kernels.accumulate(np.zeros(3), np.ones(3), backend="cpu")
@@ -325,6 +366,7 @@ def run(plan: str, seed: int = 0) -> dict[str, Any]:
              ("special-2d-param", lambda: _two_d(env)),
              ("special-grid-stride", lambda: _grid_stride(env)),
              ("special-bad-arguments", lambda: _bad_arguments(env)),
+             ("special-foreign-arrays", lambda: _foreign_arrays(env)),
              ("special-env-backend", lambda: _env_backend(env))]
     for case, job in jobs:
         t = time.perf_counter()
