@@ -717,7 +717,8 @@ class Client:
         at most one chunk of row data and the cluster's key cap."""
         order, offsets = partition_by_shard(ids, self.shard_map.row_seed,
                                             self.shard_map.num_shards)
-        per = max(1, min(self.chunk_bytes, self.limits.max_request_bytes) // (dim * itemsize))
+        budget = min(self.chunk_bytes, self.limits.max_request_bytes)
+        per = max(1, budget // (dim * itemsize + 8))  # a row's data and its uint64 id
         out = []
         for i, shard in enumerate(self.shard_map.shard_ids):
             pos = order[offsets[i]:offsets[i + 1]]

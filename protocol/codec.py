@@ -187,7 +187,7 @@ def _decode_fields(wire: dict[Any, Any], limits: Limits) -> Header:
         and type(seq) is int
         and 0 <= seq <= _MAX_UINT64
         and type(tensors_raw) in (list, tuple)
-        and not refs_raw
+        and "r" not in wire
         and len(tensors_raw) <= limits.max_keys
         and type(opts) is dict
         and type(error) is int

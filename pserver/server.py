@@ -215,17 +215,16 @@ class ShardServer:
         data = self._data(header, incoming)
         ids_meta = header.tensors[0]
         if ids_meta.dtype != "uint64" or len(ids_meta.shape) != 1 or ids_meta.offset != 0 \
-                or ids_meta.count != ids_meta.shape[0]:
-            raise InvalidArgument("row ids must be one whole 1-D uint64 tensor")
-        ids = join_frames(data[0], ids_meta.np_dtype) if ids_meta.nframes else np.empty(
-            0, np.uint64)
+                or ids_meta.count != ids_meta.shape[0] or not ids_meta.nframes:
+            raise InvalidArgument("row ids must be one whole 1-D uint64 tensor with its data")
+        ids = join_frames(data[0], ids_meta.np_dtype)
         grads = None
         if with_grads:
             g = header.tensors[1]
             if len(g.shape) != 2 or g.offset != 0 or g.count != g.shape[0] * g.shape[1] \
-                    or g.shape[0] != ids.shape[0]:
+                    or g.shape[0] != ids.shape[0] or not g.nframes:
                 raise ShapeMismatch(f"row gradients {g.dtype}{list(g.shape)} do not match "
-                                    f"{ids.shape[0]} ids", key=ids_meta.key)
+                                    f"{ids.shape[0]} ids", key=str(header.opts.get("table")))
             grads = join_frames(data[1], g.np_dtype).reshape(g.shape)
         return header.opts.get("table"), ids, grads
 

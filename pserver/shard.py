@@ -77,6 +77,10 @@ class Slot:
                 list(self.compression)]
 
 
+def _layout(t: TensorMeta) -> tuple[Any, ...]:
+    return (t.dtype, t.shape, t.offset, t.count)
+
+
 def parse_compression(raw: Any) -> tuple[Any, ...]:
     """A key's gradient compression on the wire: ``("none",)``, ``("float16",)``,
     ``("bfloat16",)`` (the client casts; the server widens back) or
@@ -171,6 +175,9 @@ class ShardStateMachine:
         for t in tensors:
             if t.nframes == 0:
                 raise InvalidArgument(f"init of {t.key!r} carries no data")
+            if t.dtype == "bfloat16":
+                raise InvalidArgument(f"init of {t.key!r}: bfloat16 is a wire format for "
+                                      "gradients; store the key as float32")
             self._check_owner(t.key, t.part)
             size = int(np.prod(t.shape, dtype=np.int64))
             if part_range(size, t.np_dtype.itemsize, self.chunk_bytes, t.part) != (
@@ -185,7 +192,7 @@ class ShardStateMachine:
             slot = self.slots.get((t.key, t.part))
             if slot is not None:
                 self._check_same(slot, t, "init of existing key")
-            elif (t.key, t.part) in seen and seen[(t.key, t.part)] != t:
+            elif (t.key, t.part) in seen and _layout(seen[(t.key, t.part)]) != _layout(t):
                 raise ShapeMismatch(
                     f"init names {t.key!r} part {t.part} twice, differently", key=t.key
                 )
@@ -225,9 +232,13 @@ class ShardStateMachine:
         for vals, pos in zip(tensors[::2], tensors[1::2], strict=True):
             slot = self._slot(vals.key, vals.part)
             k = vals.count
+            if slot.dtype not in ("float32", "float64"):
+                raise InvalidArgument(f"topk push to {vals.key!r}: the key holds {slot.dtype}; "
+                                      "compression applies to float32 and float64 keys")
             if (pos.key, pos.part) != (vals.key, vals.part) or pos.dtype != "int64" \
                     or vals.dtype != slot.dtype or vals.shape != (k,) or pos.shape != (k,) \
-                    or pos.count != k or vals.offset or pos.offset or k > slot.count:
+                    or pos.count != k or vals.offset or pos.offset or k > slot.count \
+                    or not vals.nframes or not pos.nframes:
                 raise ShapeMismatch(
                     f"topk push to {vals.key!r} part {vals.part}: expected k {slot.dtype} "
                     f"values and k int64 positions with k <= {slot.count}", key=vals.key)
@@ -290,9 +301,10 @@ class ShardStateMachine:
                                                data[1::2], strict=True):
             slot = self.slots[(vals.key, vals.part)]
             positions = join_frames(pframes, pos.np_dtype)
-            if positions.size and (positions.min() < 0 or positions.max() >= slot.count):
-                raise InvalidArgument(f"topk push to {vals.key!r}: a position lies outside "
-                                      "the part")  # found before anything changed
+            if positions.size and (positions.min() < 0 or positions.max() >= slot.count
+                                   or np.unique(positions).size != positions.size):
+                raise InvalidArgument(f"topk push to {vals.key!r}: positions must be distinct "
+                                      "and inside the part")  # found before anything changed
             decoded.append((slot, positions, join_frames(vframes, vals.np_dtype)))
         for slot, positions, values in decoded:
             dense = np.zeros(slot.count, slot.value.dtype)

@@ -35,7 +35,7 @@ def parse_init(raw: Any) -> tuple[Any, ...]:
         raise InvalidArgument(f"init must be a tuple such as ('normal', 0.01), not {raw!r}")
     kind, *args = raw
     shapes = {"zeros": 0, "uniform": 2, "normal": 1}
-    if kind not in shapes or len(args) != shapes[kind]:
+    if not isinstance(kind, str) or kind not in shapes or len(args) != shapes[kind]:
         raise InvalidArgument(
             "init must be ('zeros',), ('uniform', a, b) or ('normal', std), not " f"{raw!r}")
     nums = []

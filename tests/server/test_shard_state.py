@@ -427,3 +427,25 @@ def test_topk_pushes_are_checked_whole_before_any_part_changes() -> None:
                                     _frames(np.array([0, 6], np.int64))], topk)
     np.testing.assert_array_equal(_value(sm, "w"), [0, 1.5, 0, 0, -2.0, 0])
     assert sm.slots[("w", 0)].compression == ("topk", 0.5)
+
+
+def test_topk_positions_must_be_distinct_and_carry_data() -> None:
+    sm = ShardStateMachine(0, ShardMap.uniform(1))
+    t = TensorMeta("w", 0, "float32", (6,), 0, 6, 1)
+    spec, mode = sm.check_init([t], {"optimizer": {"name": "sum"}})
+    sm.apply_init([t], [_frames(np.zeros(6, np.float32))], spec, mode, ("topk", 0.5))
+    vals = TensorMeta("w", 0, "float32", (2,), 0, 2, 1)
+    pos = TensorMeta("w", 0, "int64", (2,), 0, 2, 1)
+    with pytest.raises(InvalidArgument):
+        sm.apply_push([vals, pos], [_frames(np.ones(2, np.float32)),
+                                    _frames(np.array([3, 3], np.int64))], {"encoding": "topk"})
+    with pytest.raises(ShapeMismatch):
+        sm.check_push([vals, TensorMeta("w", 0, "int64", (2,), 0, 2, 0)], {"encoding": "topk"})
+    assert not _value(sm, "w").any()
+
+
+def test_bfloat16_is_not_a_storage_dtype() -> None:
+    sm = ShardStateMachine(0, ShardMap.uniform(1))
+    with pytest.raises(InvalidArgument, match="bfloat16"):
+        sm.check_init([TensorMeta("w", 0, "bfloat16", (4,), 0, 4, 1)],
+                      {"optimizer": {"name": "sum"}})

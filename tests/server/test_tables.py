@@ -96,3 +96,9 @@ def test_the_state_machine_creates_checks_and_owns_rows() -> None:
     after = sm.stats()
     assert after["rows"] == mine.size and after["tables"] == 1
     assert after["bytes"] > before["bytes"]
+
+
+@pytest.mark.parametrize("init", [[["normal"], 1], [{"a": 1}], "normal", []], ids=repr)
+def test_malformed_initializers_are_invalid_arguments(init: Any) -> None:
+    with pytest.raises(InvalidArgument):
+        TableSpec.parse({"table": "emb", "dim": 4, "init": init})
