@@ -4,6 +4,7 @@ Exports the dispatch functions only. A leaf package: it imports neither
 ``pserver.protocol`` nor the server or client modules.
 """
 
+from .device import Memory
 from .dispatch import (
     RowIndex,
     accumulate,
@@ -23,6 +24,7 @@ from .errors import BackendUnavailable, KernelError
 __all__ = [
     "BackendUnavailable",
     "KernelError",
+    "Memory",
     "accumulate",
     "adagrad",
     "adam",

@@ -173,7 +173,7 @@ def _decode_fields(wire: dict[Any, Any], limits: Limits) -> Header:
     raw_kind = wire.get("k")
     kind = _KINDS.get(raw_kind) if type(raw_kind) is int else None
     version, rid = wire.get("v"), wire.get("id")
-    tensors_raw, refs_raw = wire.get("t", ()), wire.get("r", ())
+    tensors_raw = wire.get("t", ())
     cid, seq = wire.get("cid", b""), wire.get("seq", 0)
     opts, error, message = wire.get("o", _EMPTY), wire.get("e", 0), wire.get("m", "")
     if (
