@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from pserver.kernels import BackendUnavailable
 from pserver.protocol.errors import PServerError
 from pserver.protocol.schema import Limits
 from pserver.protocol.shardmap import ShardMap
@@ -106,6 +107,8 @@ def serve(config_file: str | None, no_ipc: bool | None, **options: Any) -> None:
 @click.option("--parent-pid", type=int, default=None, help="exit when this process is gone")
 @click.option("--frame-bytes", type=int, default=1 << 20, show_default=True)
 @click.option("--chunk-bytes", type=int, default=4 << 20, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="where the shard keeps its tensors")
 @click.option("--max-request-bytes", type=int, default=Limits.max_request_bytes, show_default=True)
 @click.option("--max-keys", type=int, default=Limits.max_keys, show_default=True)
 @click.option("--max-key-bytes", type=int, default=Limits.max_key_bytes, show_default=True)
@@ -116,6 +119,7 @@ def shard(
     parent_pid: int | None,
     frame_bytes: int,
     chunk_bytes: int,
+    device: str,
     max_request_bytes: int,
     max_keys: int,
     max_key_bytes: int,
@@ -134,15 +138,19 @@ def shard(
         max_key_bytes=max_key_bytes,
         max_frame_bytes=max(Limits.max_frame_bytes, frame_bytes),
     )
-    server = ShardServer(
-        shard_id,
-        ShardMap.uniform(num_shards),
-        endpoints,
-        limits=limits,
-        frame_bytes=frame_bytes,
-        chunk_bytes=chunk_bytes,
-        parent_pid=parent_pid,
-    )
+    try:
+        server = ShardServer(
+            shard_id,
+            ShardMap.uniform(num_shards),
+            endpoints,
+            limits=limits,
+            frame_bytes=frame_bytes,
+            chunk_bytes=chunk_bytes,
+            parent_pid=parent_pid,
+            device=device,
+        )
+    except BackendUnavailable as exc:
+        raise click.ClickException(f"--device {device}: {exc}") from None
     server.install_signal_handlers()
     print(
         json.dumps({"shard": shard_id, "pid": os.getpid(), "endpoints": server.endpoints}),

@@ -54,12 +54,13 @@ class ShardServer:
         default_mode: str = "async",
         chunk_bytes: int = 4 << 20,
         parent_pid: int | None = None,
+        device: str = "cpu",
     ) -> None:
         self.shard_id = shard_id
         self.limits = limits or Limits()
         self.frame_bytes = frame_bytes
         self.parent_pid = parent_pid
-        self.state = ShardStateMachine(shard_id, shard_map, default_mode, chunk_bytes)
+        self.state = ShardStateMachine(shard_id, shard_map, default_mode, chunk_bytes, device)
         self.ctx = new_context()
         self.endpoint = Endpoint.router_bound(self.ctx, endpoints, self.limits)
         self.started = time.time()
@@ -243,18 +244,20 @@ class ShardServer:
         metas: list[TensorMeta] = []
         frames: list[memoryview] = []
         owners: list[Slot] = []
+        on_host = self.state.memory.device == "cpu"
         for s in slots:
-            parts = split_frames(s.value, self.frame_bytes)
+            host = self.state.memory.read(s.value)  # a fresh host copy when on a GPU
+            parts = split_frames(host, self.frame_bytes)
             metas.append(s.meta(len(parts)))
             frames.extend(parts)
-            owners.extend([s] * len(parts))
+            owners.extend([s] * len(parts) if on_host else [])
         trackers = self.endpoint.send_tracked(
             reply_header(header, tensors=tuple(metas)), frames, identity=incoming.identity
         )
         if trackers is None:
             log.warning("shard %d: reply to a client with a full queue dropped", self.shard_id)
             return
-        for owner, tracker in zip(owners, trackers, strict=True):
+        for owner, tracker in zip(owners, trackers, strict=False):  # empty off the host
             if tracker is not None:
                 owner.lease(tracker)
 

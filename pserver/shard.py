@@ -122,7 +122,9 @@ class ShardStateMachine:
         shard_map: ShardMap,
         default_mode: str = "async",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        device: str = "cpu",
     ) -> None:
+        self.memory = kernels.Memory(device)  # BackendUnavailable for cuda without a GPU
         self.shard_id = shard_id
         self.shard_map = shard_map
         self.chunk_bytes = chunk_bytes
@@ -259,13 +261,13 @@ class ShardStateMachine:
             if (t.key, t.part) in self.slots:
                 created.append(False)
                 continue
-            value = np.empty(t.count, dtype=t.np_dtype)
-            join_frames(frames, t.np_dtype, out=value)
+            host = np.empty(t.count, dtype=t.np_dtype)
+            join_frames(frames, t.np_dtype, out=host)
             self.slots[(t.key, t.part)] = slot = Slot(
-                t.key, t.part, t.dtype, t.shape, t.offset, t.count, value, spec, mode,
-                compression,
+                t.key, t.part, t.dtype, t.shape, t.offset, t.count, self.memory.adopt(host),
+                spec, mode, compression,
             )
-            slot.state = spec.new_state(t.count, t.np_dtype)
+            slot.state = self.memory.adopt_all(spec.new_state(t.count, t.np_dtype))
             created.append(True)
         self.applied_index += 1
         return created
@@ -285,6 +287,7 @@ class ShardStateMachine:
                 grad = np.frombuffer(frame, dtype=t.np_dtype)
                 if grad.dtype != value.dtype:  # a float16/bfloat16 gradient: widen it
                     grad = grad.astype(value.dtype)
+                grad = self.memory.gradient(grad)
                 end = pos + grad.size
                 state = {k: v[pos:end] for k, v in slot.state.items()}
                 slot.optimizer.apply(value[pos:end], grad, state, slot.step)
@@ -310,7 +313,8 @@ class ShardStateMachine:
             dense = np.zeros(slot.count, slot.value.dtype)
             dense[positions] = values
             slot.step += 1
-            slot.optimizer.apply(slot.writable(), dense, slot.state, slot.step)
+            slot.optimizer.apply(slot.writable(), self.memory.gradient(dense), slot.state,
+                                 slot.step)
         self.applied_index += 1
 
     # -- sparse tables -------------------------------------------------------------

@@ -69,8 +69,6 @@ class Supervisor:
             )
         if config.mode != "async":
             raise ConfigError(f"--mode {config.mode}: only async is available in this build")
-        if config.device != "cpu":
-            raise ConfigError(f"--device {config.device}: only cpu is available in this build")
         self.config = config
         self.ready_stream = ready_stream if ready_stream is not None else sys.stdout
         self.shard_map = ShardMap.uniform(config.shards)
@@ -169,6 +167,8 @@ class Supervisor:
             str(c.frame_bytes),
             "--chunk-bytes",
             str(c.chunk_bytes),
+            "--device",
+            c.device,
             "--max-request-bytes",
             str(c.max_request_bytes),
             "--max-keys",
