@@ -1,6 +1,7 @@
 """``pserver bench --quick --json`` runs against a self-started cluster, exits 0,
 finishes within its 60 s promise and emits every documented field (issue 6, item 4:
-a CI check, not a timing test)."""
+a CI check, not a timing test), including the ``kernels`` and ``sparse`` sections
+and their targets (issue 3's "Measure")."""
 
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ DENSE_FIELDS = ("size_bytes", "transport", "pserver_best_gbps", "pserver_median_
                 "echo_best_gbps", "echo_median_gbps", "ratio_best")
 LATENCY_FIELDS = ("pserver_p50_us", "pserver_p99_us", "pserver_p999_us", "echo_p50_us",
                   "echo_p99_us", "echo_p999_us", "ratio_p50")
+KERNEL_NAMES = ("numpy a += b", "aggregate4 cpu", "aggregate4 numpy", "adam cpu", "adam numpy",
+                "sgd cpu", "adagrad cpu")
+KERNEL_FIELDS = ("bytes_per_call", "best_ms", "median_ms", "best_gbps", "median_gbps",
+                 "vs_bandwidth")
+ROW_INDEX_FIELDS = ("ids", "index_best_ms", "dict_best_ms", "speedup")
+SPARSE_FIELDS = ("rows", "dim", "wire_bytes", "best_ms", "rows_per_s_best", "best_gbps",
+                 "echo_best_gbps", "ratio_best", "ratio_median")
 
 
 def _positive(row: dict[str, Any], fields: tuple[str, ...], what: str) -> None:
@@ -64,3 +72,50 @@ def test_bench_quick_json_emits_every_field() -> None:
     assert lat["pserver_p50_us"] <= lat["pserver_p99_us"] <= lat["pserver_p999_us"]
     assert isinstance(report["memory_bandwidth_gbps"], float)
     assert report["memory_bandwidth_gbps"] > 0
+    _check_kernels(report)
+    _check_sparse(report)
+
+
+def _targets(report: dict[str, Any], prefix: str) -> list[dict[str, Any]]:
+    found = [t for t in report["targets"] if t["name"].startswith(prefix)]
+    for t in found:
+        assert isinstance(t["met"], bool) and isinstance(t["value"], float), t
+        assert t["target"].startswith(">="), t
+    return found
+
+
+def _check_kernels(report: dict[str, Any]) -> None:
+    kernels = report["kernels"]
+    assert kernels is not None, "no kernels section"
+    assert kernels["array_bytes"] == 64 << 20
+    assert kernels["bandwidth_gbps"] > 0
+    rows = {r["name"]: r for r in kernels["rows"]}
+    missing = [n for n in KERNEL_NAMES if n not in rows]
+    assert not missing, f"missing kernel rows {missing}"
+    for r in rows.values():
+        _positive(r, KERNEL_FIELDS, f"kernels[{r['name']}]")
+    assert rows["numpy a += b"]["vs_bandwidth"] == 1.0
+    if "adam torch" not in rows:  # skipped with a note, never silently
+        assert any("torch" in n for n in kernels["notes"]), kernels["notes"]
+    scenarios = {r["scenario"]: r for r in kernels["row_index"]}
+    assert {"fresh", "existing"} <= set(scenarios)
+    for r in scenarios.values():
+        _positive(r, ROW_INDEX_FIELDS, f"row_index[{r['scenario']}]")
+        assert r["ids"] == 1_000_000
+    assert len(_targets(report, "kernels ")) >= 3  # aggregate, adam/bandwidth, adam/numpy
+    assert len(_targets(report, "row index ")) == 2
+
+
+def _check_sparse(report: dict[str, Any]) -> None:
+    sparse = report["sparse"]
+    assert sparse is not None, "no sparse section"
+    assert sparse["shards"] == 4
+    results = sparse["results"]
+    got = {(r["op"], r["optimizer"], r["transport"]) for r in results}
+    want = {(op, opt, "tcp") for op in ("pull_rows", "push_rows") for opt in ("sum", "adagrad")}
+    assert got == want, got
+    for r in results:
+        _positive(r, SPARSE_FIELDS, f"sparse[{r['op']} {r['optimizer']}]")
+        assert r["rows"] == 100_000 and r["dim"] == 64
+        assert r["wire_bytes"] == 100_000 * (8 + 4 * 64)
+    assert len(_targets(report, "sparse ")) == len(results)

@@ -2,20 +2,25 @@
 
 Runs the scenarios of ``scenarios.py`` against a running cluster (``--address``)
 or one it starts itself (``pserver serve --port 0``, stopped with SIGTERM at the
-end), prints a table (or ``--json``: one JSON object) on stdout, shows a progress
-bar on stderr, and optionally writes the JSON report to ``--out``.
+end), plus the kernel benchmarks of ``kernels.py`` (in this process, before the
+cluster starts) and the sparse-table benchmark of ``sparse.py`` (against the same
+cluster); prints a table (or ``--json``: one JSON object) on stdout, shows a
+progress bar on stderr, and optionally writes the JSON report to ``--out``.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import click
 
+from .kernels import KernelSettings, format_kernels, kernel_report
 from .scenarios import TRANSPORTS, LocalCluster, RunInfo, Settings, format_table, parse_size, run
+from .sparse import SparseSettings, format_sparse, sparse_report
 
 
 def _sizes(
@@ -75,6 +80,22 @@ def _sizes(
     type=click.Choice(TRANSPORTS),
     help="transports to measure (repeatable) [tcp and ipc]",
 )
+@click.option(
+    "--kernels/--no-kernels",
+    "with_kernels",
+    default=True,
+    show_default=True,
+    help="kernels on 64 MiB float32 arrays against numpy a += b (the memory limit), "
+    "and the row index against a dict loop [9 rounds; --quick: 3]",
+)
+@click.option(
+    "--sparse/--no-sparse",
+    "with_sparse",
+    default=True,
+    show_default=True,
+    help="pull_rows/push_rows of 100k rows x 64 float32 (sum and adagrad tables) against "
+    "a raw echo of the same bytes, over tcp unless --transport says [7 rounds; --quick: 3]",
+)
 @click.option("--quick", is_flag=True, help="fewer sizes and rounds: the whole run under 60 s")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of tables")
 @click.option(
@@ -96,6 +117,8 @@ def bench(
     rounds: int | None,
     latency_count: int | None,
     transports: tuple[str, ...],
+    with_kernels: bool,
+    with_sparse: bool,
     quick: bool,
     as_json: bool,
     out: Path | None,
@@ -106,8 +129,13 @@ def bench(
     Dense push_pull throughput by tensor size over tcp and ipc, interleaved round
     by round with a raw pyzmq DEALER/ROUTER echo of the same bytes in the same
     chunking (the transport limit); 4 KiB round-trip latency against a raw pyzmq
-    round trip; numpy a += b bandwidth (the memory limit).
+    round trip; numpy a += b bandwidth (the memory limit). With --kernels (the
+    default): aggregate, adam (fused, numpy reference, torch when installed), sgd
+    and adagrad on 64 MiB float32 against numpy a += b, and the row index against
+    a Python dict loop. With --sparse (the default): pull_rows/push_rows of 100k
+    rows of dim 64 through the cluster against a raw echo of the same bytes.
     """
+    t_start = time.monotonic()
     overrides: dict[str, Any] = {}
     if sizes:
         overrides["sizes"] = sizes
@@ -118,11 +146,17 @@ def bench(
     if transports:
         overrides["transports"] = tuple(dict.fromkeys(transports))
     settings = Settings.quick_settings(**overrides) if quick else Settings(**overrides)
+    kset = KernelSettings.quick_settings() if quick else KernelSettings()
+    sparse_over: dict[str, Any] = {"transports": overrides["transports"]} if transports else {}
+    sset = (SparseSettings.quick_settings(**sparse_over) if quick
+            else SparseSettings(**sparse_over))
 
     from tqdm import tqdm
 
     bar = tqdm(
-        total=settings.steps(),
+        total=settings.steps()
+        + (kset.steps() if with_kernels else 0)
+        + (sset.steps() if with_sparse else 0),
         file=sys.stderr,
         unit="step",
         leave=False,
@@ -135,7 +169,14 @@ def bench(
         bar.update()
 
     cluster: LocalCluster | None = None
+    kernels_section: dict[str, Any] | None = None
+    sparse_section: dict[str, Any] | None = None
     try:
+        if with_kernels:  # first: no cluster processes competing for memory bandwidth
+            try:
+                kernels_section = kernel_report(kset, step)
+            except (RuntimeError, ValueError, MemoryError) as exc:
+                raise click.ClickException(f"kernel benchmark failed: {exc}") from None
         if address is None:
             bar.set_postfix_str(f"starting {shards} shards")
             try:
@@ -145,6 +186,8 @@ def bench(
             address = cluster.address
         try:
             report = run(address, settings, RunInfo(self_started=cluster is not None), step)
+            if with_sparse:
+                sparse_section = sparse_report(address, sset, step, report["notes"])
         except (RuntimeError, OSError) as exc:
             raise click.ClickException(f"benchmark failed: {exc}") from None
     finally:
@@ -154,8 +197,41 @@ def bench(
             if code not in (0, None):
                 click.echo(f"warning: the self-started cluster exited with {code}", err=True)
 
+    add_sections(report, kernels_section, sparse_section)
+    report["duration_s"] = round(time.monotonic() - t_start, 2)
     text = json.dumps(report, indent=None if as_json else 2)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
-    click.echo(text if as_json else format_table(report))
+    click.echo(text if as_json else format_report(report))
+
+
+def add_sections(report: dict[str, Any], kernels_section: dict[str, Any] | None,
+                 sparse_section: dict[str, Any] | None) -> None:
+    """Put the ``kernels`` and ``sparse`` sections (None when not run) into the
+    report, their targets into its ``targets`` and their notes into its ``notes``."""
+    report["kernels"] = kernels_section
+    report["sparse"] = sparse_section
+    report["units"]["kernels"] = "GB/s = 1e9 bytes/s counting each kernel's `counted` bytes"
+    report["units"]["sparse"] = "rows/s; GB/s = 1e9 bytes/s of ids + row data per call"
+    for section, label in ((kernels_section, "kernels"), (sparse_section, None)):
+        if section is None:
+            continue
+        report["targets"].extend(section["targets"])
+        if label:  # the sparse notes went to the report's notes as they came
+            report["notes"].extend(f"{label}: {n}" for n in section["notes"])
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """``format_table``'s text with the kernel and sparse tables before the targets."""
+    text = format_table(report)
+    extra = [format_kernels(report["kernels"]) if report.get("kernels") else "",
+             format_sparse(report["sparse"]) if report.get("sparse") else ""]
+    extra = [e for e in extra if e]
+    if not extra:
+        return text
+    marker = "\n\nTargets:\n"
+    head, sep, tail = text.partition(marker)
+    if not sep:
+        return text + "\n\n" + "\n\n".join(extra)
+    return head + "\n\n" + "\n\n".join(extra) + sep + tail
