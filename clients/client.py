@@ -745,7 +745,15 @@ class Client:
             (t,) = h.tensors
             if t.shape != (pos.size, dim) or t.np_dtype != dtype:
                 raise PServerError(f"unexpected rows {t.dtype}{list(t.shape)} in reply")
-            out[pos] = join_frames(inc.frames, dtype).reshape(pos.size, dim)
+            row_bytes = dim * dtype.itemsize
+            if row_bytes == 0 or any(f.nbytes % row_bytes for f in inc.frames):
+                out[pos] = join_frames(inc.frames, dtype).reshape(pos.size, dim)
+                return
+            at = 0  # frames of whole rows: scatter each straight into place
+            for f in inc.frames:
+                k = f.nbytes // row_bytes
+                out[pos[at:at + k]] = np.frombuffer(f, dtype).reshape(k, dim)
+                at += k
 
         return self._wait(lambda: self._run(messages, on_reply, lambda: out))
 

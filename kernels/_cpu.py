@@ -167,3 +167,17 @@ def rows_adagrad(values, s, slots, grads, neg_clr, wd, eps, clip):  # type: igno
             si = s[r, k] + gi * gi
             s[r, k] = si
             values[r, k] = values[r, k] + neg_clr[j] * (gi / (np.sqrt(si) + eps))
+
+
+@njit(**_opts)
+def sum_into(out, grads, first, divisor):  # type: ignore[no-untyped-def]
+    """One pass: out = ((g0 + g1) + g2) ... in tuple order (added to out unless
+    ``first``), divided by ``divisor`` when it is not 1."""
+    n = len(grads)
+    for i in prange(out.size):
+        s = grads[0][i] if first else out[i] + grads[0][i]
+        for j in range(1, n):
+            s = s + grads[j][i]
+        if divisor != 1:
+            s = s / divisor
+        out[i] = s

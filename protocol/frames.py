@@ -83,6 +83,18 @@ def split_frames(flat: np.ndarray[Any, Any], frame_bytes: int) -> list[memoryvie
     return [view[i : i + per] for i in range(0, len(view), per)]
 
 
+def split_rows(rows: np.ndarray[Any, Any], frame_bytes: int) -> list[memoryview]:
+    """Zero-copy frames of a C-contiguous 2-D array, each holding whole rows (at
+    least one) and at most ``frame_bytes`` where a row fits, so a receiver can
+    place each frame's rows without joining frames first."""
+    row_bytes = max(1, rows.shape[1] * rows.itemsize)
+    per = max(1, frame_bytes // row_bytes)
+    if rows.shape[0] <= per:
+        return split_frames(rows.reshape(-1), max(frame_bytes, rows.nbytes))
+    return [memoryview(rows[i : i + per].reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+            for i in range(0, rows.shape[0], per)]
+
+
 def frame_count(nbytes: int, itemsize: int, frame_bytes: int) -> int:
     """How many frames ``split_frames`` makes for ``nbytes`` of data."""
     per = max(1, frame_bytes // itemsize) * itemsize

@@ -28,7 +28,7 @@ from pserver.protocol.errors import (
     PServerError,
     ShapeMismatch,
 )
-from pserver.protocol.frames import join_frames, split_frames
+from pserver.protocol.frames import join_frames, split_frames, split_rows
 from pserver.protocol.schema import Header, Kind, Limits, TensorMeta
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Endpoint, Incoming, new_context
@@ -186,7 +186,7 @@ class ShardServer:
             name, ids, _ = self._rows_request(header, incoming, with_grads=False)
             table = self.state.check_rows(name, ids)
             rows = table.pull(ids)
-            frames = split_frames(rows.reshape(-1), self.frame_bytes)
+            frames = split_rows(rows, self.frame_bytes)
             meta = TensorMeta(table.spec.name, 0, table.spec.dtype, rows.shape, 0, rows.size,
                               len(frames))
             self._reply(incoming, reply_header(header, tensors=(meta,)), frames)

@@ -180,9 +180,20 @@ class Supervisor:
             cmd += ["--endpoint", r.ipc]
         return cmd
 
+    def _shard_env(self) -> dict[str, str]:
+        """The replicas' environment: each gets its share of the cores for numba's
+        threads (unless NUMBA_NUM_THREADS is set), so shards on one machine do not
+        oversubscribe it; results do not depend on the thread count."""
+        env = dict(os.environ)
+        if "NUMBA_NUM_THREADS" not in env:
+            share = (os.cpu_count() or 1) // (self.config.shards * self.config.replicas)
+            env["NUMBA_NUM_THREADS"] = str(max(1, share))
+        return env
+
     def _spawn(self, r: Replica) -> None:
         r.proc = subprocess.Popen(
-            self._command(r), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+            self._command(r), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            env=self._shard_env(),
         )
         r.started = time.monotonic()
         r.restart_at = None

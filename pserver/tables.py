@@ -152,7 +152,9 @@ class Table:
         """Sum repeated ids (in input order), create absent rows with their initial
         value, then apply the optimizer to each pushed row once."""
         unique, inverse = dedup_ids(ids)
-        summed = segment_sum(grads, inverse, unique.shape[0])
+        # unique keeps first-appearance order: without repeats it is ids itself
+        summed = grads if unique.shape[0] == ids.shape[0] else segment_sum(
+            grads, inverse, unique.shape[0])
         slots, created = self.index.lookup_or_insert(unique)
         self._grow(self.index.num_slots)
         if created.size:
