@@ -79,3 +79,12 @@ def test_the_checker_sees_relative_imports() -> None:
     imports = _imports(ROOT / "pserver" / "server.py")
     assert "pserver.shard" in imports
     assert "pserver.protocol.transport" in imports
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "pserver" / "raft").glob("*.py")),
+                         ids=lambda p: p.name)
+def test_the_raft_core_is_pure(path: Path) -> None:
+    """DESIGN: no sockets, clock, threads or files in pserver.raft; randomness injected."""
+    banned = ("time", "socket", "threading", "os", "asyncio", "zmq", "logging",
+              "pserver.protocol", "pserver.kernels", "pserver.clients", "pserver.server")
+    assert not _hits(_imports(path), banned), f"{path.name} imports {_hits(_imports(path), banned)}"

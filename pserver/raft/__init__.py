@@ -1,0 +1,12 @@
+"""pserver.raft: the consensus core as a pure state machine (as etcd's raft).
+
+``RaftCore`` only changes state: ``step(message)``, ``tick()``, ``propose(data)``;
+``ready()`` hands the driver the entries and hard state to persist, the messages
+to send and the committed entries to apply; ``advance(ready)`` acknowledges
+them. No sockets, clocks, threads or files; randomness is injected.
+"""
+
+from .core import RaftCore, Role
+from .types import Config, Entry, HardState, Message, MsgType, Ready
+
+__all__ = ["Config", "Entry", "HardState", "Message", "MsgType", "RaftCore", "Ready", "Role"]

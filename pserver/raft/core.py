@@ -1,0 +1,387 @@
+"""The Raft consensus algorithm as a pure state machine.
+
+Owns one node's Raft state: term, vote, role, the log, the commit and applied
+indices, and (as leader) each follower's progress. It changes state only in
+``tick``, ``step``, ``propose`` and ``transfer_leadership``, and reports work in
+``ready()``: entries and hard state to persist, messages to send, committed
+entries to apply. The driver persists, then sends, then applies, then calls
+``advance``. Elections use PreVote (thesis §9.6) and CheckQuorum (§6.2) when
+configured; a leader commits only entries of its own term (§5.4.2) and appends
+a no-op at the start of its term (§8). Must not import time, socket,
+threading, os or anything outside this package; randomness is injected.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+from .types import Config, Entry, HardState, Message, MsgType, Ready
+
+TRANSFER = -1  # reject_hint of a VOTE sent on TIMEOUT_NOW: disregard the leader lease
+
+
+class Role(Enum):
+    FOLLOWER = "follower"
+    PRE_CANDIDATE = "pre-candidate"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+class ProposalDropped(Exception):
+    """A proposal reached a node that is not the leader (or is transferring)."""
+
+    def __init__(self, leader_hint: int) -> None:
+        super().__init__(f"not the leader (leader hint: {leader_hint or 'unknown'})")
+        self.leader_hint = leader_hint
+
+
+@dataclass
+class Progress:
+    """What the leader knows of one follower's log."""
+
+    match: int = 0
+    next: int = 1
+    recent_active: bool = False
+
+
+class RaftCore:
+    """One Raft node. ``entries`` and ``hard_state`` are what its disk holds;
+    ``applied`` is the last index its state machine has applied."""
+
+    def __init__(self, config: Config, rng: random.Random, hard_state: HardState | None = None,
+                 entries: Sequence[Entry] = (), applied: int = 0) -> None:
+        hard_state = hard_state or HardState()
+        if config.id not in config.peers:
+            raise ValueError("a node must be one of its peers")
+        self.cfg = config
+        self.id = config.id
+        self.rng = rng
+        self.term, self.vote, self.commit = hard_state.term, hard_state.vote, hard_state.commit
+        self.log: list[Entry] = list(entries)
+        if any(e.index != i + 1 for i, e in enumerate(self.log)):
+            raise ValueError("entries must be numbered 1, 2, 3, ...")
+        if self.commit > len(self.log) or applied > self.commit:
+            raise ValueError("commit beyond the log, or applied beyond commit")
+        self.stable = len(self.log)
+        self.applied = applied
+        self.role = Role.FOLLOWER
+        self.lead = 0
+        self.votes: dict[int, bool] = {}
+        self.progress: dict[int, Progress] = {}
+        self.transferee = 0
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self.timeout = self._random_timeout()
+        self.msgs: list[Message] = []
+        self._saved = HardState(self.term, self.vote, self.commit)
+
+    # -- the log ----------------------------------------------------------------------
+
+    @property
+    def last_index(self) -> int:
+        return len(self.log)
+
+    @property
+    def last_term(self) -> int:
+        return self.log[-1].term if self.log else 0
+
+    def term_at(self, index: int) -> int | None:
+        if index == 0:
+            return 0
+        if 0 < index <= len(self.log):
+            return self.log[index - 1].term
+        return None
+
+    def _up_to_date(self, last_term: int, last_index: int) -> bool:
+        """§5.4.1: the candidate's log is at least as up-to-date as ours."""
+        return (last_term, last_index) >= (self.last_term, self.last_index)
+
+    # -- driver interface -------------------------------------------------------------
+
+    def has_ready(self) -> bool:
+        return (HardState(self.term, self.vote, self.commit) != self._saved or bool(self.msgs)
+                or self.stable < self.last_index or self.applied < self.commit)
+
+    def ready(self) -> Ready:
+        hs = HardState(self.term, self.vote, self.commit)
+        return Ready(
+            hard_state=hs if hs != self._saved else None,
+            entries=self.log[self.stable:],
+            messages=self.msgs[:],
+            committed=self.log[self.applied:self.commit],
+        )
+
+    def advance(self, rd: Ready) -> None:
+        """The driver persisted, sent and applied what ``rd`` held."""
+        if rd.hard_state is not None:
+            self._saved = rd.hard_state
+        if rd.entries:
+            last = rd.entries[-1]
+            if self.term_at(last.index) == last.term:  # not overwritten meanwhile
+                self.stable = max(self.stable, last.index)
+        del self.msgs[:len(rd.messages)]
+        if rd.committed:
+            self.applied = max(self.applied, rd.committed[-1].index)
+        if self.role == Role.LEADER:
+            self.progress[self.id].match = self.stable  # the leader counts itself once on disk
+            if self._maybe_commit():
+                self._broadcast_append()
+
+    def tick(self) -> None:
+        """One unit of time passed."""
+        self.election_elapsed += 1
+        if self.role != Role.LEADER:
+            if self.election_elapsed >= self.timeout:
+                self.campaign()
+            return
+        self.heartbeat_elapsed += 1
+        if self.election_elapsed >= self.cfg.election_tick:
+            self.election_elapsed = 0
+            self.transferee = 0  # a transfer not done within an election timeout is abandoned
+            if self.cfg.check_quorum and not self._quorum_active():
+                self._become_follower(self.term, 0)  # §6.2: a leader cut off steps down
+                return
+        if self.heartbeat_elapsed >= self.cfg.heartbeat_tick:
+            self.heartbeat_elapsed = 0
+            for p in self._others():
+                self._send(MsgType.HEARTBEAT, p, commit=min(self.progress[p].match, self.commit))
+
+    def propose(self, data: bytes) -> int:
+        """Append ``data`` to the log (leader only); returns its index."""
+        if self.role != Role.LEADER or self.transferee:
+            raise ProposalDropped(self.lead)
+        self._append(data)
+        self._broadcast_append()
+        return self.last_index
+
+    def transfer_leadership(self, to: int) -> None:
+        """Hand leadership to ``to`` once its log is caught up (thesis §3.10)."""
+        if self.role != Role.LEADER or to == self.id or to not in self.cfg.peers:
+            return
+        self.transferee = to
+        self.election_elapsed = 0
+        if self.progress[to].match == self.last_index:
+            self._send(MsgType.TIMEOUT_NOW, to)
+        else:
+            self._send_append(to)
+
+    # -- roles --------------------------------------------------------------------------
+
+    def _random_timeout(self) -> int:
+        return self.cfg.election_tick + self.rng.randrange(self.cfg.election_tick)
+
+    def _reset(self, term: int) -> None:
+        if term != self.term:
+            self.term, self.vote = term, 0
+        self.lead = 0
+        self.votes = {}
+        self.election_elapsed = self.heartbeat_elapsed = 0
+        self.timeout = self._random_timeout()
+        self.transferee = 0
+
+    def _become_follower(self, term: int, lead: int) -> None:
+        self._reset(term)
+        self.role, self.lead = Role.FOLLOWER, lead
+
+    def _become_leader(self) -> None:
+        self._reset(self.term)
+        self.role, self.lead = Role.LEADER, self.id
+        self.progress = {p: Progress(next=self.last_index + 1) for p in self.cfg.peers}
+        self.progress[self.id].match = self.stable
+        self._append(b"")  # §8: a no-op lets the leader commit its predecessors' entries
+        self._broadcast_append()
+
+    def campaign(self, transfer: bool = False) -> None:
+        """Start an election (a pre-vote round first when configured, §9.6)."""
+        if self.cfg.pre_vote and not transfer:
+            kind, term = MsgType.PRE_VOTE, self.term + 1
+            self._reset(self.term)
+            self.role = Role.PRE_CANDIDATE
+        else:
+            self._reset(self.term + 1)
+            self.role, self.vote = Role.CANDIDATE, self.id
+            kind, term = MsgType.VOTE, self.term
+        self.votes = {self.id: True}
+        if self._tally() == "won":
+            self._won()
+            return
+        for p in self._others():
+            self.msgs.append(Message(kind, self.id, p, term, log_term=self.last_term,
+                                     index=self.last_index,
+                                     reject_hint=TRANSFER if transfer else 0))
+
+    def _tally(self) -> str:
+        yes = sum(1 for v in self.votes.values() if v)
+        no = len(self.votes) - yes
+        q = len(self.cfg.peers) // 2 + 1
+        return "won" if yes >= q else "lost" if no >= q else "pending"
+
+    def _won(self) -> None:
+        if self.role == Role.PRE_CANDIDATE:
+            self.campaign(transfer=True)  # the real election, now that it can win
+        else:
+            self._become_leader()
+
+    # -- messages -------------------------------------------------------------------------
+
+    def _others(self) -> list[int]:
+        return [p for p in self.cfg.peers if p != self.id]
+
+    def _send(self, kind: MsgType, to: int, **fields: object) -> None:
+        self.msgs.append(Message(kind, self.id, to, self.term, **fields))  # type: ignore[arg-type]
+
+    def step(self, m: Message) -> None:
+        """Handle one message from a peer (any order, duplicates and stale ones included)."""
+        if m.frm not in self.cfg.peers or m.to != self.id:
+            return
+        if m.term > self.term:
+            if m.type in (MsgType.VOTE, MsgType.PRE_VOTE):
+                in_lease = (self.cfg.check_quorum and self.lead != 0
+                            and self.election_elapsed < self.cfg.election_tick)
+                if in_lease and m.reject_hint != TRANSFER:
+                    return  # a live leader exists: ignore disruptive candidates (§6 / §9.6)
+            if m.type == MsgType.PRE_VOTE or (m.type == MsgType.PRE_VOTE_RESP and not m.reject):
+                pass  # pre-votes are asked and granted for a term not yet taken
+            else:
+                lead = m.frm if m.type in (MsgType.APP, MsgType.HEARTBEAT) else 0
+                self._become_follower(m.term, lead)
+        elif m.term < self.term:
+            if m.type in (MsgType.APP, MsgType.HEARTBEAT):
+                self._send(MsgType.APP_RESP, m.frm)  # tells a stale leader the newer term
+            elif m.type == MsgType.PRE_VOTE:
+                self._send(MsgType.PRE_VOTE_RESP, m.frm, reject=True)
+            return
+
+        if m.type in (MsgType.VOTE, MsgType.PRE_VOTE):
+            self._answer_vote(m)
+        elif self.role == Role.LEADER:
+            self._step_leader(m)
+        elif self.role in (Role.CANDIDATE, Role.PRE_CANDIDATE):
+            self._step_candidate(m)
+        else:
+            self._step_follower(m)
+
+    def _answer_vote(self, m: Message) -> None:
+        """§5.2, §5.4.1: one vote per term, only for an up-to-date log."""
+        pre = m.type == MsgType.PRE_VOTE
+        can = (self.vote == m.frm or (self.vote == 0 and self.lead == 0)
+               or (pre and m.term > self.term))
+        resp = MsgType.PRE_VOTE_RESP if pre else MsgType.VOTE_RESP
+        if can and self._up_to_date(m.log_term, m.index):
+            self.msgs.append(Message(resp, self.id, m.frm, m.term))
+            if not pre:
+                self.election_elapsed = 0
+                self.vote = m.frm
+        else:
+            self._send(resp, m.frm, reject=True)
+
+    def _step_candidate(self, m: Message) -> None:
+        want = MsgType.PRE_VOTE_RESP if self.role == Role.PRE_CANDIDATE else MsgType.VOTE_RESP
+        if m.type in (MsgType.APP, MsgType.HEARTBEAT):
+            self._become_follower(self.term, m.frm)  # §5.2: a leader of this term exists
+            self._step_follower(m)
+        elif m.type == want:
+            self.votes.setdefault(m.frm, not m.reject)
+            result = self._tally()
+            if result == "won":
+                self._won()
+            elif result == "lost":
+                self._become_follower(self.term, 0)
+
+    def _step_follower(self, m: Message) -> None:
+        if m.type == MsgType.APP:
+            self.election_elapsed, self.lead = 0, m.frm
+            self._handle_append(m)
+        elif m.type == MsgType.HEARTBEAT:
+            self.election_elapsed, self.lead = 0, m.frm
+            self._commit_to(min(m.commit, self.last_index))
+            self._send(MsgType.HEARTBEAT_RESP, m.frm)
+        elif m.type == MsgType.TIMEOUT_NOW:
+            self.campaign(transfer=True)
+
+    def _handle_append(self, m: Message) -> None:
+        """§5.3: accept entries only where the logs match; cut a conflicting suffix
+        (never a committed entry); stale and duplicate messages change nothing."""
+        if m.index < self.commit:
+            self._send(MsgType.APP_RESP, m.frm, index=self.commit)
+            return
+        if self.term_at(m.index) != m.log_term:
+            self._send(MsgType.APP_RESP, m.frm, index=m.index, reject=True,
+                       reject_hint=self.last_index)
+            return
+        for e in m.entries:
+            have = self.term_at(e.index)
+            if have == e.term:
+                continue
+            if have is not None:  # a conflict: drop it and everything after (§5.3)
+                assert e.index > self.commit, "a committed entry may never change"
+                del self.log[e.index - 1:]
+                self.stable = min(self.stable, e.index - 1)
+            self.log.append(e)
+        last_new = m.index + len(m.entries)
+        self._commit_to(min(m.commit, last_new))
+        self._send(MsgType.APP_RESP, m.frm, index=last_new)
+
+    def _commit_to(self, index: int) -> None:
+        self.commit = max(self.commit, index)
+
+    # -- leader -----------------------------------------------------------------------------
+
+    def _append(self, data: bytes) -> None:
+        self.log.append(Entry(self.term, self.last_index + 1, data))
+
+    def _send_append(self, to: int) -> None:
+        pr = self.progress[to]
+        prev = pr.next - 1
+        entries = tuple(self.log[prev:prev + self.cfg.max_entries_per_msg])
+        self._send(MsgType.APP, to, index=prev, log_term=self.term_at(prev) or 0,
+                   entries=entries, commit=self.commit)
+        if entries:
+            pr.next = entries[-1].index + 1  # optimistic: pipeline the next batch
+
+    def _broadcast_append(self) -> None:
+        for p in self._others():
+            self._send_append(p)
+
+    def _step_leader(self, m: Message) -> None:
+        pr = self.progress.get(m.frm)
+        if pr is None:
+            return
+        pr.recent_active = True
+        if m.type == MsgType.APP_RESP:
+            if m.reject:
+                if m.index < pr.next:  # a rejection of an index already passed is stale
+                    pr.next = max(1, min(m.index, m.reject_hint + 1))
+                    self._send_append(m.frm)
+                return
+            if m.index > pr.match:
+                pr.match = m.index
+                pr.next = max(pr.next, m.index + 1)
+                if self._maybe_commit():
+                    self._broadcast_append()
+                if self.transferee == m.frm and pr.match == self.last_index:
+                    self._send(MsgType.TIMEOUT_NOW, m.frm)
+            if pr.next <= self.last_index:
+                self._send_append(m.frm)
+        elif m.type == MsgType.HEARTBEAT_RESP and pr.match < self.last_index:
+            pr.next = pr.match + 1  # resend what may have been lost
+            self._send_append(m.frm)
+
+    def _maybe_commit(self) -> bool:
+        """§5.3/§5.4.2: commit the highest index a majority holds, if of this term."""
+        matches = sorted((p.match for p in self.progress.values()), reverse=True)
+        index = matches[len(self.cfg.peers) // 2]
+        if index > self.commit and self.term_at(index) == self.term:
+            self.commit = index
+            return True
+        return False
+
+    def _quorum_active(self) -> bool:
+        active = 1 + sum(1 for p, pr in self.progress.items() if p != self.id and pr.recent_active)
+        for p, pr in self.progress.items():
+            if p != self.id:
+                pr.recent_active = False
+        return active >= len(self.cfg.peers) // 2 + 1

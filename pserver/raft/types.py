@@ -1,0 +1,83 @@
+"""Raft's value types: entries, messages, hard state, configuration, Ready.
+
+Frozen dataclasses and enums only; imports nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class MsgType(IntEnum):
+    """Message types (the paper's RPCs, each request and its response)."""
+
+    APP = 1  # AppendEntries (§5.3)
+    APP_RESP = 2
+    VOTE = 3  # RequestVote (§5.2)
+    VOTE_RESP = 4
+    PRE_VOTE = 5  # PreVote (Ongaro's thesis §9.6): a trial election without a term bump
+    PRE_VOTE_RESP = 6
+    HEARTBEAT = 7  # an empty AppendEntries carrying the commit index
+    HEARTBEAT_RESP = 8
+    TIMEOUT_NOW = 9  # leadership transfer: campaign now (thesis §3.10)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One log entry; ``data`` empty is the leader's no-op of its term (§8)."""
+
+    term: int
+    index: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message between nodes. ``index``/``log_term`` locate the entry before
+    ``entries`` (APP) or the sender's last entry (VOTE); responses carry the
+    matched or hinted index."""
+
+    type: MsgType
+    frm: int
+    to: int
+    term: int
+    log_term: int = 0
+    index: int = 0
+    entries: tuple[Entry, ...] = ()
+    commit: int = 0
+    reject: bool = False
+    reject_hint: int = 0
+
+
+@dataclass(frozen=True)
+class HardState:
+    """What must be on disk before a node answers: term, vote and commit index."""
+
+    term: int = 0
+    vote: int = 0
+    commit: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """One node's settings; ticks are the driver's clock unit (e.g. 50 ms)."""
+
+    id: int
+    peers: tuple[int, ...]  # every voter, this node included
+    election_tick: int = 10
+    heartbeat_tick: int = 1
+    pre_vote: bool = True
+    check_quorum: bool = True
+    max_entries_per_msg: int = 64
+
+
+@dataclass
+class Ready:
+    """Work for the driver: persist ``hard_state`` and ``entries`` (fsync), then
+    send ``messages``, then apply ``committed``, then call ``advance``."""
+
+    hard_state: HardState | None = None
+    entries: list[Entry] = field(default_factory=list)
+    messages: list[Message] = field(default_factory=list)
+    committed: list[Entry] = field(default_factory=list)

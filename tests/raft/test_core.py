@@ -1,0 +1,210 @@
+"""The Raft rules, one test each, citing the paper (Ongaro & Ousterhout 2014) or
+Ongaro's thesis; and seeded randomized runs over a faulty network."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pserver.raft import Config, Entry, HardState, Message, MsgType, RaftCore, Role
+from pserver.raft.core import ProposalDropped
+
+from .harness import Cluster
+
+
+def test_a_single_node_elects_itself_and_commits() -> None:
+    c = Cluster(1)
+    lead = c.elect()
+    c.nodes[lead].core.propose(b"x")
+    c.process(lead)
+    assert [e.data for e in c.nodes[lead].applied] == [b"", b"x"]  # the no-op, then x
+
+
+def test_one_leader_is_elected_and_all_follow_it() -> None:
+    """§5.2: a candidate with votes from a majority becomes leader; others follow."""
+    c = Cluster(3, seed=1)
+    lead = c.elect()
+    assert sum(nd.core.role == Role.LEADER for nd in c.nodes.values()) == 1
+    assert {nd.core.lead for nd in c.nodes.values()} == {lead}
+    c.check_invariants()
+
+
+def test_entries_replicate_and_commit_on_every_node() -> None:
+    """§5.3: the leader replicates entries; committed entries are applied everywhere."""
+    c = Cluster(3, seed=2)
+    lead = c.elect()
+    for i in range(20):
+        c.nodes[lead].core.propose(f"e{i}".encode())
+    c.process(lead)
+    c.deliver()
+    c.run(3)
+    for nd in c.nodes.values():
+        assert [e.data for e in nd.applied if e.data] == [f"e{i}".encode() for i in range(20)]
+    c.check_invariants()
+
+
+def test_a_follower_refuses_proposals_with_a_leader_hint() -> None:
+    c = Cluster(3, seed=3)
+    lead = c.elect()
+    follower = next(i for i in c.nodes if i != lead)
+    with pytest.raises(ProposalDropped) as info:
+        c.nodes[follower].core.propose(b"x")
+    assert info.value.leader_hint == lead
+
+
+def test_one_vote_per_term() -> None:
+    """§5.2: each server votes for at most one candidate in a given term."""
+    core = RaftCore(Config(1, (1, 2, 3), pre_vote=False), random.Random(0))
+    core.step(Message(MsgType.VOTE, 2, 1, term=5))
+    core.step(Message(MsgType.VOTE, 3, 1, term=5))
+    resps = [m for m in core.ready().messages if m.type == MsgType.VOTE_RESP]
+    assert [(m.to, m.reject) for m in resps] == [(2, False), (3, True)]
+    assert core.vote == 2
+
+
+def test_no_vote_for_a_less_up_to_date_log() -> None:
+    """§5.4.1: a voter denies a candidate whose log is behind its own."""
+    log = [Entry(1, 1), Entry(2, 2)]
+    core = RaftCore(Config(1, (1, 2, 3), pre_vote=False), random.Random(0),
+                    HardState(term=2), log)
+    core.step(Message(MsgType.VOTE, 2, 1, term=3, log_term=1, index=5))  # older last term
+    core.step(Message(MsgType.VOTE, 3, 1, term=4, log_term=2, index=1))  # same term, shorter
+    assert all(m.reject for m in core.ready().messages)
+
+
+def test_append_rejects_where_logs_do_not_match_and_cuts_conflicts() -> None:
+    """§5.3: the consistency check, and a conflicting suffix replaced by the leader's."""
+    core = RaftCore(Config(1, (1, 2, 3)), random.Random(0), HardState(term=2),
+                    [Entry(1, 1), Entry(1, 2), Entry(2, 3)])
+    core.step(Message(MsgType.APP, 2, 1, term=3, index=3, log_term=3))
+    assert core.ready().messages[-1].reject
+    core.step(Message(MsgType.APP, 2, 1, term=3, index=2, log_term=1,
+                      entries=(Entry(3, 3), Entry(3, 4)), commit=4))
+    assert [e.term for e in core.log] == [1, 1, 3, 3]
+    assert core.commit == 4
+
+
+def test_stale_and_duplicate_appends_change_nothing() -> None:
+    """§5.3: a repeated or delayed AppendEntries must not truncate newer entries."""
+    core = RaftCore(Config(1, (1, 2, 3)), random.Random(0), HardState(term=1))
+    full = Message(MsgType.APP, 2, 1, term=1, index=0, log_term=0,
+                   entries=(Entry(1, 1), Entry(1, 2), Entry(1, 3)))
+    core.step(full)
+    core.step(Message(MsgType.APP, 2, 1, term=1, index=0, log_term=0, entries=(Entry(1, 1),)))
+    core.step(full)
+    assert [e.index for e in core.log] == [1, 2, 3]
+
+
+def test_a_leader_commits_only_entries_of_its_own_term() -> None:
+    """§5.4.2: an entry of an earlier term is committed only through a newer one."""
+    core = RaftCore(Config(1, (1, 2, 3), pre_vote=False), random.Random(0), HardState(term=1),
+                    [Entry(1, 1)])
+    core.campaign()
+    core.step(Message(MsgType.VOTE_RESP, 2, 1, term=2))
+    assert core.role == Role.LEADER
+    rd = core.ready()
+    core.advance(rd)
+    # a follower acknowledges only the old entry 1: not enough to commit it
+    core.step(Message(MsgType.APP_RESP, 2, 1, term=2, index=1))
+    assert core.commit == 0
+    core.step(Message(MsgType.APP_RESP, 2, 1, term=2, index=2))  # the no-op of term 2
+    assert core.commit == 2
+
+
+def test_prevote_keeps_a_rejoining_node_from_disrupting_the_cluster() -> None:
+    """Thesis §9.6: a node cut off campaigns with pre-votes, so its term does not grow
+    and the leader keeps its place when it comes back."""
+    c = Cluster(3, seed=4)
+    lead = c.elect()
+    term = c.nodes[lead].core.term
+    loner = next(i for i in c.nodes if i != lead)
+    c.partition({loner}, set(c.nodes) - {loner})
+    c.run(100)
+    assert c.nodes[loner].core.term == term
+    c.heal()
+    c.run(20)
+    assert c.leader() == lead and c.nodes[lead].core.term == term
+
+
+def test_check_quorum_makes_an_isolated_leader_step_down() -> None:
+    """§6.2 (CheckQuorum): a leader that hears from no majority for an election
+    timeout steps down; the majority elects a new leader."""
+    c = Cluster(3, seed=5)
+    old = c.elect()
+    c.partition({old}, set(c.nodes) - {old})
+    c.run(60)
+    assert c.nodes[old].core.role != Role.LEADER
+    new = c.leader()
+    assert new is not None and new != old
+
+
+def test_uncommitted_entries_of_a_deposed_leader_are_replaced() -> None:
+    """§5.3/§5.4: entries never committed may be overwritten; committed ones never."""
+    c = Cluster(3, seed=6)
+    old = c.elect()
+    c.nodes[old].core.propose(b"committed")
+    c.process(old)
+    c.deliver()
+    c.run(3)
+    c.partition({old}, set(c.nodes) - {old})
+    c.nodes[old].core.propose(b"lost")
+    c.process(old)
+    c.run(60)
+    new = c.leader()
+    assert new is not None and new != old
+    c.nodes[new].core.propose(b"kept")
+    c.process(new)
+    c.deliver()
+    c.heal()
+    c.run(30)
+    for nd in c.nodes.values():
+        data = [e.data for e in nd.applied if e.data]
+        assert data == [b"committed", b"kept"]
+    c.check_invariants()
+
+
+def test_leadership_transfer_hands_over_to_the_named_follower() -> None:
+    """Thesis §3.10: the leader catches the target up, then tells it to campaign."""
+    c = Cluster(3, seed=7)
+    lead = c.elect()
+    target = next(i for i in c.nodes if i != lead)
+    c.nodes[lead].core.transfer_leadership(target)
+    c.process(lead)
+    c.deliver()
+    c.run(5)
+    assert c.leader() == target
+    c.check_invariants()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_faults_never_break_safety(seed: int) -> None:
+    """Drops, duplicates, reordering and partitions: one leader per term, identical
+    applied prefixes, committed entries never change; and progress once healed."""
+    rng = random.Random(seed)
+    c = Cluster(rng.choice([3, 5]), seed=seed)
+    proposed = 0
+    for step in range(300):
+        if step % 50 == 0:
+            ids = list(c.nodes)
+            rng.shuffle(ids)
+            k = rng.randrange(0, len(ids))
+            c.partition(set(ids[:k]), set(ids[k:])) if k else c.heal()
+        lead = c.leader()
+        if lead is not None and rng.random() < 0.3:
+            try:
+                c.nodes[lead].core.propose(f"{seed}-{proposed}".encode())
+                proposed += 1
+            except ProposalDropped:
+                pass
+            c.process(lead)
+        c.run(1, drop=0.1, dup=0.05, shuffle=True)
+        c.check_invariants()
+    c.heal()
+    lead = c.elect(max_ticks=500)
+    c.nodes[lead].core.propose(b"final")
+    c.process(lead)
+    c.run(40)
+    c.check_invariants()
+    for nd in c.nodes.values():
+        assert nd.applied and nd.applied[-1].data == b"final", f"seed {seed}: no progress"
