@@ -1,0 +1,235 @@
+"""The write-ahead log: Raft's entries and hard state on disk.
+
+Owns one replica's log directory: segment files of length-prefixed records,
+each with a CRC32C, appended in order and made durable by ``sync`` (one fsync
+serves every record appended since the last: group commit). Record kinds:
+ENTRY (term, index, data) and STATE (term, vote, commit). Replaying the records
+in order rebuilds the log: an ENTRY whose index is at or below the last one
+cuts the log there first (Raft replaced a conflicting suffix), and the last
+STATE wins.
+
+Recovery cuts a torn tail (a last record that is incomplete or fails its CRC,
+with nothing valid after it) and refuses to open a log with a bad record
+followed by more data. A failed write or fsync stops the log: every later call
+raises, so nothing unpersisted is ever acknowledged; a full disk raises
+``WALFull`` (retryable once space is freed and the replica restarts).
+Durable file replacement (write, fsync, rename, fsync the directory) is
+``atomic_write``. May import ``pserver.raft.types``; no sockets or threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import google_crc32c
+
+from pserver.raft.types import Entry, HardState
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<IIB")  # payload length, crc32c(kind + payload), kind
+_ENTRY = struct.Struct("<QQ")  # term, index; data follows
+_STATE = struct.Struct("<QQQ")  # term, vote, commit
+ENTRY, STATE = 1, 2
+SEGMENT_BYTES = 64 << 20
+MAX_RECORD = 1 << 31
+
+
+class WALError(Exception):
+    """The log cannot be used: corrupt on disk, or a write/fsync failed."""
+
+
+class WALFull(WALError):
+    """The disk is full: nothing was acknowledged; retry after freeing space."""
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file,
+    never a mix: write a temporary file, fsync it, rename it, fsync the directory."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _crc(kind: int, payload: bytes) -> int:
+    return google_crc32c.extend(google_crc32c.value(bytes([kind])), payload)  # type: ignore[no-any-return]
+
+
+def encode_record(kind: int, payload: bytes) -> bytes:
+    return _HEADER.pack(len(payload), _crc(kind, payload), kind) + payload
+
+
+@dataclass
+class Recovered:
+    """What the log held: the last hard state and the entries, index 1 first."""
+
+    hard_state: HardState = field(default_factory=HardState)
+    entries: list[Entry] = field(default_factory=list)
+
+
+def _segment_name(seq: int) -> str:
+    return f"{seq:016x}.wal"
+
+
+class WAL:
+    """An open log directory; use ``WAL.open``."""
+
+    def __init__(self, directory: Path, seq: int, segment_bytes: int) -> None:
+        self.dir = directory
+        self.seq = seq
+        self.segment_bytes = segment_bytes
+        self._fh = open(self.dir / _segment_name(seq), "ab")  # noqa: SIM115 - held open
+        self._size = self._fh.tell()
+        self._dirty = False
+        self._failed: BaseException | None = None
+        self.syncs = 0
+
+    @classmethod
+    def open(cls, directory: str | Path, segment_bytes: int = SEGMENT_BYTES) -> tuple[
+            WAL, Recovered]:
+        """Open (creating) ``directory``; return the log and what it recovered."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        segments = sorted(p for p in d.iterdir() if p.suffix == ".wal")
+        recovered = Recovered()
+        for i, seg in enumerate(segments):
+            _replay(seg, recovered, last=i == len(segments) - 1)
+        seq = int(segments[-1].stem, 16) if segments else 0
+        wal = cls(d, seq, segment_bytes)
+        if not segments:
+            fsync_dir(d)
+        return wal, recovered
+
+    # -- writing -------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self._failed is not None:
+            raise WALError(f"the log stopped after a failed write: {self._failed}")
+
+    def _write(self, record: bytes) -> None:
+        self._check()
+        try:
+            if self._size + len(record) > self.segment_bytes and self._size:
+                self._rotate()
+            self._fh.write(record)
+        except OSError as exc:
+            self._fail(exc)
+        self._size += len(record)
+        self._dirty = True
+
+    def _rotate(self) -> None:
+        """Start a new segment: make the current one durable, then create the next."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self.seq += 1
+        self._fh = open(self.dir / _segment_name(self.seq), "ab")  # noqa: SIM115
+        self._size = 0
+        fsync_dir(self.dir)
+
+    def _fail(self, exc: OSError) -> None:
+        self._failed = exc
+        if exc.errno == errno.ENOSPC:
+            raise WALFull(f"no space left for the log in {self.dir}") from exc
+        raise WALError(f"writing the log in {self.dir} failed: {exc}") from exc
+
+    def append(self, entries: Sequence[Entry] = (), hard_state: HardState | None = None) -> None:
+        """Buffer records for ``entries`` (an index at or below the last one replaces
+        the log from there on) and ``hard_state``; durable only after ``sync``."""
+        for e in entries:
+            if len(e.data) > MAX_RECORD:
+                raise WALError(f"entry {e.index} of {len(e.data)} bytes is too large")
+            self._write(encode_record(ENTRY, _ENTRY.pack(e.term, e.index) + e.data))
+        if hard_state is not None:
+            hs = hard_state
+            self._write(encode_record(STATE, _STATE.pack(hs.term, hs.vote, hs.commit)))
+
+    def sync(self) -> None:
+        """fsync what ``append`` buffered: after it returns, the records survive a crash."""
+        self._check()
+        if not self._dirty:
+            return
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            self._fail(exc)
+        self._dirty = False
+        self.syncs += 1
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            if self._failed is None:
+                self.sync()
+            self._fh.close()
+
+
+def _replay(path: Path, into: Recovered, last: bool) -> None:
+    data = path.read_bytes()
+    pos = 0
+    while pos < len(data):
+        end = _record_end(data, pos)
+        if end is None:  # bad or incomplete record at pos
+            rest = data[pos:]
+            torn = last and _nothing_valid_after(data, pos)
+            if not torn:
+                raise WALError(
+                    f"{path}: corrupt record at byte {pos} with more data after it; refusing "
+                    "to start (this is not a torn write: restore the replica from a peer)")
+            log.warning("%s: cutting a torn tail of %d bytes at byte %d", path, len(rest), pos)
+            with open(path, "r+b") as fh:
+                fh.truncate(pos)
+                fh.flush()
+                os.fsync(fh.fileno())
+            return
+        kind = _HEADER.unpack_from(data, pos)[2]
+        payload = data[pos + _HEADER.size:end]
+        if kind == ENTRY:
+            term, index = _ENTRY.unpack_from(payload)
+            entry = Entry(term, index, payload[_ENTRY.size:])
+            if index > len(into.entries) + 1 or index < 1:
+                raise WALError(f"{path}: entry {index} does not follow entry "
+                               f"{len(into.entries)}")
+            del into.entries[index - 1:]
+            into.entries.append(entry)
+        elif kind == STATE:
+            into.hard_state = HardState(*_STATE.unpack_from(payload))
+        else:
+            raise WALError(f"{path}: unknown record kind {kind} at byte {pos}")
+        pos = end
+
+
+def _record_end(data: bytes, pos: int) -> int | None:
+    """The end of a valid record at ``pos``, or None."""
+    if pos + _HEADER.size > len(data):
+        return None
+    length, crc, kind = _HEADER.unpack_from(data, pos)
+    end = pos + _HEADER.size + length
+    if end > len(data) or kind not in (ENTRY, STATE):
+        return None
+    if _crc(kind, data[pos + _HEADER.size:end]) != crc:
+        return None
+    return end
+
+
+def _nothing_valid_after(data: bytes, pos: int) -> bool:
+    """A torn tail: no valid record starts anywhere after ``pos``."""
+    return all(_record_end(data, p) is None for p in range(pos + 1, len(data)))

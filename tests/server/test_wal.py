@@ -1,0 +1,152 @@
+"""pserver.wal: durable Raft log records, torn tails, corruption, group commit."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pserver.raft.types import Entry, HardState
+from pserver.wal import WAL, WALError, WALFull, atomic_write
+
+
+def _recover(path: Path, **kw: Any) -> Any:
+    """What a fresh open of ``path`` recovers (the log is closed again)."""
+    wal, rec = WAL.open(path, **kw)
+    wal.close()
+    return rec
+
+
+def _entries(n: int, term: int = 1, start: int = 1) -> list[Entry]:
+    return [Entry(term, i, f"data-{term}-{i}".encode() * (i % 5)) for i in range(start, start + n)]
+
+
+def test_entries_and_hard_state_survive_a_reopen(tmp_path: Path) -> None:
+    wal, rec = WAL.open(tmp_path)
+    assert rec.entries == [] and rec.hard_state == HardState()
+    wal.append(_entries(10), HardState(term=1, vote=2, commit=4))
+    wal.sync()
+    wal.close()
+    rec = _recover(tmp_path)
+    assert rec.entries == _entries(10)
+    assert rec.hard_state == HardState(1, 2, 4)
+
+
+def test_an_entry_at_or_below_the_last_index_replaces_the_log_from_there(tmp_path: Path) -> None:
+    wal, _ = WAL.open(tmp_path)
+    wal.append(_entries(5))
+    wal.append([Entry(2, 3, b"new")])
+    wal.sync()
+    wal.close()
+    rec = _recover(tmp_path)
+    assert [(e.term, e.index) for e in rec.entries] == [(1, 1), (1, 2), (2, 3)]
+
+
+def test_a_gap_in_the_indices_refuses_to_open(tmp_path: Path) -> None:
+    wal, _ = WAL.open(tmp_path)
+    wal.append([Entry(1, 1), Entry(1, 3)])
+    wal.sync()
+    wal.close()
+    with pytest.raises(WALError, match="does not follow"):
+        _recover(tmp_path)
+
+
+def test_a_torn_tail_is_cut_at_every_byte(tmp_path: Path) -> None:
+    """A crash mid-write leaves any prefix of the last record: recovery keeps every
+    earlier record, cuts the rest, and the log takes appends again."""
+    base = tmp_path / "base"
+    wal, _ = WAL.open(base)
+    wal.append(_entries(3), HardState(1, 1, 2))
+    wal.sync()
+    good = (base / "0000000000000000.wal").stat().st_size
+    wal.append([Entry(1, 4, b"x" * 40)])
+    wal.sync()
+    wal.close()
+    full = (base / "0000000000000000.wal").read_bytes()
+    for cut in range(good, len(full)):
+        d = tmp_path / f"cut{cut}"
+        d.mkdir()
+        (d / "0000000000000000.wal").write_bytes(full[:cut])
+        w2, rec = WAL.open(d)
+        assert rec.entries == _entries(3), cut
+        assert rec.hard_state == HardState(1, 1, 2)
+        assert (d / "0000000000000000.wal").stat().st_size == good
+        w2.append([Entry(1, 4, b"again")])
+        w2.sync()
+        w2.close()
+        assert _recover(d).entries[-1] == Entry(1, 4, b"again")
+
+
+def test_a_bad_record_followed_by_good_ones_refuses_to_start(tmp_path: Path) -> None:
+    wal, _ = WAL.open(tmp_path)
+    wal.append(_entries(5))
+    wal.sync()
+    wal.close()
+    seg = tmp_path / "0000000000000000.wal"
+    data = bytearray(seg.read_bytes())
+    data[12] ^= 0xFF  # inside the first record's payload
+    seg.write_bytes(bytes(data))
+    with pytest.raises(WALError, match="corrupt record at byte 0"):
+        _recover(tmp_path)
+
+
+def test_segments_rotate_and_replay_in_order(tmp_path: Path) -> None:
+    wal, _ = WAL.open(tmp_path, segment_bytes=200)
+    for i in range(1, 41):
+        wal.append([Entry(1, i, b"y" * 30)])
+    wal.append([Entry(2, 35, b"z")], HardState(2, 1, 30))
+    wal.sync()
+    wal.close()
+    assert len(list(tmp_path.glob("*.wal"))) > 5
+    rec = _recover(tmp_path, segment_bytes=200)
+    assert len(rec.entries) == 35 and rec.entries[-1] == Entry(2, 35, b"z")
+    assert rec.hard_state == HardState(2, 1, 30)
+
+
+def test_one_fsync_serves_a_whole_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commit: records appended together become durable with one fsync."""
+    calls: list[int] = []
+    real = os.fsync
+
+    def counting(fd: int) -> None:
+        calls.append(fd)
+        real(fd)
+
+    wal, _ = WAL.open(tmp_path)
+    monkeypatch.setattr(os, "fsync", counting)
+    wal.append(_entries(100), HardState(1, 1, 50))
+    wal.sync()
+    wal.sync()  # nothing new: no fsync
+    assert len(calls) == 1 and wal.syncs == 1
+    wal.close()
+
+
+@pytest.mark.parametrize(("err", "exc"), [(errno.ENOSPC, WALFull), (errno.EIO, WALError)])
+def test_a_failed_fsync_stops_the_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      err: int, exc: Any) -> None:
+    wal, _ = WAL.open(tmp_path)
+
+    def failing(fd: int) -> None:
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(os, "fsync", failing)
+    wal.append(_entries(2))
+    with pytest.raises(exc):
+        wal.sync()
+    monkeypatch.undo()
+    with pytest.raises(WALError):  # stopped: nothing after a failure is acknowledged
+        wal.append(_entries(1, start=3))
+    with pytest.raises(WALError):
+        wal.sync()
+    wal.close()
+
+
+def test_atomic_write_replaces_the_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "snapshot"
+    atomic_write(target, b"old")
+    atomic_write(target, b"new contents")
+    assert target.read_bytes() == b"new contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["snapshot"]
