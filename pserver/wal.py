@@ -222,7 +222,7 @@ def _record_end(data: bytes, pos: int) -> int | None:
     if pos + _HEADER.size > len(data):
         return None
     length, crc, kind = _HEADER.unpack_from(data, pos)
-    end = pos + _HEADER.size + length
+    end: int = pos + _HEADER.size + length
     if end > len(data) or kind not in (ENTRY, STATE):
         return None
     if _crc(kind, data[pos + _HEADER.size:end]) != crc:
