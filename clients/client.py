@@ -195,7 +195,6 @@ class Client:
         self._residual_lock = threading.Lock()
         self._meta_lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._seqs = itertools.count(1)
         self._closed = False
         self._io = IOEngine(self._ctx, self.endpoints, _REPLY_LIMITS)
 
@@ -288,11 +287,10 @@ class Client:
         messages: list[tuple[int, Header, list[Any]]] = []
         for shard, batch in self._batches(dense):
             tensors, frames = self._encode(batch, compress=True)
-            messages.append((shard, self._header(kind, tensors, mutating=True), frames))
+            messages.append((shard, self._header(kind, tensors), frames))
         for shard, batch in self._batches(topk):
             tensors, frames = self._encode_topk(batch)
-            messages.append((shard, self._header(kind, tensors, opts={"encoding": "topk"},
-                                                 mutating=True), frames))
+            messages.append((shard, self._header(kind, tensors, opts={"encoding": "topk"}), frames))
         return messages
 
     def _encode_topk(self, batch: Sequence[_Piece]) -> tuple[tuple[TensorMeta, ...], list[Any]]:
@@ -347,13 +345,11 @@ class Client:
         tensors: tuple[TensorMeta, ...] = (),
         refs: tuple[KeyRef, ...] = (),
         opts: dict[str, Any] | None = None,
-        mutating: bool = False,
     ) -> Header:
         return Header(
             kind,
             next(self._ids),
             client_id=self.client_id,
-            seq=next(self._seqs) if mutating else 0,
             tensors=tensors,
             refs=refs,
             opts=opts or {},
@@ -464,7 +460,7 @@ class Client:
             for shard, batch in batches:
                 tensors, frames = self._encode(batch)
                 messages.append(
-                    (shard, self._header(Kind.INIT, tensors, opts=opts, mutating=True), frames)
+                    (shard, self._header(Kind.INIT, tensors, opts=opts), frames)
                 )
 
             def on_reply(i: int, h: Header, _: Incoming) -> None:
@@ -670,7 +666,7 @@ class Client:
         if optimizer is not None:
             opts["optimizer"] = dict(optimizer)
         messages: list[tuple[int, Header, list[Any]]] = [
-            (s, self._header(Kind.CREATE_TABLE, opts=opts, mutating=True), [])
+            (s, self._header(Kind.CREATE_TABLE, opts=opts), [])
             for s in self.shard_map.shard_ids
         ]
         created: list[bool] = []
@@ -774,8 +770,8 @@ class Client:
             metas = (TensorMeta(name, 0, "uint64", (pos.size,), 0, pos.size, len(id_frames)),
                      TensorMeta(name, 0, dtype.name, (pos.size, dim), 0, pos.size * dim,
                                 len(grad_frames)))
-            messages.append((shard, self._header(Kind.PUSH_ROWS, metas, opts={"table": name},
-                                                 mutating=True), id_frames + grad_frames))
+            messages.append((shard, self._header(Kind.PUSH_ROWS, metas, opts={"table": name}),
+                             id_frames + grad_frames))
         self._wait(lambda: self._run(messages, lambda *_: None, lambda: None))
 
     def status(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -29,7 +30,7 @@ from typing import Any, TypeVar
 
 from pserver.protocol.codec import check_frames, decode_header
 from pserver.protocol.errors import PServerError, Unavailable, error_from_code
-from pserver.protocol.schema import Header, Limits
+from pserver.protocol.schema import MUTATING_KINDS, Header, Limits
 from pserver.protocol.transport import Endpoint, Incoming, Poller
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class IOEngine:
             self._poller.register(ep)
         self._queue: collections.deque[_Request] = collections.deque()
         self._pending: dict[int, _Request] = {}
+        self._seqs: dict[int, int] = {}  # shard -> last sequence number sent
         self._polling = False
         self._waiters = 0
         self._count_lock = threading.Lock()
@@ -179,10 +181,18 @@ class IOEngine:
             ep = self._sockets.get(req.shard)
             if ep is None:
                 req.on_error(Unavailable(f"no endpoint for shard {req.shard}", shard=req.shard))
-            elif ep.send(req.header, req.frames):
-                self._pending[req.header.request_id] = req
             else:
-                req.on_error(Unavailable(f"shard {req.shard}: send queue full", shard=req.shard))
+                if req.header.kind in MUTATING_KINDS and req.header.seq == 0:
+                    # Sequence numbers count up per shard in send order, so a shard sees
+                    # each client's mutations in increasing order (exactly-once needs it);
+                    # a retry will resend the same header, hence the same number.
+                    self._seqs[req.shard] = self._seqs.get(req.shard, 0) + 1
+                    req.header = dataclasses.replace(req.header, seq=self._seqs[req.shard])
+                if ep.send(req.header, req.frames):
+                    self._pending[req.header.request_id] = req
+                else:
+                    req.on_error(Unavailable(f"shard {req.shard}: send queue full",
+                                             shard=req.shard))
 
     def _receive(self, shard: int, ep: Endpoint) -> None:
         while (incoming := ep.recv()) is not None:
