@@ -33,6 +33,7 @@ from pserver.protocol.errors import (
     ShapeMismatch,
 )
 from pserver.protocol.frames import (
+    frame_count,
     join_frames,
     part_ranges,
     require_contiguous,
@@ -263,7 +264,7 @@ class Client:
             nbytes = nframes = 0
             for p in items:
                 b = p.count * p.meta.np_dtype.itemsize
-                f = max(1, -(-b // self.frame_bytes))
+                f = frame_count(b, p.meta.np_dtype.itemsize, self.frame_bytes)
                 if batch and (
                     nbytes + b > max_bytes
                     or len(batch) >= key_cap

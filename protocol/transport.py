@@ -142,10 +142,6 @@ class Endpoint:
             return None
         return trackers
 
-    def send_raw(self, parts: Sequence[Any]) -> None:
-        """Send already-framed parts (tests and tools that speak off-protocol)."""
-        self.sock.send_multipart(list(parts), copy=False)
-
     def wait_readable(self, timeout_ms: int) -> bool:
         """Block up to ``timeout_ms`` until a message is waiting."""
         return bool(self.sock.poll(timeout_ms, zmq.POLLIN))
