@@ -29,7 +29,7 @@ from pserver.protocol.errors import (
     ShapeMismatch,
 )
 from pserver.protocol.frames import join_frames, split_frames, split_rows
-from pserver.protocol.schema import Header, Kind, Limits, TensorMeta
+from pserver.protocol.schema import MUTATING_KINDS, Header, KeyRef, Kind, Limits, TensorMeta
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Endpoint, Incoming, new_context
 
@@ -153,6 +153,8 @@ class ShardServer:
             )
         elif kind == Kind.STATUS:
             self._reply(incoming, reply_header(header, opts=self.status()))
+        elif kind in MUTATING_KINDS and self._answer_duplicate(incoming, header):
+            return
         elif kind == Kind.INIT:
             spec, mode = self.state.check_init(header.tensors, header.opts)
             compression = parse_compression(header.opts.get("compression"))
@@ -162,13 +164,14 @@ class ShardServer:
             created = self.state.apply_init(
                 header.tensors, self._data(header, incoming), spec, mode, compression
             )
-            self._reply(incoming, reply_header(header, opts={"created": created}))
+            self._applied(incoming, header, {"created": created})
         elif kind in (Kind.PUSH, Kind.PUSH_PULL):
             self.state.check_push(header.tensors, header.opts)
             self.state.apply_push(header.tensors, self._data(header, incoming), header.opts)
             if kind == Kind.PUSH:
-                self._reply(incoming, reply_header(header))
+                self._applied(incoming, header, {})
             else:
+                self.state.sessions.record(header.client_id, header.seq, {})
                 sent = header.tensors[::2] if header.opts.get("encoding") == "topk" else (
                     header.tensors)
                 slots = [self.state.slots[(t.key, t.part)] for t in sent]
@@ -178,7 +181,7 @@ class ShardServer:
         elif kind == Kind.CREATE_TABLE:
             table_spec = self.state.check_create_table(header.opts)
             table_created = self.state.apply_create_table(table_spec)
-            self._reply(incoming, reply_header(header, opts={"created": table_created}))
+            self._applied(incoming, header, {"created": table_created})
         elif kind == Kind.TABLE_META:
             table = self.state.table(header.opts.get("table"))
             self._reply(incoming, reply_header(header, opts=table.spec.to_wire()))
@@ -196,7 +199,7 @@ class ShardServer:
             assert grads is not None
             table.check_push(ids, grads)
             self.state.apply_push_rows(table, ids, grads)
-            self._reply(incoming, reply_header(header))
+            self._applied(incoming, header, {})
         elif kind == Kind.META:
             slots = self.state.check_refs(header.refs)
             self._reply(
@@ -204,6 +207,28 @@ class ShardServer:
             )
         else:
             raise InvalidArgument(f"a shard does not serve {kind.name} requests")
+
+    def _applied(self, incoming: Incoming, header: Header, opts: dict[str, Any]) -> None:
+        """Record a mutation's reply in the session table, then send it."""
+        self.state.sessions.record(header.client_id, header.seq, opts)
+        self._reply(incoming, reply_header(header, opts=opts))
+
+    def _answer_duplicate(self, incoming: Incoming, header: Header) -> bool:
+        """Answer a mutation applied before (same client id and seq) without applying
+        it again: from the session table, or for PUSH_PULL with the current values."""
+        cached = self.state.sessions.duplicate(header.client_id, header.seq)
+        if cached is None:
+            return False
+        log.info("shard %d: duplicate %s seq %d answered without applying it", self.shard_id,
+                 header.kind.name, header.seq)
+        if header.kind == Kind.PUSH_PULL:
+            sent = header.tensors[::2] if header.opts.get("encoding") == "topk" else (
+                header.tensors)
+            self._send_values(incoming, header,
+                              self.state.check_refs([KeyRef(t.key, t.part) for t in sent]))
+        else:
+            self._reply(incoming, reply_header(header, opts=cached))
+        return True
 
     def _rows_request(self, header: Header, incoming: Incoming, with_grads: bool) -> tuple[
             Any, np.ndarray[Any, Any], np.ndarray[Any, Any] | None]:

@@ -23,6 +23,7 @@ from pserver.protocol.schema import KeyRef, TensorMeta
 from pserver.protocol.shardmap import ShardMap
 
 from .optim import OptimizerSpec
+from .sessions import Sessions
 from .tables import Table, TableSpec
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class ShardStateMachine:
         self.shard_map = shard_map
         self.chunk_bytes = chunk_bytes
         self.tables: dict[str, Table] = {}
+        self.sessions = Sessions()  # exactly-once: (client id, seq) -> reply
         self.default_mode = default_mode
         self.slots: dict[tuple[str, int], Slot] = {}
         self.applied_index = 0

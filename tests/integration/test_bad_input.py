@@ -529,3 +529,18 @@ def test_pushes_still_apply_after_all_that(victim: Victim) -> None:
     victim.canaries[key] = victim.canaries[key] - np.float32(0.5) * g
     intact(victim)
 
+
+
+def test_a_resent_push_is_applied_once(victim: Victim, raw_peer: Any) -> None:
+    """Exactly-once: the same (client id, seq) sent twice changes the value once and
+    both copies get a success reply; an INIT resent returns its first reply."""
+    key = victim.on_shard[3]
+    peer = raw_peer(victim.tcp(3))
+    g = np.full(64, 2.0, np.float32)
+    cid = b"resender-0123456"
+    header = hdr(Kind.PUSH, 1200, (f32_meta(key, 64, 1),), client_id=cid, seq=1)
+    for _ in range(2):
+        reply, _ = peer.request(header, [g.tobytes()])
+        assert (reply.error, reply.request_id) == (0, 1200)
+    victim.canaries[key] = victim.canaries[key] - np.float32(0.5) * g
+    intact(victim)
