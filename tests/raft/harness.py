@@ -30,6 +30,18 @@ class Cluster:
         self.queue: list[Message] = []
         self.cut: set[frozenset[int]] = set()  # pairs that cannot talk
         self.leaders: dict[int, set[int]] = {}  # term -> leaders seen
+        self.committed: list[Entry] = []  # every entry any node applied, by index
+
+    def crash_restart(self, i: int) -> None:
+        """Kill node ``i`` and start it again from its disk: the persisted hard state and
+        entries survive, everything in memory (role, leader, progress, the state
+        machine's applied entries) is lost and rebuilt by replaying the log."""
+        old = self.nodes[i]
+        self.queue = [m for m in self.queue if m.to != i]  # in flight to the dead process
+        core = RaftCore(old.core.cfg, random.Random(self.rng.random()), old.disk_state,
+                        old.disk_entries, applied=0)
+        self.nodes[i] = Node(core, list(old.disk_entries), old.disk_state)
+        self.process(i)
 
     def partition(self, *groups: set[int]) -> None:
         self.cut = {frozenset((a, b)) for g in groups for h in groups if g is not h
@@ -51,6 +63,12 @@ class Cluster:
                 node.disk_entries.extend(rd.entries)
             self.queue.extend(rd.messages)
             node.applied.extend(rd.committed)
+            for e in rd.committed:  # §5.4.3: no two nodes ever apply different entries
+                if e.index <= len(self.committed):
+                    assert self.committed[e.index - 1] == e, f"index {e.index} applied twice"
+                else:
+                    assert e.index == len(self.committed) + 1
+                    self.committed.append(e)
             core.advance(rd)
         if core.role == Role.LEADER:
             self.leaders.setdefault(core.term, set()).add(i)

@@ -179,8 +179,9 @@ def test_leadership_transfer_hands_over_to_the_named_follower() -> None:
 
 @pytest.mark.parametrize("seed", range(40))
 def test_random_faults_never_break_safety(seed: int) -> None:
-    """Drops, duplicates, reordering and partitions: one leader per term, identical
-    applied prefixes, committed entries never change; and progress once healed."""
+    """Drops, duplicates, reordering, partitions and crash-restarts from disk: one
+    leader per term, identical applied prefixes, committed entries never change or
+    vanish; and progress once healed."""
     rng = random.Random(seed)
     c = Cluster(rng.choice([3, 5]), seed=seed)
     proposed = 0
@@ -198,6 +199,8 @@ def test_random_faults_never_break_safety(seed: int) -> None:
             except ProposalDropped:
                 pass
             c.process(lead)
+        if rng.random() < 0.02:
+            c.crash_restart(rng.choice(list(c.nodes)))
         c.run(1, drop=0.1, dup=0.05, shuffle=True)
         c.check_invariants()
     c.heal()
