@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast bench lint typecheck clean
+.PHONY: venv demo test test-fast soak bench lint typecheck clean
 
 $(STAMP): pyproject.toml setup.py kernels/_hashing.pyx
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
+
+soak: $(STAMP)
+	RAFT_SEEDS=5000 $(BIN)/python -m pytest -q tests/raft
 
 bench: $(STAMP)
 	$(BIN)/pserver bench
