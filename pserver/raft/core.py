@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from .types import Config, Entry, HardState, Message, MsgType, Ready
@@ -45,6 +45,7 @@ class Progress:
     match: int = 0
     next: int = 1
     recent_active: bool = False
+    inflight: list[int] = field(default_factory=list)  # last index of each APP in flight
 
 
 class RaftCore:
@@ -334,13 +335,25 @@ class RaftCore:
         self.log.append(Entry(self.term, self.last_index + 1, data))
 
     def _send_append(self, to: int) -> None:
+        """Send the follower its next entries: at most ``max_entries_per_msg`` and
+        ``max_bytes_per_msg`` of data (one entry at least), and nothing while
+        ``max_inflight`` messages with entries are unacknowledged (flow control)."""
         pr = self.progress[to]
         prev = pr.next - 1
-        entries = tuple(self.log[prev:prev + self.cfg.max_entries_per_msg])
+        entries: list[Entry] = []
+        size = 0
+        for e in self.log[prev:prev + self.cfg.max_entries_per_msg]:
+            if entries and size + len(e.data) > self.cfg.max_bytes_per_msg:
+                break
+            entries.append(e)
+            size += len(e.data)
+        if entries and len(pr.inflight) >= self.cfg.max_inflight:
+            return  # paused until acknowledgements arrive; heartbeats keep going
         self._send(MsgType.APP, to, index=prev, log_term=self.term_at(prev) or 0,
-                   entries=entries, commit=self.commit)
+                   entries=tuple(entries), commit=self.commit)
         if entries:
             pr.next = entries[-1].index + 1  # optimistic: pipeline the next batch
+            pr.inflight.append(entries[-1].index)
 
     def _broadcast_append(self) -> None:
         for p in self._others():
@@ -355,8 +368,11 @@ class RaftCore:
             if m.reject:
                 if m.index < pr.next:  # a rejection of an index already passed is stale
                     pr.next = max(1, min(m.index, m.reject_hint + 1))
+                    pr.inflight.clear()
                     self._send_append(m.frm)
                 return
+            while pr.inflight and pr.inflight[0] <= m.index:
+                pr.inflight.pop(0)
             if m.index > pr.match:
                 pr.match = m.index
                 pr.next = max(pr.next, m.index + 1)
@@ -368,6 +384,7 @@ class RaftCore:
                 self._send_append(m.frm)
         elif m.type == MsgType.HEARTBEAT_RESP and pr.match < self.last_index:
             pr.next = pr.match + 1  # resend what may have been lost
+            pr.inflight.clear()
             self._send_append(m.frm)
 
     def _maybe_commit(self) -> bool:

@@ -70,6 +70,8 @@ class Config:
     pre_vote: bool = True
     check_quorum: bool = True
     max_entries_per_msg: int = 64
+    max_bytes_per_msg: int = 1 << 20  # entry data per AppendEntries (at least one entry)
+    max_inflight: int = 64  # AppendEntries with entries unacknowledged per follower
 
 
 @dataclass

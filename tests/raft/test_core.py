@@ -212,3 +212,25 @@ def test_random_faults_never_break_safety(seed: int) -> None:
     c.check_invariants()
     for nd in c.nodes.values():
         assert nd.applied and nd.applied[-1].data == b"final", f"seed {seed}: no progress"
+
+
+def test_flow_control_bounds_bytes_per_message_and_messages_in_flight() -> None:
+    """A slow follower gets at most max_inflight messages of at most
+    max_bytes_per_msg entry bytes; acknowledgements release more."""
+    cfg = Config(1, (1, 2), pre_vote=False, max_bytes_per_msg=1000, max_inflight=2)
+    core = RaftCore(cfg, random.Random(0))
+    core.campaign()
+    core.step(Message(MsgType.VOTE_RESP, 2, 1, term=1))
+    core.advance(core.ready())
+    core.step(Message(MsgType.APP_RESP, 2, 1, term=1, index=1))  # the no-op
+    core.advance(core.ready())
+    for i in range(10):
+        core.propose(bytes([i]) * 600)  # two entries never fit one message
+    rd = core.ready()
+    apps = [m for m in rd.messages if m.type == MsgType.APP and m.entries]
+    assert len(apps) == 2
+    assert all(len(m.entries) == 1 for m in apps)
+    core.advance(rd)
+    core.step(Message(MsgType.APP_RESP, 2, 1, term=1, index=apps[0].entries[-1].index))
+    more = [m for m in core.ready().messages if m.type == MsgType.APP and m.entries]
+    assert len(more) == 1  # one acknowledged, one more sent
