@@ -7,6 +7,16 @@ them. No sockets, clocks, threads or files; randomness is injected.
 """
 
 from .core import RaftCore, Role
-from .types import Config, Entry, HardState, Message, MsgType, Ready
+from .types import Config, Entry, HardState, Message, MsgType, Ready, Snapshot
 
-__all__ = ["Config", "Entry", "HardState", "Message", "MsgType", "RaftCore", "Ready", "Role"]
+__all__ = [
+    "Config",
+    "Entry",
+    "HardState",
+    "Message",
+    "MsgType",
+    "RaftCore",
+    "Ready",
+    "Role",
+    "Snapshot",
+]

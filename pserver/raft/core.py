@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .types import Config, Entry, HardState, Message, MsgType, Ready
+from .types import Config, Entry, HardState, Message, MsgType, Ready, Snapshot
 
 TRANSFER = -1  # reject_hint of a VOTE sent on TIMEOUT_NOW: disregard the leader lease
 
@@ -53,7 +53,8 @@ class RaftCore:
     ``applied`` is the last index its state machine has applied."""
 
     def __init__(self, config: Config, rng: random.Random, hard_state: HardState | None = None,
-                 entries: Sequence[Entry] = (), applied: int = 0) -> None:
+                 entries: Sequence[Entry] = (), applied: int = 0,
+                 snapshot: Snapshot | None = None) -> None:
         hard_state = hard_state or HardState()
         if config.id not in config.peers:
             raise ValueError("a node must be one of its peers")
@@ -61,13 +62,21 @@ class RaftCore:
         self.id = config.id
         self.rng = rng
         self.term, self.vote, self.commit = hard_state.term, hard_state.vote, hard_state.commit
+        # The log holds the entries after the snapshot (entries up to snap_index are
+        # compacted into it, §7).
+        self.snapshot = snapshot
+        self.snap_index = snapshot.index if snapshot else 0
+        self.snap_term = snapshot.term if snapshot else 0
         self.log: list[Entry] = list(entries)
-        if any(e.index != i + 1 for i, e in enumerate(self.log)):
-            raise ValueError("entries must be numbered 1, 2, 3, ...")
-        if self.commit > len(self.log) or applied > self.commit:
+        if any(e.index != self.snap_index + i + 1 for i, e in enumerate(self.log)):
+            raise ValueError("entries must follow the snapshot: numbered from its index + 1")
+        self.commit = max(self.commit, self.snap_index)
+        applied = max(applied, self.snap_index)  # the state machine starts from the snapshot
+        if self.commit > self.last_index or applied > self.commit:
             raise ValueError("commit beyond the log, or applied beyond commit")
-        self.stable = len(self.log)
+        self.stable = self.last_index
         self.applied = applied
+        self.pending_snapshot: Snapshot | None = None  # received, for the driver to restore
         self.role = Role.FOLLOWER
         self.lead = 0
         self.votes: dict[int, bool] = {}
@@ -83,18 +92,23 @@ class RaftCore:
 
     @property
     def last_index(self) -> int:
-        return len(self.log)
+        return self.snap_index + len(self.log)
 
     @property
     def last_term(self) -> int:
-        return self.log[-1].term if self.log else 0
+        return self.log[-1].term if self.log else self.snap_term
 
     def term_at(self, index: int) -> int | None:
-        if index == 0:
-            return 0
-        if 0 < index <= len(self.log):
-            return self.log[index - 1].term
+        """The term of entry ``index``; None when beyond the log or compacted away."""
+        if index == self.snap_index:
+            return self.snap_term
+        if self.snap_index < index <= self.last_index:
+            return self.log[index - self.snap_index - 1].term
         return None
+
+    def _slice(self, lo: int, hi: int) -> list[Entry]:
+        """Entries lo..hi (inclusive, 1-based), all after the snapshot."""
+        return self.log[lo - self.snap_index - 1:hi - self.snap_index]
 
     def _up_to_date(self, last_term: int, last_index: int) -> bool:
         """§5.4.1: the candidate's log is at least as up-to-date as ours."""
@@ -104,21 +118,28 @@ class RaftCore:
 
     def has_ready(self) -> bool:
         return (HardState(self.term, self.vote, self.commit) != self._saved or bool(self.msgs)
-                or self.stable < self.last_index or self.applied < self.commit)
+                or self.stable < self.last_index or self.applied < self.commit
+                or self.pending_snapshot is not None)
 
     def ready(self) -> Ready:
         hs = HardState(self.term, self.vote, self.commit)
+        applied = self.pending_snapshot.index if self.pending_snapshot else self.applied
         return Ready(
             hard_state=hs if hs != self._saved else None,
-            entries=self.log[self.stable:],
+            snapshot=self.pending_snapshot,
+            entries=self._slice(self.stable + 1, self.last_index),
             messages=self.msgs[:],
-            committed=self.log[self.applied:self.commit],
+            committed=self._slice(applied + 1, self.commit),
         )
 
     def advance(self, rd: Ready) -> None:
         """The driver persisted, sent and applied what ``rd`` held."""
         if rd.hard_state is not None:
             self._saved = rd.hard_state
+        if rd.snapshot is not None:
+            self.applied = max(self.applied, rd.snapshot.index)
+            if self.pending_snapshot == rd.snapshot:
+                self.pending_snapshot = None
         if rd.entries:
             last = rd.entries[-1]
             if self.term_at(last.index) == last.term:  # not overwritten meanwhile
@@ -157,6 +178,20 @@ class RaftCore:
         self._append(data)
         self._broadcast_append()
         return self.last_index
+
+    def compact(self, index: int, data: bytes) -> Snapshot:
+        """The driver saved a snapshot of the state machine as of applied entry
+        ``index``: drop the entries up to it (§7). Returns the snapshot, which
+        followers that need compacted entries will receive."""
+        if not self.snap_index < index <= self.applied:
+            raise ValueError(f"can only compact applied entries after {self.snap_index}, "
+                             f"not up to {index} (applied {self.applied})")
+        term = self.term_at(index)
+        assert term is not None
+        del self.log[:index - self.snap_index]
+        self.snap_index, self.snap_term = index, term
+        self.snapshot = Snapshot(index, term, data)
+        return self.snapshot
 
     def transfer_leadership(self, to: int) -> None:
         """Hand leadership to ``to`` once its log is caught up (thesis §3.10)."""
@@ -302,6 +337,27 @@ class RaftCore:
             self._send(MsgType.HEARTBEAT_RESP, m.frm)
         elif m.type == MsgType.TIMEOUT_NOW:
             self.campaign(transfer=True)
+        elif m.type == MsgType.SNAP and m.snapshot is not None:
+            self.election_elapsed, self.lead = 0, m.frm
+            self._restore(m)
+
+    def _restore(self, m: Message) -> None:
+        """§7 InstallSnapshot: adopt the leader's snapshot unless the log already
+        holds its last entry (then only the commit index moves)."""
+        s = m.snapshot
+        assert s is not None
+        if s.index <= self.commit:
+            self._send(MsgType.APP_RESP, m.frm, index=self.commit)
+            return
+        if self.term_at(s.index) == s.term:
+            self._commit_to(s.index)
+        else:
+            self.log = []
+            self.snap_index, self.snap_term = s.index, s.term
+            self.snapshot = self.pending_snapshot = s
+            self.commit = s.index
+            self.stable = s.index  # the driver persists the snapshot before answering
+        self._send(MsgType.APP_RESP, m.frm, index=s.index)
 
     def _handle_append(self, m: Message) -> None:
         """§5.3: accept entries only where the logs match; cut a conflicting suffix
@@ -319,7 +375,7 @@ class RaftCore:
                 continue
             if have is not None:  # a conflict: drop it and everything after (§5.3)
                 assert e.index > self.commit, "a committed entry may never change"
-                del self.log[e.index - 1:]
+                del self.log[e.index - self.snap_index - 1:]
                 self.stable = min(self.stable, e.index - 1)
             self.log.append(e)
         last_new = m.index + len(m.entries)
@@ -340,9 +396,16 @@ class RaftCore:
         ``max_inflight`` messages with entries are unacknowledged (flow control)."""
         pr = self.progress[to]
         prev = pr.next - 1
+        if prev < self.snap_index:  # the entries it needs are compacted: send the snapshot
+            if len(pr.inflight) < self.cfg.max_inflight and self.snapshot is not None:
+                self._send(MsgType.SNAP, to, snapshot=self.snapshot)
+                pr.next = self.snap_index + 1
+                pr.inflight.append(self.snap_index)
+            return
         entries: list[Entry] = []
         size = 0
-        for e in self.log[prev:prev + self.cfg.max_entries_per_msg]:
+        for e in self._slice(pr.next, min(self.last_index,
+                                          prev + self.cfg.max_entries_per_msg)):
             if entries and size + len(e.data) > self.cfg.max_bytes_per_msg:
                 break
             entries.append(e)

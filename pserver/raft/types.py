@@ -21,6 +21,7 @@ class MsgType(IntEnum):
     HEARTBEAT = 7  # an empty AppendEntries carrying the commit index
     HEARTBEAT_RESP = 8
     TIMEOUT_NOW = 9  # leadership transfer: campaign now (thesis §3.10)
+    SNAP = 10  # InstallSnapshot (§7): the follower's next entries were compacted away
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,16 @@ class Entry:
 
     term: int
     index: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The state machine as of entry ``index`` (of ``term``): what replaces the log
+    up to there (§7). ``data`` is the state machine's own encoding."""
+
+    index: int
+    term: int
     data: bytes = b""
 
 
@@ -48,6 +59,7 @@ class Message:
     commit: int = 0
     reject: bool = False
     reject_hint: int = 0
+    snapshot: Snapshot | None = None
 
 
 @dataclass(frozen=True)
@@ -76,10 +88,12 @@ class Config:
 
 @dataclass
 class Ready:
-    """Work for the driver: persist ``hard_state`` and ``entries`` (fsync), then
-    send ``messages``, then apply ``committed``, then call ``advance``."""
+    """Work for the driver: persist ``snapshot`` (and restore the state machine from
+    it), ``hard_state`` and ``entries`` (fsync), then send ``messages``, then apply
+    ``committed``, then call ``advance``."""
 
     hard_state: HardState | None = None
+    snapshot: Snapshot | None = None  # persist and restore it before the entries
     entries: list[Entry] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
     committed: list[Entry] = field(default_factory=list)

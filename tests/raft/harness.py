@@ -3,10 +3,11 @@ replica driver will: persist, then send, then apply, then advance."""
 
 from __future__ import annotations
 
+import pickle
 import random
 from dataclasses import dataclass, field
 
-from pserver.raft import Config, Entry, HardState, Message, RaftCore, Role
+from pserver.raft import Config, Entry, HardState, Message, RaftCore, Role, Snapshot
 
 
 @dataclass
@@ -14,7 +15,8 @@ class Node:
     core: RaftCore
     disk_entries: list[Entry] = field(default_factory=list)
     disk_state: HardState = field(default_factory=HardState)
-    applied: list[Entry] = field(default_factory=list)
+    applied: list[Entry] = field(default_factory=list)  # the state machine: what it applied
+    disk_snapshot: Snapshot | None = None  # entries on disk follow it
 
 
 class Cluster:
@@ -38,9 +40,11 @@ class Cluster:
         machine's applied entries) is lost and rebuilt by replaying the log."""
         old = self.nodes[i]
         self.queue = [m for m in self.queue if m.to != i]  # in flight to the dead process
+        snap = old.disk_snapshot
         core = RaftCore(old.core.cfg, random.Random(self.rng.random()), old.disk_state,
-                        old.disk_entries, applied=0)
-        self.nodes[i] = Node(core, list(old.disk_entries), old.disk_state)
+                        old.disk_entries, applied=snap.index if snap else 0, snapshot=snap)
+        applied = pickle.loads(snap.data) if snap else []
+        self.nodes[i] = Node(core, list(old.disk_entries), old.disk_state, applied, snap)
         self.process(i)
 
     def partition(self, *groups: set[int]) -> None:
@@ -57,21 +61,39 @@ class Cluster:
             rd = core.ready()
             if rd.hard_state is not None:
                 node.disk_state = rd.hard_state
+            if rd.snapshot is not None:  # persist it, then restore the state machine
+                node.disk_snapshot, node.disk_entries = rd.snapshot, []
+                node.applied = pickle.loads(rd.snapshot.data)
+                self._oracle(node.applied)
             if rd.entries:
-                first = rd.entries[0].index
-                del node.disk_entries[first - 1:]
+                base = node.disk_snapshot.index if node.disk_snapshot else 0
+                del node.disk_entries[rd.entries[0].index - base - 1:]
                 node.disk_entries.extend(rd.entries)
             self.queue.extend(rd.messages)
             node.applied.extend(rd.committed)
-            for e in rd.committed:  # §5.4.3: no two nodes ever apply different entries
+            self._oracle(rd.committed)
+            core.advance(rd)
+        if core.role == Role.LEADER:
+            self.leaders.setdefault(core.term, set()).add(i)
+
+    def _oracle(self, entries: list[Entry]) -> None:
+        for e in entries:  # §5.4.3: no two nodes ever apply different entries
                 if e.index <= len(self.committed):
                     assert self.committed[e.index - 1] == e, f"index {e.index} applied twice"
                 else:
                     assert e.index == len(self.committed) + 1
                     self.committed.append(e)
-            core.advance(rd)
-        if core.role == Role.LEADER:
-            self.leaders.setdefault(core.term, set()).add(i)
+
+    def compact(self, i: int) -> None:
+        """Node ``i`` snapshots its state machine at its applied index (§7)."""
+        node = self.nodes[i]
+        core = node.core
+        if core.applied <= core.snap_index:
+            return
+        assert len(node.applied) == core.applied
+        snap = core.compact(core.applied, pickle.dumps(node.applied))
+        node.disk_snapshot = snap
+        node.disk_entries = [e for e in node.disk_entries if e.index > snap.index]
 
     def tick(self, i: int | None = None) -> None:
         for j in [i] if i is not None else list(self.nodes):
@@ -128,4 +150,5 @@ class Cluster:
         for nd in self.nodes.values():
             core = nd.core
             assert [e.index for e in nd.applied] == list(range(1, len(nd.applied) + 1))
-            assert core.log[:len(nd.applied)] == nd.applied, "a committed entry changed"
+            for e in nd.applied[core.snap_index:]:
+                assert core.log[e.index - core.snap_index - 1] == e, "a committed entry changed"

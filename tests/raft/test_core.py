@@ -180,7 +180,8 @@ def test_leadership_transfer_hands_over_to_the_named_follower() -> None:
 
 @pytest.mark.parametrize("seed", range(int(os.environ.get("RAFT_SEEDS", "300"))))
 def test_random_faults_never_break_safety(seed: int) -> None:
-    """Drops, duplicates, reordering, partitions and crash-restarts from disk: one
+    """Drops, duplicates, reordering, partitions, snapshots (§7) and crash-restarts
+    from disk: one
     leader per term, identical applied prefixes, committed entries never change or
     vanish; and progress once healed."""
     rng = random.Random(seed)
@@ -202,6 +203,8 @@ def test_random_faults_never_break_safety(seed: int) -> None:
             c.process(lead)
         if rng.random() < 0.02:
             c.crash_restart(rng.choice(list(c.nodes)))
+        if rng.random() < 0.03:
+            c.compact(rng.choice(list(c.nodes)))
         c.run(1, drop=0.1, dup=0.05, shuffle=True)
         c.check_invariants()
     c.heal()
@@ -234,3 +237,46 @@ def test_flow_control_bounds_bytes_per_message_and_messages_in_flight() -> None:
     core.step(Message(MsgType.APP_RESP, 2, 1, term=1, index=apps[0].entries[-1].index))
     more = [m for m in core.ready().messages if m.type == MsgType.APP and m.entries]
     assert len(more) == 1  # one acknowledged, one more sent
+
+
+def test_a_follower_behind_a_compacted_log_catches_up_by_snapshot() -> None:
+    """§7: entries a follower needs were compacted away, so the leader sends its
+    snapshot; the follower restores it and continues from there."""
+    c = Cluster(3, seed=8)
+    lead = c.elect()
+    slow = next(i for i in c.nodes if i != lead)
+    c.partition({slow}, set(c.nodes) - {slow})
+    for i in range(10):
+        c.nodes[lead].core.propose(f"e{i}".encode())
+        c.process(lead)
+        c.deliver()
+    c.run(3)
+    c.compact(lead)
+    assert c.nodes[lead].core.snap_index > 1
+    sent: list[MsgType] = []
+    real_step = c.nodes[slow].core.step
+
+    def spy(m: Message) -> None:
+        sent.append(m.type)
+        real_step(m)
+
+    c.nodes[slow].core.step = spy  # type: ignore[method-assign]
+    c.heal()
+    c.run(5)
+    assert MsgType.SNAP in sent
+    follower = c.nodes[slow]
+    assert [e.data for e in follower.applied if e.data] == [f"e{i}".encode() for i in range(10)]
+    assert follower.core.snap_index == c.nodes[lead].core.snap_index
+    c.nodes[lead].core.propose(b"after")
+    c.process(lead)
+    c.run(3)
+    assert follower.applied[-1].data == b"after"
+    c.check_invariants()
+
+
+def test_compaction_only_covers_applied_entries() -> None:
+    core = RaftCore(Config(1, (1,)), random.Random(0))
+    core.campaign()
+    core.advance(core.ready())
+    with pytest.raises(ValueError, match="compact"):
+        core.compact(5, b"")
