@@ -14,6 +14,7 @@ threading, os or anything outside this package; randomness is injected.
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -46,6 +47,7 @@ class Progress:
     next: int = 1
     recent_active: bool = False
     inflight: list[int] = field(default_factory=list)  # last index of each APP in flight
+    snap_offset: int = 0  # bytes of our snapshot the follower acknowledged holding
 
 
 class RaftCore:
@@ -77,6 +79,9 @@ class RaftCore:
         self.stable = self.last_index
         self.applied = applied
         self.pending_snapshot: Snapshot | None = None  # received, for the driver to restore
+        self._receiving: tuple[int, int, int, int] | None = None  # (index, term, crc, total)
+        self._snap_crc: int | None = None  # of self.snapshot, computed when first sent
+        self._received = bytearray()  # chunks of that snapshot so far
         self.role = Role.FOLLOWER
         self.lead = 0
         self.votes: dict[int, bool] = {}
@@ -191,6 +196,7 @@ class RaftCore:
         del self.log[:index - self.snap_index]
         self.snap_index, self.snap_term = index, term
         self.snapshot = Snapshot(index, term, data)
+        self._snap_crc = None
         return self.snapshot
 
     def transfer_leadership(self, to: int) -> None:
@@ -342,13 +348,29 @@ class RaftCore:
             self._restore(m)
 
     def _restore(self, m: Message) -> None:
-        """§7 InstallSnapshot: adopt the leader's snapshot unless the log already
-        holds its last entry (then only the commit index moves)."""
-        s = m.snapshot
-        assert s is not None
-        if s.index <= self.commit:
+        """§7 InstallSnapshot: collect the chunks in order, check the whole snapshot's
+        CRC, then adopt it unless the log already holds its last entry (then only
+        the commit index moves). Stale, duplicate and out-of-order chunks are
+        answered with the offset held, so the leader resends from there."""
+        chunk = m.snapshot
+        assert chunk is not None
+        if chunk.index <= self.commit:
             self._send(MsgType.APP_RESP, m.frm, index=self.commit)
             return
+        key = (chunk.index, chunk.term, m.snap_crc, m.snap_total)
+        if self._receiving != key:
+            self._receiving, self._received = key, bytearray()
+        if m.snap_offset == len(self._received):
+            self._received += chunk.data
+        if len(self._received) < m.snap_total:
+            self._send(MsgType.SNAP_RESP, m.frm, snap_offset=len(self._received))
+            return
+        data = bytes(self._received)
+        self._receiving, self._received = None, bytearray()
+        if len(data) != m.snap_total or zlib.crc32(data) != m.snap_crc:
+            self._send(MsgType.SNAP_RESP, m.frm, snap_offset=0)  # corrupt: start over
+            return
+        s = Snapshot(chunk.index, chunk.term, data)
         if self.term_at(s.index) == s.term:
             self._commit_to(s.index)
         else:
@@ -397,10 +419,7 @@ class RaftCore:
         pr = self.progress[to]
         prev = pr.next - 1
         if prev < self.snap_index:  # the entries it needs are compacted: send the snapshot
-            if len(pr.inflight) < self.cfg.max_inflight and self.snapshot is not None:
-                self._send(MsgType.SNAP, to, snapshot=self.snapshot)
-                pr.next = self.snap_index + 1
-                pr.inflight.append(self.snap_index)
+            self._send_snapshot_chunk(to, pr)
             return
         entries: list[Entry] = []
         size = 0
@@ -417,6 +436,20 @@ class RaftCore:
         if entries:
             pr.next = entries[-1].index + 1  # optimistic: pipeline the next batch
             pr.inflight.append(entries[-1].index)
+
+    def _send_snapshot_chunk(self, to: int, pr: Progress) -> None:
+        """The next chunk of the snapshot (thesis §5.3: chunked, checksummed, and
+        resumed from the offset the follower reports)."""
+        snap = self.snapshot
+        if snap is None or pr.inflight:
+            return  # one chunk in flight at a time; the response sends the next
+        if self._snap_crc is None:
+            self._snap_crc = zlib.crc32(snap.data)
+        start = min(pr.snap_offset, len(snap.data))
+        chunk = snap.data[start:start + self.cfg.snapshot_chunk_bytes]
+        self._send(MsgType.SNAP, to, snapshot=Snapshot(snap.index, snap.term, chunk),
+                   snap_offset=start, snap_total=len(snap.data), snap_crc=self._snap_crc)
+        pr.inflight.append(snap.index)
 
     def _broadcast_append(self) -> None:
         for p in self._others():
@@ -438,6 +471,7 @@ class RaftCore:
                 pr.inflight.pop(0)
             if m.index > pr.match:
                 pr.match = m.index
+                pr.snap_offset = 0
                 pr.next = max(pr.next, m.index + 1)
                 if self._maybe_commit():
                     self._broadcast_append()
@@ -445,6 +479,10 @@ class RaftCore:
                     self._send(MsgType.TIMEOUT_NOW, m.frm)
             if pr.next <= self.last_index:
                 self._send_append(m.frm)
+        elif m.type == MsgType.SNAP_RESP:
+            pr.inflight.clear()
+            pr.snap_offset = m.snap_offset
+            self._send_append(m.frm)
         elif m.type == MsgType.HEARTBEAT_RESP and pr.match < self.last_index:
             pr.next = pr.match + 1  # resend what may have been lost
             pr.inflight.clear()

@@ -21,7 +21,8 @@ class MsgType(IntEnum):
     HEARTBEAT = 7  # an empty AppendEntries carrying the commit index
     HEARTBEAT_RESP = 8
     TIMEOUT_NOW = 9  # leadership transfer: campaign now (thesis §3.10)
-    SNAP = 10  # InstallSnapshot (§7): the follower's next entries were compacted away
+    SNAP = 10  # InstallSnapshot (§7): one chunk of the snapshot, for entries compacted away
+    SNAP_RESP = 11  # how many bytes of the snapshot the follower holds
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,10 @@ class Message:
     commit: int = 0
     reject: bool = False
     reject_hint: int = 0
-    snapshot: Snapshot | None = None
+    snapshot: Snapshot | None = None  # SNAP: index, term and this chunk as ``data``
+    snap_offset: int = 0  # SNAP: where the chunk starts; SNAP_RESP: bytes held
+    snap_total: int = 0  # SNAP: the snapshot's size in bytes
+    snap_crc: int = 0  # SNAP: CRC-32 of the whole snapshot
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,7 @@ class Config:
     max_entries_per_msg: int = 64
     max_bytes_per_msg: int = 1 << 20  # entry data per AppendEntries (at least one entry)
     max_inflight: int = 64  # AppendEntries with entries unacknowledged per follower
+    snapshot_chunk_bytes: int = 1 << 20  # InstallSnapshot chunk size
 
 
 @dataclass
