@@ -81,6 +81,8 @@ class RaftCore:
         self.pending_snapshot: Snapshot | None = None  # received, for the driver to restore
         self._receiving: tuple[int, int, int, int] | None = None  # (index, term, crc, total)
         self._snap_crc: int | None = None  # of self.snapshot, computed when first sent
+        self._reads: dict[bytes, tuple[int, set[int]]] = {}  # context -> (index, acks)
+        self.read_states: list[tuple[bytes, int]] = []  # confirmed, for the next Ready
         self._received = bytearray()  # chunks of that snapshot so far
         self.role = Role.FOLLOWER
         self.lead = 0
@@ -124,7 +126,7 @@ class RaftCore:
     def has_ready(self) -> bool:
         return (HardState(self.term, self.vote, self.commit) != self._saved or bool(self.msgs)
                 or self.stable < self.last_index or self.applied < self.commit
-                or self.pending_snapshot is not None)
+                or self.pending_snapshot is not None or bool(self.read_states))
 
     def ready(self) -> Ready:
         hs = HardState(self.term, self.vote, self.commit)
@@ -135,6 +137,7 @@ class RaftCore:
             entries=self._slice(self.stable + 1, self.last_index),
             messages=self.msgs[:],
             committed=self._slice(applied + 1, self.commit),
+            reads=self.read_states[:],
         )
 
     def advance(self, rd: Ready) -> None:
@@ -150,6 +153,7 @@ class RaftCore:
             if self.term_at(last.index) == last.term:  # not overwritten meanwhile
                 self.stable = max(self.stable, last.index)
         del self.msgs[:len(rd.messages)]
+        del self.read_states[:len(rd.reads)]
         if rd.committed:
             self.applied = max(self.applied, rd.committed[-1].index)
         if self.role == Role.LEADER:
@@ -183,6 +187,30 @@ class RaftCore:
         self._append(data)
         self._broadcast_append()
         return self.last_index
+
+    def read_index(self, context: bytes) -> None:
+        """Ask for a linearizable read (thesis §6.4): the leader notes its commit index
+        and confirms it still leads with a round of heartbeats; once a majority
+        answers, ``(context, index)`` appears in ``Ready.reads``. Needs an entry of
+        the current term committed first (the term's no-op)."""
+        if self.role != Role.LEADER:
+            raise ProposalDropped(self.lead)
+        if self.term_at(self.commit) != self.term:
+            raise ProposalDropped(self.id)  # not yet: retry once this term's no-op commits
+        self._reads[context] = (self.commit, {self.id})
+        if len(self.cfg.peers) == 1:
+            self._confirm_reads()
+            return
+        for p in self._others():
+            self._send(MsgType.HEARTBEAT, p, commit=min(self.progress[p].match, self.commit),
+                       context=context)
+
+    def _confirm_reads(self) -> None:
+        q = len(self.cfg.peers) // 2 + 1
+        for ctx, (index, acks) in list(self._reads.items()):
+            if len(acks) >= q:
+                self.read_states.append((ctx, index))
+                del self._reads[ctx]
 
     def compact(self, index: int, data: bytes) -> Snapshot:
         """The driver saved a snapshot of the state machine as of applied entry
@@ -218,6 +246,7 @@ class RaftCore:
     def _reset(self, term: int) -> None:
         if term != self.term:
             self.term, self.vote = term, 0
+        self._reads = {}  # unconfirmed reads die with the role; the driver times them out
         self.lead = 0
         self.votes = {}
         self.election_elapsed = self.heartbeat_elapsed = 0
@@ -340,7 +369,7 @@ class RaftCore:
         elif m.type == MsgType.HEARTBEAT:
             self.election_elapsed, self.lead = 0, m.frm
             self._commit_to(min(m.commit, self.last_index))
-            self._send(MsgType.HEARTBEAT_RESP, m.frm)
+            self._send(MsgType.HEARTBEAT_RESP, m.frm, context=m.context)
         elif m.type == MsgType.TIMEOUT_NOW:
             self.campaign(transfer=True)
         elif m.type == MsgType.SNAP and m.snapshot is not None:
@@ -483,10 +512,14 @@ class RaftCore:
             pr.inflight.clear()
             pr.snap_offset = m.snap_offset
             self._send_append(m.frm)
-        elif m.type == MsgType.HEARTBEAT_RESP and pr.match < self.last_index:
-            pr.next = pr.match + 1  # resend what may have been lost
-            pr.inflight.clear()
-            self._send_append(m.frm)
+        elif m.type == MsgType.HEARTBEAT_RESP:
+            if m.context in self._reads:
+                self._reads[m.context][1].add(m.frm)
+                self._confirm_reads()
+            if pr.match < self.last_index:
+                pr.next = pr.match + 1  # resend what may have been lost
+                pr.inflight.clear()
+                self._send_append(m.frm)
 
     def _maybe_commit(self) -> bool:
         """§5.3/§5.4.2: commit the highest index a majority holds, if of this term."""

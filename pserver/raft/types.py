@@ -64,6 +64,7 @@ class Message:
     snap_offset: int = 0  # SNAP: where the chunk starts; SNAP_RESP: bytes held
     snap_total: int = 0  # SNAP: the snapshot's size in bytes
     snap_crc: int = 0  # SNAP: CRC-32 of the whole snapshot
+    context: bytes = b""  # HEARTBEAT(_RESP): the ReadIndex request it confirms
 
 
 @dataclass(frozen=True)
@@ -102,3 +103,6 @@ class Ready:
     entries: list[Entry] = field(default_factory=list)
     messages: list[Message] = field(default_factory=list)
     committed: list[Entry] = field(default_factory=list)
+    # ReadIndex (thesis §6.4): (context, index) of reads a quorum confirmed; serve each
+    # once the state machine has applied ``index``.
+    reads: list[tuple[bytes, int]] = field(default_factory=list)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
 import pytest
 
@@ -319,3 +320,39 @@ def test_a_large_snapshot_arrives_in_checked_chunks_despite_drops(seed: int) -> 
             break
     assert [e.data for e in c.nodes[slow].applied[1:41]] == [bytes([i]) * 50 for i in range(40)]
     c.check_invariants()
+
+
+def test_read_index_confirms_leadership_with_a_quorum_first() -> None:
+    """Thesis §6.4: a read is served at the commit index only after a majority
+    acknowledged a heartbeat sent after the read arrived."""
+    c = Cluster(3, seed=9)
+    lead = c.elect()
+    core = c.nodes[lead].core
+    core.read_index(b"r1")
+    assert not core.read_states
+    reads: list[tuple[bytes, int]] = []
+    real_ready = core.ready
+
+    def spy() -> Any:
+        rd = real_ready()
+        reads.extend(rd.reads)
+        return rd
+
+    core.ready = spy  # type: ignore[method-assign]
+    c.process(lead)
+    c.deliver()
+    assert reads == [(b"r1", core.commit)]
+
+
+def test_a_cut_off_leader_never_confirms_a_read() -> None:
+    c = Cluster(3, seed=10)
+    lead = c.elect()
+    c.partition({lead}, set(c.nodes) - {lead})
+    core = c.nodes[lead].core
+    core.read_index(b"stale?")
+    c.process(lead)
+    c.run(30)
+    assert not core.read_states and b"stale?" not in core._reads  # dropped on stepping down
+    follower = next(i for i in c.nodes if i != lead)
+    with pytest.raises(ProposalDropped):
+        c.nodes[follower].core.read_index(b"x")
