@@ -20,6 +20,7 @@ from pserver.protocol.schema import Limits
 from pserver.protocol.shardmap import ShardMap
 
 from .config import ConfigError, load_config
+from .snapshot import SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ def serve(config_file: str | None, no_ipc: bool | None, **options: Any) -> None:
 @click.option("--chunk-bytes", type=int, default=4 << 20, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="where the shard keeps its tensors")
+@click.option("--data-dir", default=None,
+              help="where the shard saves its state on a clean stop and loads it at start")
 @click.option("--max-request-bytes", type=int, default=Limits.max_request_bytes, show_default=True)
 @click.option("--max-keys", type=int, default=Limits.max_keys, show_default=True)
 @click.option("--max-key-bytes", type=int, default=Limits.max_key_bytes, show_default=True)
@@ -120,6 +123,7 @@ def shard(
     frame_bytes: int,
     chunk_bytes: int,
     device: str,
+    data_dir: str | None,
     max_request_bytes: int,
     max_keys: int,
     max_key_bytes: int,
@@ -148,9 +152,12 @@ def shard(
             chunk_bytes=chunk_bytes,
             parent_pid=parent_pid,
             device=device,
+            data_dir=data_dir,
         )
     except BackendUnavailable as exc:
         raise click.ClickException(f"--device {device}: {exc}") from None
+    except SnapshotError as exc:
+        raise click.ClickException(f"cannot restore the shard's state: {exc}") from None
     server.install_signal_handlers()
     print(
         json.dumps({"shard": shard_id, "pid": os.getpid(), "endpoints": server.endpoints}),

@@ -16,6 +16,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,11 +34,13 @@ from pserver.protocol.schema import MUTATING_KINDS, Header, KeyRef, Kind, Limits
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Endpoint, Incoming, new_context
 
+from . import snapshot
 from .shard import ShardStateMachine, Slot, parse_compression
 
 log = logging.getLogger(__name__)
 
 DRAIN_BATCH = 64
+SNAPSHOT_FILE = "state.snap"
 
 
 class ShardServer:
@@ -55,12 +58,15 @@ class ShardServer:
         chunk_bytes: int = 4 << 20,
         parent_pid: int | None = None,
         device: str = "cpu",
+        data_dir: str | Path | None = None,
     ) -> None:
         self.shard_id = shard_id
         self.limits = limits or Limits()
         self.frame_bytes = frame_bytes
         self.parent_pid = parent_pid
         self.state = ShardStateMachine(shard_id, shard_map, default_mode, chunk_bytes, device)
+        self.snapshot_path = Path(data_dir) / SNAPSHOT_FILE if data_dir is not None else None
+        self._restore()
         self.ctx = new_context()
         self.endpoint = Endpoint.router_bound(self.ctx, endpoints, self.limits)
         self.started = time.time()
@@ -104,6 +110,25 @@ class ShardServer:
     def close(self) -> None:
         self.endpoint.close()
         self.ctx.term()
+        if self.snapshot_path is not None:
+            size = snapshot.save(self.state, self.snapshot_path)
+            log.info("shard %d: saved %d bytes of state to %s", self.shard_id, size,
+                     self.snapshot_path)
+
+    def _restore(self) -> None:
+        """Load the state a clean stop saved. The file is then set aside, so a crash
+        later restarts this shard empty rather than silently rolled back (until the
+        replicated log keeps every acknowledged update)."""
+        path = self.snapshot_path
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            return
+        snapshot.load(path, self.state)
+        os.replace(path, path.with_name(path.name + ".loaded"))
+        log.info("shard %d: restored %d key parts and %d tables from %s", self.shard_id,
+                 len(self.state.slots), len(self.state.tables), path)
 
     # -- one message ----------------------------------------------------------
 

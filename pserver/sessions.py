@@ -64,3 +64,13 @@ class Sessions:
             s.replies.popitem(last=False)
         while len(self._table) > self.max_sessions:
             self._table.popitem(last=False)
+
+    def to_wire(self) -> list[Any]:
+        """The table as msgpack-able lists, in activity order (for snapshots)."""
+        return [[cid, s.last_seq, [[seq, reply] for seq, reply in s.replies.items()]]
+                for cid, s in self._table.items()]
+
+    def load_wire(self, raw: list[Any]) -> None:
+        self._table = OrderedDict(
+            (bytes(cid), Session(int(last), OrderedDict((int(q), r) for q, r in replies)))
+            for cid, last, replies in raw)

@@ -169,6 +169,8 @@ class Supervisor:
             str(c.chunk_bytes),
             "--device",
             c.device,
+            "--data-dir",
+            os.path.join(c.data_dir, f"shard-{r.shard}"),
             "--max-request-bytes",
             str(c.max_request_bytes),
             "--max-keys",

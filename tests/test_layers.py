@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"pserver": "pserver", "kernels": "pserver.kernels", "protocol": "pserver.protocol",
             "clients": "pserver.clients"}
 SERVER_MODULES = ("pserver.config", "pserver.optim", "pserver.tables", "pserver.wal",
-                  "pserver.sessions", "pserver.shard", "pserver.server", "pserver.supervisor",
-                  "pserver.memory", "pserver.cli")
+                  "pserver.sessions", "pserver.snapshot", "pserver.shard", "pserver.server",
+                  "pserver.supervisor", "pserver.memory", "pserver.cli")
 
 
 def _module_name(path: Path) -> str:
