@@ -13,6 +13,7 @@ float32. Must not import ``numba.cuda``.
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import numpy as np
@@ -25,12 +26,6 @@ _opts: dict[str, Any] = {"parallel": True, "nogil": True, "cache": True}
 def add(p, g):  # type: ignore[no-untyped-def]
     for i in prange(p.size):
         p[i] = p[i] + g[i]
-
-
-@njit(**_opts)
-def scale(p, factor):  # type: ignore[no-untyped-def]
-    for i in prange(p.size):
-        p[i] = p[i] / factor
 
 
 @njit(inline="always")
@@ -181,3 +176,20 @@ def sum_into(out, grads, first, divisor):  # type: ignore[no-untyped-def]
         if divisor != 1:
             s = s / divisor
         out[i] = s
+
+
+def _serial_twin(kernel: Any) -> Any:
+    """The same loop compiled without ``parallel``: waking numba's thread pool costs
+    ~20 us, more than a small update itself. Same arithmetic, hence the same bits."""
+    fn = kernel.py_func
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                              fn.__defaults__, fn.__closure__)
+    twin.__qualname__ = fn.__qualname__ + "_serial"  # its own on-disk cache entry
+    return njit(nogil=True, cache=True)(twin)
+
+
+SERIAL = types.SimpleNamespace(**{
+    name: _serial_twin(globals()[name])
+    for name in ("add", "sgd", "sgd_momentum", "adam", "adagrad", "sum_into", "rows_add",
+                 "rows_sgd", "rows_adam", "rows_adagrad")
+})

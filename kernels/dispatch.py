@@ -39,10 +39,15 @@ def default_backend() -> str:
     return backend
 
 
-def _cpu() -> Any:
+SERIAL_BELOW = 1 << 16  # elements: smaller updates run single-threaded
+
+
+def _cpu(n: int = SERIAL_BELOW) -> Any:
+    """The CPU kernels for an update of ``n`` elements: parallel ones, or their serial
+    twins below ``SERIAL_BELOW`` (results are the same either way)."""
     from . import _cpu as mod  # compiled lazily: importing numba costs ~0.5 s
 
-    return mod
+    return mod if n >= SERIAL_BELOW else mod.SERIAL
 
 
 def _cuda() -> Any:
@@ -207,7 +212,7 @@ def accumulate(param: Array, grad: Array, *, backend: str | None = None) -> None
     if chosen == "numpy" or p.dtype not in _FLOATS:
         reference.accumulate(p, g)
     else:
-        _cpu().add(p, g)
+        _cpu(p.size).add(p, g)
 
 
 def aggregate(grads: Sequence[Array], out: Array, *, mean: bool = False,
@@ -227,7 +232,7 @@ def aggregate(grads: Sequence[Array], out: Array, *, mean: bool = False,
         return
     # One fused pass per group of up to 8 gradients (each group compiles once per size);
     # the additions stay in list order, so the bits equal the reference's.
-    cpu, t = _cpu(), o.dtype.type
+    cpu, t = _cpu(o.size), o.dtype.type
     for start in range(0, len(gs), _SUM_GROUP):
         last = start + _SUM_GROUP >= len(gs)
         cpu.sum_into(o, tuple(gs[start:start + _SUM_GROUP]), start == 0,
@@ -271,7 +276,7 @@ def sgd(param: Array, grad: Array, *, lr: float, weight_decay: float = 0.0,
                                dampening=dampening, nesterov=nesterov, first=first,
                                clip_value=clip_value)
             return
-        kern = _cpu()
+        kern = _cpu(p.size)
     t = p.dtype.type
     if buf is None:
         kern.sgd(p, g, t(-lr), t(weight_decay), t(clip_value))
@@ -307,7 +312,7 @@ def adam(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, *, step: 
                                 eps=eps, weight_decay=weight_decay, decoupled=decoupled,
                                 clip_value=clip_value)
             return
-        kern = _cpu()
+        kern = _cpu(p.size)
     t = p.dtype.type
     bc1 = 1 - beta1**step
     kern.adam(p, g, m, v, v if vmax is None else vmax, t(-lr / bc1),
@@ -338,7 +343,7 @@ def adagrad(param: Array, grad: Array, state_sum: Array, *, step: int, lr: float
             reference.adagrad_step(p, g, s, step=step, lr=lr, lr_decay=lr_decay,
                                    weight_decay=weight_decay, eps=eps, clip_value=clip_value)
             return
-        kern = _cpu()
+        kern = _cpu(p.size)
     t = p.dtype.type
     clr = lr / (1 + (step - 1) * lr_decay)
     kern.adagrad(p, g, s, t(-clr), t(weight_decay), t(eps), t(clip_value))

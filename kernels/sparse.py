@@ -34,8 +34,9 @@ def _check(values: Array, slots: Array, grads: Array) -> Array:
     if slots.dtype != np.int64 or slots.ndim != 1:
         raise KernelError("slots must be a 1-D int64 array")
     if grads.shape != (slots.size, values.shape[1]):
-        raise KernelError(f"grads must have shape {(slots.size, values.shape[1])}, "
-                          f"not {grads.shape}")
+        raise KernelError(
+            f"grads must have shape {(slots.size, values.shape[1])}, not {grads.shape}"
+        )
     if slots.size and (slots.min() < 0 or slots.max() >= values.shape[0]):
         raise KernelError("a slot lies outside values")
     return np.ascontiguousarray(grads, dtype=values.dtype)
@@ -47,40 +48,84 @@ def _state(name: str, a: Array | None, values: Array) -> Array:
     return a
 
 
-def accumulate_rows(values: Array, slots: Array, grads: Array, *,
-                    backend: str | None = None) -> None:
+def accumulate_rows(
+    values: Array, slots: Array, grads: Array, *, backend: str | None = None
+) -> None:
     """``values[slots[j]] += grads[j]``."""
     g = _check(values, slots, grads)
     if (backend or default_backend()) == "numpy":
         values[slots] += g
     else:
-        _cpu().rows_add(values, slots, g)
+        _cpu(g.size).rows_add(values, slots, g)
 
 
-def sgd_rows(values: Array, slots: Array, grads: Array, steps: Array, *, lr: float,
-             weight_decay: float = 0.0, momentum: float = 0.0, dampening: float = 0.0,
-             nesterov: bool = False, momentum_buffer: Array | None = None,
-             clip_value: float = 0.0, backend: str | None = None) -> None:
+def sgd_rows(
+    values: Array,
+    slots: Array,
+    grads: Array,
+    steps: Array,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    momentum_buffer: Array | None = None,
+    clip_value: float = 0.0,
+    backend: str | None = None,
+) -> None:
     """torch.optim.SGD on the named rows; a row's first step is ``steps[row] == 1``."""
     g = _check(values, slots, grads)
     buf = _state("momentum_buffer", momentum_buffer, values) if momentum != 0 else values
     if (backend or default_backend()) == "numpy":
         for j, r in enumerate(slots):
-            reference.sgd_step(values[r], g[j], buf[r] if momentum != 0 else None, lr=lr,
-                               weight_decay=weight_decay, momentum=momentum,
-                               dampening=dampening, nesterov=nesterov, first=steps[r] == 1,
-                               clip_value=clip_value)
+            reference.sgd_step(
+                values[r],
+                g[j],
+                buf[r] if momentum != 0 else None,
+                lr=lr,
+                weight_decay=weight_decay,
+                momentum=momentum,
+                dampening=dampening,
+                nesterov=nesterov,
+                first=steps[r] == 1,
+                clip_value=clip_value,
+            )
         return
     t = values.dtype.type
-    _cpu().rows_sgd(values, buf, slots, g, steps, t(-lr), t(weight_decay), t(momentum),
-                    t(1 - dampening), nesterov, t(clip_value))
+    _cpu(g.size).rows_sgd(
+        values,
+        buf,
+        slots,
+        g,
+        steps,
+        t(-lr),
+        t(weight_decay),
+        t(momentum),
+        t(1 - dampening),
+        nesterov,
+        t(clip_value),
+    )
 
 
-def adam_rows(values: Array, slots: Array, grads: Array, steps: Array, exp_avg: Array,
-              exp_avg_sq: Array, *, lr: float, beta1: float = 0.9, beta2: float = 0.999,
-              eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = False,
-              max_exp_avg_sq: Array | None = None, clip_value: float = 0.0,
-              backend: str | None = None) -> None:
+def adam_rows(
+    values: Array,
+    slots: Array,
+    grads: Array,
+    steps: Array,
+    exp_avg: Array,
+    exp_avg_sq: Array,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+    max_exp_avg_sq: Array | None = None,
+    clip_value: float = 0.0,
+    backend: str | None = None,
+) -> None:
     """torch.optim.Adam (AdamW with ``decoupled``) on the named rows, each row with
     its own step count for the bias corrections."""
     g = _check(values, slots, grads)
@@ -88,38 +133,80 @@ def adam_rows(values: Array, slots: Array, grads: Array, steps: Array, exp_avg: 
     vmax = None if max_exp_avg_sq is None else _state("max_exp_avg_sq", max_exp_avg_sq, values)
     if (backend or default_backend()) == "numpy":
         for j, r in enumerate(slots):
-            reference.adam_step(values[r], g[j], m[r], v[r], None if vmax is None else vmax[r],
-                                step=int(steps[r]), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                weight_decay=weight_decay, decoupled=decoupled,
-                                clip_value=clip_value)
+            reference.adam_step(
+                values[r],
+                g[j],
+                m[r],
+                v[r],
+                None if vmax is None else vmax[r],
+                step=int(steps[r]),
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                decoupled=decoupled,
+                clip_value=clip_value,
+            )
         return
     t = values.dtype.type
     row_steps = steps[slots].astype(np.float64)
     neg_step = (-lr / (1 - beta1**row_steps)).astype(values.dtype)
     bc2_sqrt = np.sqrt(1 - beta2**row_steps).astype(values.dtype)
-    _cpu().rows_adam(values, m, v, v if vmax is None else vmax, slots, g, neg_step, bc2_sqrt,
-                     t(1 - beta1), t(beta2), t(1 - beta2), t(eps),
-                     t(0 if decoupled else weight_decay),
-                     t(1 - lr * weight_decay) if decoupled else t(1), vmax is not None,
-                     t(clip_value))
+    _cpu(g.size).rows_adam(
+        values,
+        m,
+        v,
+        v if vmax is None else vmax,
+        slots,
+        g,
+        neg_step,
+        bc2_sqrt,
+        t(1 - beta1),
+        t(beta2),
+        t(1 - beta2),
+        t(eps),
+        t(0 if decoupled else weight_decay),
+        t(1 - lr * weight_decay) if decoupled else t(1),
+        vmax is not None,
+        t(clip_value),
+    )
 
 
-def adagrad_rows(values: Array, slots: Array, grads: Array, steps: Array, state_sum: Array,
-                 *, lr: float, lr_decay: float = 0.0, weight_decay: float = 0.0,
-                 eps: float = 1e-10, clip_value: float = 0.0,
-                 backend: str | None = None) -> None:
+def adagrad_rows(
+    values: Array,
+    slots: Array,
+    grads: Array,
+    steps: Array,
+    state_sum: Array,
+    *,
+    lr: float,
+    lr_decay: float = 0.0,
+    weight_decay: float = 0.0,
+    eps: float = 1e-10,
+    clip_value: float = 0.0,
+    backend: str | None = None,
+) -> None:
     """torch.optim.Adagrad on the named rows (the default for tables)."""
     g = _check(values, slots, grads)
     s = _state("state_sum", state_sum, values)
     if (backend or default_backend()) == "numpy":
         for j, r in enumerate(slots):
-            reference.adagrad_step(values[r], g[j], s[r], step=int(steps[r]), lr=lr,
-                                   lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
-                                   clip_value=clip_value)
+            reference.adagrad_step(
+                values[r],
+                g[j],
+                s[r],
+                step=int(steps[r]),
+                lr=lr,
+                lr_decay=lr_decay,
+                weight_decay=weight_decay,
+                eps=eps,
+                clip_value=clip_value,
+            )
         return
     t = values.dtype.type
     neg_clr = (-lr / (1 + (steps[slots] - 1) * lr_decay)).astype(values.dtype)
-    _cpu().rows_adagrad(values, s, slots, g, neg_clr, t(weight_decay), t(eps), t(clip_value))
+    _cpu(g.size).rows_adagrad(values, s, slots, g, neg_clr, t(weight_decay), t(eps), t(clip_value))
 
 
 def _uniform01(ids: Array, dim: int, seed: int, stream: int) -> Array:
@@ -127,7 +214,8 @@ def _uniform01(ids: Array, dim: int, seed: int, stream: int) -> Array:
     with np.errstate(over="ignore"):
         base = reference.hash_ids(ids.astype(np.uint64) ^ np.uint64(seed), 0)
         cols = np.arange(dim, dtype=np.uint64) * _GOLDEN + np.uint64(stream) * np.uint64(
-            0xD1B54A32D192ED03)
+            0xD1B54A32D192ED03
+        )
         h = reference.hash_ids(base[:, None] + cols[None, :], 0)
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 

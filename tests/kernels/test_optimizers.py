@@ -234,3 +234,27 @@ def test_processes_compute_the_same_bits(threads: tuple[str, str]) -> None:
     ]
     assert runs[0] == runs[1]
     assert len(runs[0]) == 64
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adagrad"])
+def test_serial_and_parallel_kernels_give_the_same_bits(name: str) -> None:
+    """Small updates run the serial twins, large ones the parallel kernels: replicas
+    must not care which."""
+    from pserver.kernels import _cpu
+
+    rng = np.random.default_rng(12)
+    n = 70_001
+    p0, g = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    outs = []
+    for kern in (_cpu, _cpu.SERIAL):
+        p, m, v = p0.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)
+        f32 = np.float32
+        if name == "sgd":
+            kern.sgd(p, g, f32(-0.1), f32(0.01), f32(0))
+        elif name == "adam":
+            kern.adam(p, g, m, v, v, f32(-0.01), f32(0.03), f32(0.1), f32(0.999), f32(0.001),
+                      f32(1e-8), f32(0), f32(1), False, f32(0))
+        else:
+            kern.adagrad(p, g, m, f32(-0.1), f32(0), f32(1e-10), f32(0))
+        outs.append(p.tobytes() + m.tobytes())
+    assert outs[0] == outs[1]
