@@ -6,6 +6,9 @@ the limits, check the command against the state, apply it, reply. The loop
 never blocks on a client: replies are sent without blocking (a client whose
 queue is full loses that reply and times out on its own deadline), and a
 malformed message gets an error reply while other clients keep being served.
+A mutation seen before (same client id and sequence number) is answered from
+the session table instead of being applied again. With a data dir, the shard
+saves its whole state on a clean stop and loads it at start (``snapshot.py``).
 The replicated log goes between ``check_*`` and ``apply_*``.
 """
 
