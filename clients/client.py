@@ -163,6 +163,8 @@ class Client:
     ) -> None:
         if timeout <= 0:
             raise ValueError("timeout must be positive")
+        if num_workers < 1 or not 0 <= worker_id < num_workers:
+            raise ValueError(f"need 0 <= worker_id < num_workers, got {worker_id} of {num_workers}")
         self.address = address
         self.worker_id = worker_id
         self.num_workers = num_workers
@@ -193,6 +195,7 @@ class Client:
         self._plans: dict[KeyMeta, tuple[tuple[int, int, int, int], ...]] = {}
         self._tables: dict[str, tuple[int, np.dtype[Any]]] = {}
         self._residuals: dict[tuple[str, int], Array] = {}  # top-k error feedback per part
+        self._barrier_gen = 0
         self._residual_lock = threading.Lock()
         self._meta_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -774,6 +777,18 @@ class Client:
             messages.append((shard, self._header(Kind.PUSH_ROWS, metas, opts={"table": name}),
                              id_frames + grad_frames))
         self._wait(lambda: self._run(messages, lambda *_: None, lambda: None))
+
+    def barrier(self) -> None:
+        """Wait until all ``num_workers`` workers (``connect``'s arguments) called
+        ``barrier`` as many times as this one; ``Unavailable`` if they do not within
+        the client's timeout. With one worker it returns at once."""
+        self._barrier_gen += 1
+        if self.num_workers == 1:
+            return
+        opts = {"gen": self._barrier_gen, "worker": self.worker_id, "workers": self.num_workers}
+        header = self._header(Kind.BARRIER, opts=opts)
+        self._wait(lambda: self._run([(self.shard_map.shard_ids[0], header, [])],
+                                     lambda *_: None, lambda: None))
 
     def status(self) -> dict[str, Any]:
         """The cluster status: per shard its replicas (id, address, pid, role, term,

@@ -33,6 +33,7 @@ class Kind(IntEnum):
     PULL_ROWS = 16
     PUSH_ROWS = 17
     TABLE_META = 18
+    BARRIER = 19
     REPLY = 100
 
 

@@ -76,6 +76,7 @@ class ShardServer:
         self._stop = False
         self.requests = 0
         self.errors = 0
+        self._barriers: dict[int, tuple[int, dict[int, tuple[Incoming, Header]]]] = {}
 
     @property
     def endpoints(self) -> list[str]:
@@ -228,6 +229,8 @@ class ShardServer:
             table.check_push(ids, grads)
             self.state.apply_push_rows(table, ids, grads)
             self._applied(incoming, header, {})
+        elif kind == Kind.BARRIER:
+            self._barrier(incoming, header)
         elif kind == Kind.META:
             slots = self.state.check_refs(header.refs)
             self._reply(
@@ -235,6 +238,26 @@ class ShardServer:
             )
         else:
             raise InvalidArgument(f"a shard does not serve {kind.name} requests")
+
+    def _barrier(self, incoming: Incoming, header: Header) -> None:
+        """Hold each worker's BARRIER reply until all ``workers`` of generation ``gen``
+        arrived, then answer them all. A worker that sends again (a retry) replaces
+        its earlier request; a missing worker leaves the others to their deadlines."""
+        o = header.opts
+        gen, worker, workers = o.get("gen", 0), o.get("worker", -1), o.get("workers", 0)
+        if not (type(gen) is int and type(worker) is int and type(workers) is int
+                and gen >= 1 and workers >= 1 and 0 <= worker < workers):
+            raise InvalidArgument("a barrier needs gen >= 1, workers >= 1 and "
+                                  "0 <= worker < workers")
+        want, waiting = self._barriers.setdefault(gen, (workers, {}))
+        if want != workers:
+            raise InvalidArgument(f"barrier {gen} was entered with {want} workers, "
+                                  f"not {workers}")
+        waiting[worker] = (incoming, header)
+        if len(waiting) == workers:
+            del self._barriers[gen]
+            for inc, h in waiting.values():
+                self._reply(inc, reply_header(h, opts={"gen": gen}))
 
     def _applied(self, incoming: Incoming, header: Header, opts: dict[str, Any]) -> None:
         """Record a mutation's reply in the session table, then send it."""
@@ -329,6 +352,7 @@ class ShardServer:
             "tables": stats["tables"],
             "rows": stats["rows"],
             "bytes": stats["bytes"],
+            "barrier_waiting": sum(len(w) for _, w in self._barriers.values()),
             "requests": self.requests,
             "errors": self.errors,
             "uptime_s": round(time.time() - self.started, 3),
