@@ -350,6 +350,8 @@ class Client:
         refs: tuple[KeyRef, ...] = (),
         opts: dict[str, Any] | None = None,
     ) -> Header:
+        if self.worker_id and kind in (Kind.PUSH, Kind.PUSH_PULL, Kind.PULL):
+            opts = {**(opts or {}), "worker": self.worker_id}  # sync/ssp steps are per worker
         return Header(
             kind,
             next(self._ids),
@@ -453,6 +455,8 @@ class Client:
             opts["mode"] = mode
         if staleness is not None:
             opts["staleness"] = int(staleness)
+        if mode in ("sync", "ssp") or self.num_workers > 1:
+            opts["workers"] = self.num_workers
         if comp != ("none",):
             opts["compression"] = list(comp)
         pieces = [p for k, m in metas.items() for p in self._pieces(m, flats[k])]

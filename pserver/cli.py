@@ -112,6 +112,11 @@ def serve(config_file: str | None, no_ipc: bool | None, **options: Any) -> None:
               help="where the shard keeps its tensors")
 @click.option("--data-dir", default=None,
               help="where the shard saves its state on a clean stop and loads it at start")
+@click.option("--mode", type=click.Choice(["async", "sync", "ssp"]), default="async",
+              show_default=True, help="mode of keys whose init names none")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="workers per step of sync/ssp keys whose init names none")
+@click.option("--staleness", type=int, default=0, show_default=True)
 @click.option("--max-request-bytes", type=int, default=Limits.max_request_bytes, show_default=True)
 @click.option("--max-keys", type=int, default=Limits.max_keys, show_default=True)
 @click.option("--max-key-bytes", type=int, default=Limits.max_key_bytes, show_default=True)
@@ -124,6 +129,9 @@ def shard(
     chunk_bytes: int,
     device: str,
     data_dir: str | None,
+    mode: str,
+    workers: int,
+    staleness: int,
     max_request_bytes: int,
     max_keys: int,
     max_key_bytes: int,
@@ -153,6 +161,9 @@ def shard(
             parent_pid=parent_pid,
             device=device,
             data_dir=data_dir,
+            default_mode=mode,
+            workers=workers,
+            staleness=staleness,
         )
     except BackendUnavailable as exc:
         raise click.ClickException(f"--device {device}: {exc}") from None

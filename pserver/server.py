@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 DRAIN_BATCH = 64
 SNAPSHOT_FILE = "state.snap"
+PARK_LIMIT_S = 600.0  # a read parked longer than any sane deadline is dropped
 
 
 class ShardServer:
@@ -62,7 +63,10 @@ class ShardServer:
         parent_pid: int | None = None,
         device: str = "cpu",
         data_dir: str | Path | None = None,
+        workers: int = 1,
+        staleness: int = 0,
     ) -> None:
+        self.default_workers, self.default_staleness = workers, staleness
         self.shard_id = shard_id
         self.limits = limits or Limits()
         self.frame_bytes = frame_bytes
@@ -77,6 +81,7 @@ class ShardServer:
         self.requests = 0
         self.errors = 0
         self._barriers: dict[int, tuple[int, dict[int, tuple[Incoming, Header]]]] = {}
+        self._parked: list[tuple[float, int, Incoming, Header, list[Slot]]] = []
 
     @property
     def endpoints(self) -> list[str]:
@@ -190,8 +195,16 @@ class ShardServer:
             if compression[0] != "none" and any(
                     t.dtype not in ("float32", "float64") for t in header.tensors):
                 raise InvalidArgument("compression applies to float32 and float64 keys only")
+            if compression[0] == "topk" and mode == "sync":
+                raise InvalidArgument("top-k compression does not combine with sync mode")
+            workers = header.opts.get("workers", self.default_workers)
+            staleness = header.opts.get("staleness", self.default_staleness)
+            if type(workers) is not int or workers < 1 or type(staleness) is not int \
+                    or staleness < 0:
+                raise InvalidArgument("workers must be >= 1 and staleness >= 0 (integers)")
             created = self.state.apply_init(
-                header.tensors, self._data(header, incoming), spec, mode, compression
+                header.tensors, self._data(header, incoming), spec, mode, compression,
+                workers, staleness,
             )
             self._applied(incoming, header, {"created": created})
         elif kind in (Kind.PUSH, Kind.PUSH_PULL):
@@ -204,9 +217,10 @@ class ShardServer:
                 sent = header.tensors[::2] if header.opts.get("encoding") == "topk" else (
                     header.tensors)
                 slots = [self.state.slots[(t.key, t.part)] for t in sent]
-                self._send_values(incoming, header, slots)
+                self._send_when_ready(incoming, header, slots)
+            self._release_parked()
         elif kind == Kind.PULL:
-            self._send_values(incoming, header, self.state.check_refs(header.refs))
+            self._send_when_ready(incoming, header, self.state.check_refs(header.refs))
         elif kind == Kind.CREATE_TABLE:
             table_spec = self.state.check_create_table(header.opts)
             table_created = self.state.apply_create_table(table_spec)
@@ -238,6 +252,30 @@ class ShardServer:
             )
         else:
             raise InvalidArgument(f"a shard does not serve {kind.name} requests")
+
+    def _send_when_ready(self, incoming: Incoming, header: Header, slots: list[Slot]) -> None:
+        """Reply with the values now, or, for sync/ssp keys the asking worker may not
+        read yet, once they become readable (pushes of other workers release them)."""
+        worker = header.opts.get("worker", 0)
+        if type(worker) is not int:
+            raise InvalidArgument(f"worker must be an integer, not {worker!r}")
+        if all(s.ready_for(worker) for s in slots):
+            self._send_values(incoming, header, slots)
+        else:
+            self._parked.append((time.monotonic() + PARK_LIMIT_S, worker, incoming, header,
+                                 slots))
+
+    def _release_parked(self) -> None:
+        """Answer the parked reads that became readable; forget those older than any
+        client deadline (their client has given up)."""
+        now, keep = time.monotonic(), []
+        for entry in self._parked:
+            expires, worker, incoming, header, slots = entry
+            if all(s.ready_for(worker) for s in slots):
+                self._send_values(incoming, header, slots)
+            elif expires > now:
+                keep.append(entry)
+        self._parked = keep
 
     def _barrier(self, incoming: Incoming, header: Header) -> None:
         """Hold each worker's BARRIER reply until all ``workers`` of generation ``gen``
@@ -353,6 +391,7 @@ class ShardServer:
             "rows": stats["rows"],
             "bytes": stats["bytes"],
             "barrier_waiting": sum(len(w) for _, w in self._barriers.values()),
+            "parked_reads": len(self._parked),
             "requests": self.requests,
             "errors": self.errors,
             "uptime_s": round(time.time() - self.started, 3),

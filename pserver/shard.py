@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 MODES = ("async", "sync", "ssp")
 COMPRESSIONS = ("none", "float16", "bfloat16", "topk")
 _HALF = ("float16", "bfloat16")
-AVAILABLE_MODES = ("async",)
+AVAILABLE_MODES = MODES
 
 
 @dataclass
@@ -48,6 +48,11 @@ class Slot:
     optimizer: OptimizerSpec
     mode: str
     compression: tuple[Any, ...] = ("none",)  # what clients send: see parse_compression
+    workers: int = 1  # sync/ssp: how many workers push each step
+    staleness: int = 0  # ssp: how many steps a worker may run ahead of the slowest
+    sync_step: int = 0  # sync: steps applied
+    worker_steps: dict[int, int] = field(default_factory=dict)  # pushes received per worker
+    pending: dict[int, dict[int, np.ndarray[Any, Any]]] = field(default_factory=dict)
     state: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)  # optimizer slots
     step: int = 0  # updates applied
     # Readers still holding ``value``'s memory (objects with a ``done`` flag, e.g.
@@ -67,6 +72,18 @@ class Slot:
                 self.value = self.value.copy()
             self.leases.clear()
         return self.value
+
+    def ready_for(self, worker: int) -> bool:
+        """Whether ``worker`` may read this part now: in sync mode once every step it
+        pushed is applied; in ssp mode while it is at most ``staleness`` steps ahead
+        of the slowest worker; always in async mode."""
+        mine = self.worker_steps.get(worker, 0)
+        if self.mode == "sync":
+            return self.sync_step >= mine
+        if self.mode == "ssp":
+            slowest = min(self.worker_steps.get(w, 0) for w in range(self.workers))
+            return mine - slowest <= self.staleness
+        return True
 
     def meta(self, nframes: int = 0) -> TensorMeta:
         return TensorMeta(
@@ -208,6 +225,9 @@ class ShardStateMachine:
         """Validate a push. Gradients of float keys may come as float16 or bfloat16;
         with ``opts["encoding"] == "topk"`` each part comes as two tensors, its k
         values (the key's dtype) then their k distinct int64 positions in the part."""
+        worker = (opts or {}).get("worker", 0)
+        if type(worker) is not int or worker < 0:
+            raise InvalidArgument(f"worker must be an integer >= 0, not {worker!r}")
         if opts and opts.get("encoding") == "topk":
             self._check_topk(tensors)
             return
@@ -215,6 +235,9 @@ class ShardStateMachine:
             if t.nframes == 0:
                 raise InvalidArgument(f"push of {t.key!r} carries no data")
             slot = self._slot(t.key, t.part)
+            if slot.mode != "async" and worker >= slot.workers:
+                raise InvalidArgument(f"push to {t.key!r}: worker {worker} is not one of the "
+                                      f"key's {slot.workers} workers")
             seen = t
             if t.dtype != slot.dtype and t.dtype in _HALF and slot.dtype in ("float32",
                                                                              "float64"):
@@ -256,6 +279,8 @@ class ShardStateMachine:
         spec: OptimizerSpec,
         mode: str,
         compression: tuple[Any, ...] = ("none",),
+        workers: int = 1,
+        staleness: int = 0,
     ) -> list[bool]:
         """Create absent parts from their data; returns, per part, whether it was created."""
         created = []
@@ -270,6 +295,7 @@ class ShardStateMachine:
                 spec, mode, compression,
             )
             slot.state = self.memory.adopt_all(spec.new_state(t.count, t.np_dtype))
+            slot.workers, slot.staleness = workers, staleness
             created.append(True)
         self.applied_index += 1
         return created
@@ -280,8 +306,14 @@ class ShardStateMachine:
         if opts and opts.get("encoding") == "topk":
             self._apply_topk(tensors, data)
             return
+        worker = int((opts or {}).get("worker", 0))
         for t, frames in zip(tensors, data, strict=True):
             slot = self.slots[(t.key, t.part)]
+            step = slot.worker_steps.get(worker, 0)
+            slot.worker_steps[worker] = step + 1
+            if slot.mode == "sync":
+                self._buffer(slot, step, worker, frames, t)
+                continue
             value = slot.writable()
             slot.step += 1
             pos = 0
@@ -297,6 +329,27 @@ class ShardStateMachine:
         self.applied_index += 1
 
     # -- reads ----------------------------------------------------------------
+
+    def _buffer(self, slot: Slot, step: int, worker: int, frames: Sequence[Any],
+                t: TensorMeta) -> None:
+        """sync: keep this worker's gradient for ``step``; once all workers pushed the
+        next step to apply, apply the mean of their gradients (summed in worker order,
+        so the bits do not depend on arrival order)."""
+        grad = np.empty(slot.count, slot.value.dtype)
+        pos = 0
+        for frame in frames:
+            g = np.frombuffer(frame, dtype=t.np_dtype)
+            grad[pos:pos + g.size] = g
+            pos += g.size
+        slot.pending.setdefault(step, {})[worker] = grad
+        while len(slot.pending.get(slot.sync_step, {})) == slot.workers:
+            grads = slot.pending.pop(slot.sync_step)
+            mean = np.empty(slot.count, slot.value.dtype)
+            kernels.aggregate([grads[w] for w in sorted(grads)], mean, mean=True)
+            slot.step += 1
+            slot.optimizer.apply(slot.writable(), self.memory.gradient(mean), slot.state,
+                                 slot.step)
+            slot.sync_step += 1
 
     def _apply_topk(self, tensors: Sequence[TensorMeta], data: Sequence[Sequence[Any]]) -> None:
         """Rebuild each part's dense gradient (zeros but at the sent positions) and

@@ -66,6 +66,10 @@ def save(sm: ShardStateMachine, path: Path) -> int:
         "key": s.key, "part": s.part, "dtype": s.dtype, "shape": list(s.shape),
         "offset": s.offset, "count": s.count, "optimizer": s.optimizer.to_wire(),
         "mode": s.mode, "compression": list(s.compression), "step": s.step,
+        "workers": s.workers, "staleness": s.staleness, "sync_step": s.sync_step,
+        "worker_steps": [[w, n] for w, n in s.worker_steps.items()],
+        "pending": [[step, wk, w.add(g)] for step, grads in s.pending.items()
+                    for wk, g in grads.items()],
         "value": w.add(read(s.value)),
         "state": {k: w.add(read(v)) for k, v in s.state.items()},
     } for s in sm.slots.values()]
@@ -129,6 +133,11 @@ def load(path: Path, sm: ShardStateMachine) -> None:
                     tuple(s["compression"]))
         slot.state = {k: adopt(array(v)) for k, v in s["state"].items()}
         slot.step = s["step"]
+        slot.workers, slot.staleness = s["workers"], s["staleness"]
+        slot.sync_step = s["sync_step"]
+        slot.worker_steps = {int(w): int(n) for w, n in s["worker_steps"]}
+        for step, w, g in s["pending"]:
+            slot.pending.setdefault(int(step), {})[int(w)] = array(g)
         sm.slots[(slot.key, slot.part)] = slot
     sm.tables.clear()
     for t in header["tables"]:

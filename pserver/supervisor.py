@@ -67,8 +67,6 @@ class Supervisor:
                 f"--replicas {config.replicas}: replicated shards need the replicated log, "
                 "which this build does not have yet; run with --replicas 1"
             )
-        if config.mode != "async":
-            raise ConfigError(f"--mode {config.mode}: only async is available in this build")
         self.config = config
         self.ready_stream = ready_stream if ready_stream is not None else sys.stdout
         self.shard_map = ShardMap.uniform(config.shards)
@@ -171,6 +169,12 @@ class Supervisor:
             c.device,
             "--data-dir",
             os.path.join(c.data_dir, f"shard-{r.shard}"),
+            "--mode",
+            c.mode,
+            "--workers",
+            str(c.workers),
+            "--staleness",
+            str(c.staleness),
             "--max-request-bytes",
             str(c.max_request_bytes),
             "--max-keys",

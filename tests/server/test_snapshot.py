@@ -68,3 +68,17 @@ def test_a_damaged_snapshot_is_refused(tmp_path: Path, damage: str) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(SnapshotError):
         load(path, ShardStateMachine(0, ShardMap.uniform(1)))
+
+
+def test_a_half_done_sync_step_survives_a_restart(tmp_path: Path) -> None:
+    sm = ShardStateMachine(0, ShardMap.uniform(1))
+    t = TensorMeta("s", 0, "float32", (4,), 0, 4, 1)
+    spec, mode = sm.check_init([t], {"optimizer": {"name": "sgd", "lr": 1.0}, "mode": "sync"})
+    sm.apply_init([t], [_frames(np.zeros(4, np.float32))], spec, mode, workers=2)
+    sm.apply_push([t], [_frames(np.full(4, 2.0, np.float32))], {"worker": 0})
+    save(sm, tmp_path / "s.snap")
+    other = ShardStateMachine(0, ShardMap.uniform(1))
+    load(tmp_path / "s.snap", other)
+    assert not other.slots[("s", 0)].ready_for(0) and other.slots[("s", 0)].ready_for(1)
+    other.apply_push([t], [_frames(np.full(4, 4.0, np.float32))], {"worker": 1})
+    np.testing.assert_array_equal(other.slots[("s", 0)].value, np.full(4, -3.0, np.float32))

@@ -1,0 +1,116 @@
+"""Consistency modes: sync applies the mean once every worker pushed a step and holds
+a worker's read until its steps are applied; ssp holds a worker that runs more than
+``staleness`` steps ahead of the slowest."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pserver
+from pserver.protocol.schema import Header, Kind
+from pserver.protocol.transport import call
+
+pytestmark = pytest.mark.integration
+
+
+def _parked(c: Any) -> int:
+    total = 0
+    for shard in c.cluster_map["shards"]:
+        h, _ = call(c._ctx, shard["replicas"][0]["tcp"], Header(Kind.STATUS, 1), c.limits, 5.0)
+        total += h.opts["parked_reads"]
+    return total
+
+
+def _wait_parked(c: Any, n: int) -> None:
+    deadline = time.monotonic() + 20
+    while _parked(c) < n:
+        assert time.monotonic() < deadline, f"never saw {n} parked reads"
+
+
+def _workers(address: str, n: int) -> list[Any]:
+    return [pserver.connect(address, worker_id=i, num_workers=n, timeout=20.0) for i in range(n)]
+
+
+def _in_thread(fn: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.setdefault("v", fn()))
+    t.start()
+    return t, out
+
+
+def test_sync_applies_the_mean_once_all_workers_pushed(cluster4: Any) -> None:
+    ws = _workers(cluster4.address, 3)
+    try:
+        key = "modes/sync"
+        ws[0].init({key: np.zeros(6 * 2**20 // 4, np.float32)},  # chunked: every part waits
+                   optimizer={"name": "sgd", "lr": 1.0}, mode="sync")
+        rng = np.random.default_rng(0)
+        grads = [rng.standard_normal(6 * 2**20 // 4).astype(np.float32) for _ in range(3)]
+        ws[0].push({key: grads[0]})
+        ws[1].push({key: grads[1]})
+        assert not ws[2].pull([key])[key].any()  # worker 2 pushed nothing: it reads now
+        t, out = _in_thread(lambda: ws[0].pull([key])[key])
+        _wait_parked(ws[2], 1)
+        assert t.is_alive()  # worker 0's step is not applied yet
+        ws[2].push({key: grads[2]})
+        t.join(20)
+        mean = (grads[0] + grads[1] + grads[2]) / np.float32(3)
+        np.testing.assert_allclose(out["v"], -mean, rtol=1e-6, atol=1e-6)
+    finally:
+        for w in ws:
+            w.close()
+
+
+def test_sync_push_pull_returns_the_same_step_to_every_worker(cluster4: Any) -> None:
+    ws = _workers(cluster4.address, 2)
+    try:
+        key = "modes/sync-pp"
+        ws[0].init({key: np.zeros(16, np.float32)}, optimizer={"name": "sgd", "lr": 0.5},
+                   mode="sync")
+        t, out = _in_thread(lambda: ws[0].push_pull({key: np.full(16, 2.0, np.float32)})[key])
+        _wait_parked(ws[1], 1)
+        mine = ws[1].push_pull({key: np.full(16, 4.0, np.float32)})[key]
+        t.join(20)
+        np.testing.assert_array_equal(mine, np.full(16, -1.5, np.float32))
+        np.testing.assert_array_equal(out["v"], mine)
+    finally:
+        for w in ws:
+            w.close()
+
+
+def test_ssp_holds_a_worker_too_far_ahead(cluster4: Any) -> None:
+    ws = _workers(cluster4.address, 2)
+    try:
+        key = "modes/ssp"
+        ws[0].init({key: np.zeros(8, np.float32)}, optimizer={"name": "sum"}, mode="ssp",
+                   staleness=1)
+        one = np.ones(8, np.float32)
+        ws[0].push({key: one})
+        np.testing.assert_array_equal(ws[0].pull([key])[key], one)  # 1 ahead: allowed
+        ws[0].push({key: one})  # applied at once (ssp does not wait for others)
+        t, out = _in_thread(lambda: ws[0].pull([key])[key])
+        _wait_parked(ws[1], 1)  # 2 ahead of worker 1: held
+        assert t.is_alive()
+        ws[1].push({key: one})
+        t.join(20)
+        np.testing.assert_array_equal(out["v"], 3 * one)
+    finally:
+        for w in ws:
+            w.close()
+
+
+def test_a_worker_outside_the_key_s_workers_is_refused(cluster4: Any) -> None:
+    ws = _workers(cluster4.address, 2)
+    try:
+        ws[0].init({"modes/w": np.zeros(4, np.float32)}, mode="sync")
+        with pserver.connect(cluster4.address, worker_id=2, num_workers=3) as stranger, \
+                pytest.raises(pserver.InvalidArgument):
+            stranger.push({"modes/w": np.ones(4, np.float32)})
+    finally:
+        for w in ws:
+            w.close()
