@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 Array = np.ndarray[Any, Any]
 T = TypeVar("T")
 ENV_IPC = "PSERVER_IPC"
+HEARTBEAT_S = 1.0
 _HALF_DTYPES = (DTYPES["float16"], DTYPES["bfloat16"])
 # Replies can be larger than any request the server accepts: decode them generously.
 _REPLY_LIMITS = Limits(
@@ -201,6 +202,10 @@ class Client:
         self._ids = itertools.count(1)
         self._closed = False
         self._io = IOEngine(self._ctx, self.endpoints, _REPLY_LIMITS)
+        if num_workers > 1:  # shards drop a worker silent for longer than --worker-timeout
+            self._io.set_heartbeat(HEARTBEAT_S, lambda: [
+                (s, self._header(Kind.HEARTBEAT, opts={"worker": self.worker_id}))
+                for s in self.shard_map.shard_ids])
 
     # -- lifecycle --------------------------------------------------------------
 

@@ -76,6 +76,8 @@ class IOEngine:
         self._count_lock = threading.Lock()
         self._cond = threading.Condition()
         self._stopping = threading.Event()
+        self._heartbeat: tuple[float, Callable[[], list[tuple[int, Header]]]] | None = None
+        self._next_beat = 0.0
         self._thread = threading.Thread(
             target=self._background, name="pserver-client-io", daemon=True
         )
@@ -103,6 +105,20 @@ class IOEngine:
         if self._waiters == 0:
             with self._cond:
                 self._cond.notify()
+
+    def set_heartbeat(self, interval: float,
+                      make: Callable[[], list[tuple[int, Header]]]) -> None:
+        """Send the messages ``make()`` returns every ``interval`` seconds, from the
+        background thread, replies ignored (a worker's liveness signal)."""
+        self._heartbeat = (interval, make)
+
+    def _beat(self) -> None:
+        if self._heartbeat is None or time.monotonic() < self._next_beat:
+            return
+        interval, make = self._heartbeat
+        self._next_beat = time.monotonic() + interval
+        for shard, header in make():
+            self.submit(shard, header, (), 2 * interval, lambda *_: None, lambda _: None)
 
     def enter_wait(self) -> None:
         """Mark the calling thread as one that will drive until its result arrives
@@ -250,13 +266,11 @@ class IOEngine:
         """Drive while requests are pending and no caller is driving for itself."""
         try:
             while not self._stopping.is_set():
+                self._beat()
                 with self._cond:
-                    while not self._stopping.is_set() and (
-                        self._waiters > 0 or not (self._queue or self._pending)
-                    ):
+                    if self._waiters > 0 or not (self._queue or self._pending):
                         self._cond.wait(0.1)
-                if self._stopping.is_set():
-                    break
+                        continue
                 if self._lock.acquire(timeout=MAX_POLL_S):
                     try:
                         self._drive_once(MAX_POLL_S)

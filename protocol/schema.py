@@ -34,6 +34,7 @@ class Kind(IntEnum):
     PUSH_ROWS = 17
     TABLE_META = 18
     BARRIER = 19
+    HEARTBEAT = 20
     REPLY = 100
 
 

@@ -71,6 +71,8 @@ def main(log_level: str) -> None:
     help="do not offer ipc:// endpoints to same-host clients",
 )
 @click.option("--max-request-bytes", type=int, help="largest accepted request [256 MiB]")
+@click.option("--worker-timeout", type=float,
+              help="seconds without a heartbeat before a worker leaves the step quorum [30]")
 def serve(config_file: str | None, no_ipc: bool | None, **options: Any) -> None:
     """Run a cluster on this machine in the foreground."""
     from .supervisor import Supervisor
@@ -117,6 +119,7 @@ def serve(config_file: str | None, no_ipc: bool | None, **options: Any) -> None:
 @click.option("--workers", type=int, default=1, show_default=True,
               help="workers per step of sync/ssp keys whose init names none")
 @click.option("--staleness", type=int, default=0, show_default=True)
+@click.option("--worker-timeout", type=float, default=30.0, show_default=True)
 @click.option("--max-request-bytes", type=int, default=Limits.max_request_bytes, show_default=True)
 @click.option("--max-keys", type=int, default=Limits.max_keys, show_default=True)
 @click.option("--max-key-bytes", type=int, default=Limits.max_key_bytes, show_default=True)
@@ -132,6 +135,7 @@ def shard(
     mode: str,
     workers: int,
     staleness: int,
+    worker_timeout: float,
     max_request_bytes: int,
     max_keys: int,
     max_key_bytes: int,
@@ -164,6 +168,7 @@ def shard(
             default_mode=mode,
             workers=workers,
             staleness=staleness,
+            worker_timeout=worker_timeout,
         )
     except BackendUnavailable as exc:
         raise click.ClickException(f"--device {device}: {exc}") from None

@@ -46,6 +46,7 @@ class ServerConfig:
     max_keys: int = Limits.max_keys
     max_key_bytes: int = Limits.max_key_bytes
     restart_backoff_max: float = 5.0
+    worker_timeout: float = 30.0  # seconds without a heartbeat before a worker is dropped
     limits: Limits = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

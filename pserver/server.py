@@ -65,8 +65,11 @@ class ShardServer:
         data_dir: str | Path | None = None,
         workers: int = 1,
         staleness: int = 0,
+        worker_timeout: float = 30.0,
     ) -> None:
         self.default_workers, self.default_staleness = workers, staleness
+        self.worker_timeout = worker_timeout
+        self._last_seen: dict[int, float] = {}  # worker -> last heartbeat or request
         self.shard_id = shard_id
         self.limits = limits or Limits()
         self.frame_bytes = frame_bytes
@@ -104,6 +107,7 @@ class ShardServer:
                         if incoming is None:
                             break
                         self.handle(incoming)
+                self._check_workers()
                 if self.parent_pid is not None and time.monotonic() >= next_parent_check:
                     next_parent_check = time.monotonic() + 1.0
                     if os.getppid() != self.parent_pid:
@@ -181,6 +185,8 @@ class ShardServer:
 
     def _dispatch(self, incoming: Incoming, header: Header) -> None:
         kind = header.kind
+        if "worker" in header.opts:
+            self._seen(header)
         if kind == Kind.PING:
             self._reply(
                 incoming, reply_header(header, opts={"shard": self.shard_id, "pid": os.getpid()})
@@ -243,6 +249,8 @@ class ShardServer:
             table.check_push(ids, grads)
             self.state.apply_push_rows(table, ids, grads)
             self._applied(incoming, header, {})
+        elif kind == Kind.HEARTBEAT:
+            self._reply(incoming, reply_header(header))
         elif kind == Kind.BARRIER:
             self._barrier(incoming, header)
         elif kind == Kind.META:
@@ -253,13 +261,36 @@ class ShardServer:
         else:
             raise InvalidArgument(f"a shard does not serve {kind.name} requests")
 
+    def _seen(self, header: Header) -> None:
+        worker = header.opts.get("worker")
+        if type(worker) is not int or worker < 0:
+            return
+        self._last_seen[worker] = time.monotonic()
+        if worker in self.state.dropped:
+            log.warning("shard %d: worker %d is back; it resumes at the current step",
+                        self.shard_id, worker)
+            self.state.rejoin_worker(worker)
+
+    def _check_workers(self) -> None:
+        """Drop workers silent for longer than ``worker_timeout`` from the step quorum,
+        so one dead worker cannot hang the others."""
+        if self.worker_timeout <= 0:
+            return
+        now = time.monotonic()
+        for worker, seen in self._last_seen.items():
+            if worker not in self.state.dropped and now - seen > self.worker_timeout:
+                log.warning("shard %d: worker %d sent nothing for %.1f s; dropped from the "
+                            "step quorum", self.shard_id, worker, now - seen)
+                self.state.drop_worker(worker)
+                self._release_parked()
+
     def _send_when_ready(self, incoming: Incoming, header: Header, slots: list[Slot]) -> None:
         """Reply with the values now, or, for sync/ssp keys the asking worker may not
         read yet, once they become readable (pushes of other workers release them)."""
         worker = header.opts.get("worker", 0)
         if type(worker) is not int:
             raise InvalidArgument(f"worker must be an integer, not {worker!r}")
-        if all(s.ready_for(worker) for s in slots):
+        if all(s.ready_for(worker, self.state.dropped) for s in slots):
             self._send_values(incoming, header, slots)
         else:
             self._parked.append((time.monotonic() + PARK_LIMIT_S, worker, incoming, header,
@@ -271,7 +302,7 @@ class ShardServer:
         now, keep = time.monotonic(), []
         for entry in self._parked:
             expires, worker, incoming, header, slots = entry
-            if all(s.ready_for(worker) for s in slots):
+            if all(s.ready_for(worker, self.state.dropped) for s in slots):
                 self._send_values(incoming, header, slots)
             elif expires > now:
                 keep.append(entry)
@@ -392,6 +423,8 @@ class ShardServer:
             "bytes": stats["bytes"],
             "barrier_waiting": sum(len(w) for _, w in self._barriers.values()),
             "parked_reads": len(self._parked),
+            "workers": {str(w): "dropped" if w in self.state.dropped else "alive"
+                        for w in sorted(self._last_seen)},
             "requests": self.requests,
             "errors": self.errors,
             "uptime_s": round(time.time() - self.started, 3),

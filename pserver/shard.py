@@ -73,16 +73,16 @@ class Slot:
             self.leases.clear()
         return self.value
 
-    def ready_for(self, worker: int) -> bool:
+    def ready_for(self, worker: int, dropped: frozenset[int] | set[int] = frozenset()) -> bool:
         """Whether ``worker`` may read this part now: in sync mode once every step it
         pushed is applied; in ssp mode while it is at most ``staleness`` steps ahead
-        of the slowest worker; always in async mode."""
+        of the slowest worker still alive; always in async mode."""
         mine = self.worker_steps.get(worker, 0)
         if self.mode == "sync":
             return self.sync_step >= mine
         if self.mode == "ssp":
-            slowest = min(self.worker_steps.get(w, 0) for w in range(self.workers))
-            return mine - slowest <= self.staleness
+            live = [self.worker_steps.get(w, 0) for w in range(self.workers) if w not in dropped]
+            return not live or mine - min(live) <= self.staleness
         return True
 
     def meta(self, nframes: int = 0) -> TensorMeta:
@@ -148,6 +148,7 @@ class ShardStateMachine:
         self.chunk_bytes = chunk_bytes
         self.tables: dict[str, Table] = {}
         self.sessions = Sessions()  # exactly-once: (client id, seq) -> reply
+        self.dropped: set[int] = set()  # workers out of the step quorum (no heartbeat)
         self.default_mode = default_mode
         self.slots: dict[tuple[str, int], Slot] = {}
         self.applied_index = 0
@@ -342,7 +343,13 @@ class ShardStateMachine:
             grad[pos:pos + g.size] = g
             pos += g.size
         slot.pending.setdefault(step, {})[worker] = grad
-        while len(slot.pending.get(slot.sync_step, {})) == slot.workers:
+        self._complete_steps(slot)
+
+    def _complete_steps(self, slot: Slot) -> None:
+        """Apply every buffered step that all live workers have pushed: the mean of
+        the gradients present, summed in worker order."""
+        live = set(range(slot.workers)) - self.dropped
+        while live and live <= slot.pending.get(slot.sync_step, {}).keys():
             grads = slot.pending.pop(slot.sync_step)
             mean = np.empty(slot.count, slot.value.dtype)
             kernels.aggregate([grads[w] for w in sorted(grads)], mean, mean=True)
@@ -350,6 +357,25 @@ class ShardStateMachine:
             slot.optimizer.apply(slot.writable(), self.memory.gradient(mean), slot.state,
                                  slot.step)
             slot.sync_step += 1
+
+    def drop_worker(self, worker: int) -> None:
+        """Leave ``worker`` out of the step quorum: steps waiting only for it complete."""
+        self.dropped.add(worker)
+        for slot in self.slots.values():
+            if slot.mode == "sync":
+                self._complete_steps(slot)
+
+    def rejoin_worker(self, worker: int) -> None:
+        """Take ``worker`` back; it resumes at the current step of every key."""
+        self.dropped.discard(worker)
+        for slot in self.slots.values():
+            if slot.mode == "sync":
+                slot.worker_steps[worker] = max(slot.worker_steps.get(worker, 0),
+                                                slot.sync_step)
+            elif slot.mode == "ssp":
+                others = [n for w, n in slot.worker_steps.items() if w != worker]
+                slot.worker_steps[worker] = max(slot.worker_steps.get(worker, 0),
+                                                min(others, default=0))
 
     def _apply_topk(self, tensors: Sequence[TensorMeta], data: Sequence[Sequence[Any]]) -> None:
         """Rebuild each part's dense gradient (zeros but at the sent positions) and

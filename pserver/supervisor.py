@@ -175,6 +175,8 @@ class Supervisor:
             str(c.workers),
             "--staleness",
             str(c.staleness),
+            "--worker-timeout",
+            str(c.worker_timeout),
             "--max-request-bytes",
             str(c.max_request_bytes),
             "--max-keys",

@@ -114,3 +114,41 @@ def test_a_worker_outside_the_key_s_workers_is_refused(cluster4: Any) -> None:
     finally:
         for w in ws:
             w.close()
+
+
+def _worker_states(c: Any) -> dict[str, str]:
+    states: dict[str, str] = {}
+    for shard in c.cluster_map["shards"]:
+        h, _ = call(c._ctx, shard["replicas"][0]["tcp"], Header(Kind.STATUS, 1), c.limits, 5.0)
+        states.update(h.opts["workers"])
+    return states
+
+
+def test_a_silent_worker_is_dropped_after_the_timeout_and_can_rejoin(
+        cluster_factory: Any) -> None:
+    cluster = cluster_factory("--shards", "2", "--worker-timeout", "1.0")
+    key = "modes/timeout"
+    w0 = pserver.connect(cluster.address, worker_id=0, num_workers=2, timeout=30.0)
+    w1 = pserver.connect(cluster.address, worker_id=1, num_workers=2, timeout=30.0)
+    try:
+        w0.init({key: np.zeros(4, np.float32)}, optimizer={"name": "sgd", "lr": 1.0},
+                mode="sync")
+        deadline = time.monotonic() + 20
+        while _worker_states(w0).get("1") != "alive":  # its heartbeats arrived
+            assert time.monotonic() < deadline
+        w1.close()  # worker 1 dies: no more heartbeats
+        # worker 0's step completes once worker 1 is dropped (about 1 s), alone
+        got = w0.push_pull({key: np.full(4, 2.0, np.float32)})[key]
+        np.testing.assert_array_equal(got, np.full(4, -2.0, np.float32))
+        assert _worker_states(w0)["1"] == "dropped"
+        # worker 1 comes back and joins the current step
+        w1 = pserver.connect(cluster.address, worker_id=1, num_workers=2, timeout=30.0)
+        t, out = _in_thread(lambda: w1.push_pull({key: np.full(4, 4.0, np.float32)})[key])
+        _wait_parked(w0, 1)
+        got = w0.push_pull({key: np.full(4, 2.0, np.float32)})[key]
+        t.join(30)
+        np.testing.assert_array_equal(got, np.full(4, -5.0, np.float32))  # -2 - mean(2, 4)
+        np.testing.assert_array_equal(out["v"], got)
+    finally:
+        w0.close()
+        w1.close()
