@@ -787,6 +787,22 @@ class Client:
                              id_frames + grad_frames))
         self._wait(lambda: self._run(messages, lambda *_: None, lambda: None))
 
+    def keys(self) -> dict[str, KeyMeta]:
+        """Every dense key in the cluster, with its dtype, shape and compression."""
+        found: dict[str, KeyMeta] = {}
+
+        def on_reply(_: int, h: Header, __: Incoming) -> None:
+            for key, dtype, shape, _opt, _mode, *rest in h.opts.get("keys", []):
+                found[key] = KeyMeta(key, dtype, tuple(shape), tuple(rest[0]) if rest else (
+                    "none",))
+
+        messages: list[tuple[int, Header, list[Any]]] = [
+            (s, self._header(Kind.KEYS), []) for s in self.shard_map.shard_ids]
+        self._wait(lambda: self._run(messages, on_reply, lambda: None))
+        with self._meta_lock:
+            self._meta.update(found)
+        return dict(sorted(found.items()))
+
     def barrier(self) -> None:
         """Wait until all ``num_workers`` workers (``connect``'s arguments) called
         ``barrier`` as many times as this one; ``Unavailable`` if they do not within

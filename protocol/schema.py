@@ -35,6 +35,7 @@ class Kind(IntEnum):
     TABLE_META = 18
     BARRIER = 19
     HEARTBEAT = 20
+    KEYS = 21
     REPLY = 100
 
 

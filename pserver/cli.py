@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 import click
@@ -73,7 +75,10 @@ def main(log_level: str) -> None:
 @click.option("--max-request-bytes", type=int, help="largest accepted request [256 MiB]")
 @click.option("--worker-timeout", type=float,
               help="seconds without a heartbeat before a worker leaves the step quorum [30]")
-def serve(config_file: str | None, no_ipc: bool | None, **options: Any) -> None:
+@click.option("--restore", "restore_file", type=click.Path(exists=True, dir_okay=False),
+              help="start with the keys of a file `pserver export` wrote")
+def serve(config_file: str | None, no_ipc: bool | None, restore_file: str | None,
+          **options: Any) -> None:
     """Run a cluster on this machine in the foreground."""
     from .supervisor import Supervisor
 
@@ -85,16 +90,64 @@ def serve(config_file: str | None, no_ipc: bool | None, **options: Any) -> None:
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     sup.install_signal_handlers()
+    failed: list[BaseException] = []
     try:
         sup.start()
-        sup.announce()
+        if restore_file is None:
+            sup.announce()
+        else:  # the bootstrap must be serving while the keys are loaded
+            threading.Thread(target=_restore_then_announce, args=(sup, restore_file, failed),
+                             daemon=True).start()
         sup.run()
     except (RuntimeError, PServerError, OSError) as exc:
         log.error("serve failed: %s", exc)
         sup.shutdown()
         sys.exit(1)
     sup.shutdown()
+    if failed:
+        sys.exit(1)
     log.info("stopped")
+
+
+def _restore_then_announce(sup: Any, path: str, failed: list[BaseException]) -> None:
+    from pserver.clients.client import connect
+
+    from .export import read
+
+    try:
+        arrays = read(Path(path))
+        with connect(sup.address, timeout=60.0) as client:
+            client.init(arrays)
+        log.info("restored %d keys from %s", len(arrays), path)
+        sup.announce()
+    except Exception as exc:
+        log.error("restore from %s failed: %s", path, exc)
+        failed.append(exc)
+        sup.stop()
+
+
+@main.command()
+@click.option("--address", default=None,
+              help="bootstrap address [$PSERVER_ADDRESS or tcp://127.0.0.1:7000]")
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "npz", "torch"]),
+              default="safetensors", show_default=True)
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.argument("out", type=click.Path(dir_okay=False))
+def export(address: str | None, fmt: str, timeout: float, out: str) -> None:
+    """Write every dense key to OUT, loadable without pserver (same names and shapes)."""
+    from pserver.clients.client import connect
+
+    from .export import write
+
+    address = address or os.environ.get("PSERVER_ADDRESS") or "tcp://127.0.0.1:7000"
+    try:
+        with connect(address, timeout=timeout) as client:
+            keys = list(client.keys())
+            arrays = client.pull(keys) if keys else {}
+        write(arrays, Path(out), fmt)
+    except (PServerError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"exported {len(arrays)} keys to {out}")
 
 
 @main.command()

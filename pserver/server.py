@@ -249,6 +249,9 @@ class ShardServer:
             table.check_push(ids, grads)
             self.state.apply_push_rows(table, ids, grads)
             self._applied(incoming, header, {})
+        elif kind == Kind.KEYS:
+            self._reply(incoming, reply_header(header, opts={"keys": [
+                s.describe() for s in self.state.slots.values() if s.part == 0]}))
         elif kind == Kind.HEARTBEAT:
             self._reply(incoming, reply_header(header))
         elif kind == Kind.BARRIER:
