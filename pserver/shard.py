@@ -347,15 +347,20 @@ class ShardStateMachine:
 
     def _complete_steps(self, slot: Slot) -> None:
         """Apply every buffered step that all live workers have pushed: the mean of
-        the gradients present, summed in worker order."""
+        the gradients present, summed in worker order. With ``sum`` the key then holds
+        that mean (a pull returns the mean gradient of the last step)."""
         live = set(range(slot.workers)) - self.dropped
         while live and live <= slot.pending.get(slot.sync_step, {}).keys():
             grads = slot.pending.pop(slot.sync_step)
             mean = np.empty(slot.count, slot.value.dtype)
             kernels.aggregate([grads[w] for w in sorted(grads)], mean, mean=True)
             slot.step += 1
-            slot.optimizer.apply(slot.writable(), self.memory.gradient(mean), slot.state,
-                                 slot.step)
+            if slot.optimizer.name == "sum":
+                value = slot.writable()
+                value[:] = self.memory.gradient(mean)
+            else:
+                slot.optimizer.apply(slot.writable(), self.memory.gradient(mean), slot.state,
+                                     slot.step)
             slot.sync_step += 1
 
     def drop_worker(self, worker: int) -> None:

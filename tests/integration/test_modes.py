@@ -152,3 +152,22 @@ def test_a_silent_worker_is_dropped_after_the_timeout_and_can_rejoin(
     finally:
         w0.close()
         w1.close()
+
+
+def test_sync_sum_keys_hold_the_mean_gradient_of_the_last_step(cluster4: Any) -> None:
+    """DESIGN: with `sum` in sync mode a pull returns the mean gradient of the last
+    step (the server only aggregates; the workers' own optimizers apply it)."""
+    ws = _workers(cluster4.address, 2)
+    try:
+        key = "modes/sync-sum"
+        ws[0].init({key: np.zeros(8, np.float32)}, optimizer={"name": "sum"}, mode="sync")
+        for step, (a, b) in enumerate([(1.0, 3.0), (10.0, 20.0)]):
+            t, out = _in_thread(lambda a=a: ws[0].push_pull({key: np.full(8, a, np.float32)})[key])
+            _wait_parked(ws[1], 1)
+            mine = ws[1].push_pull({key: np.full(8, b, np.float32)})[key]
+            t.join(20)
+            np.testing.assert_array_equal(mine, np.full(8, (a + b) / 2, np.float32), str(step))
+            np.testing.assert_array_equal(out["v"], mine)
+    finally:
+        for w in ws:
+            w.close()
