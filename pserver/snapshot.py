@@ -145,7 +145,7 @@ def load(path: Path, sm: ShardStateMachine) -> None:
         table = Table(spec)
         n = t["num_slots"]
         table.index.restore(array(t["ids"]), array(t["slots"]), n, array(t["free"]))
-        table._grow(n)
+        table.reserve(n)
         table.values[:n] = array(t["values"])
         table.steps[:n] = array(t["steps"])
         for k, v in t["state"].items():

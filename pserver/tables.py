@@ -97,9 +97,9 @@ class Table:
         self.values: Array = np.empty((0, spec.dim), spec.np_dtype)
         self.state: dict[str, Array] = {}
         self.steps: Array = np.empty(0, np.int64)
-        self._grow(_INITIAL_ROWS)
+        self.reserve(_INITIAL_ROWS)
 
-    def _grow(self, rows: int) -> None:
+    def reserve(self, rows: int) -> None:
         """Make room for ``rows`` slots (doubling), keeping what is stored."""
         if rows <= self.capacity:
             return
@@ -156,7 +156,7 @@ class Table:
         summed = grads if unique.shape[0] == ids.shape[0] else segment_sum(
             grads, inverse, unique.shape[0])
         slots, created = self.index.lookup_or_insert(unique)
-        self._grow(self.index.num_slots)
+        self.reserve(self.index.num_slots)
         if created.size:
             new = slots[created]
             fresh = np.empty((created.size, self.spec.dim), self.spec.np_dtype)
