@@ -500,7 +500,11 @@ class Client:
             if exc is not None:
                 result.set_exception(exc)
                 return
-            second = send(rest, done)
+            try:
+                second = send(rest, done)
+            except Exception as err:  # e.g. the client closed meanwhile: never leave it pending
+                result.set_exception(err)
+                return
             second.add_done_callback(
                 lambda f: result.set_exception(e)
                 if (e := f.exception()) is not None
