@@ -10,9 +10,11 @@ and prints a summary table. Stops the cluster with SIGTERM at the end.
 from __future__ import annotations
 
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -25,7 +27,8 @@ STEPS = 30
 LR = 0.1
 
 
-def start_cluster(shards: int = 4) -> tuple[subprocess.Popen[str], str]:
+def start_cluster(data_dir: str, shards: int = 4) -> tuple[subprocess.Popen[str], str]:
+    """A fresh cluster (its own data dir, so no state of an earlier run comes back)."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -39,7 +42,7 @@ def start_cluster(shards: int = 4) -> tuple[subprocess.Popen[str], str]:
             "--port",
             "0",
             "--data-dir",
-            "./pserver-data",
+            data_dir,
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -60,7 +63,8 @@ def start_cluster(shards: int = 4) -> tuple[subprocess.Popen[str], str]:
 
 
 def main() -> None:
-    proc, address = start_cluster()
+    data_dir = tempfile.mkdtemp(prefix="pserver-demo-")
+    proc, address = start_cluster(data_dir)
     print(f"cluster ready at {address}")
     rng = np.random.default_rng(0)
     model: dict[str, np.ndarray[Any, Any]] = {
@@ -96,6 +100,7 @@ def main() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+        shutil.rmtree(data_dir, ignore_errors=True)
     ts = np.array(step_times)
     lat_us = np.array(lat) * 1e6
     print("\nsummary")
