@@ -9,7 +9,6 @@ and prints a summary table. Stops the cluster with SIGTERM at the end.
 
 from __future__ import annotations
 
-import selectors
 import shutil
 import signal
 import subprocess
@@ -22,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 import pserver
+from pserver.supervisor import await_ready
 
 STEPS = 30
 LR = 0.1
@@ -47,19 +47,11 @@ def start_cluster(data_dir: str, shards: int = 4) -> tuple[subprocess.Popen[str]
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 60
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if sel.select(deadline - time.monotonic()):
-                line = proc.stdout.readline()
-                if line.startswith("pserver ready: "):
-                    return proc, line.split(": ", 1)[1].strip()
-                if not line:
-                    break
-    proc.kill()
-    raise SystemExit("the cluster did not start")
+    try:
+        return proc, await_ready(proc)
+    except (TimeoutError, RuntimeError) as exc:
+        proc.kill()
+        raise SystemExit(f"the cluster did not start: {exc}") from None
 
 
 def main() -> None:

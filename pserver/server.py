@@ -220,9 +220,7 @@ class ShardServer:
                 self._applied(incoming, header, {})
             else:
                 self.state.sessions.record(header.client_id, header.seq, {})
-                sent = header.tensors[::2] if header.opts.get("encoding") == "topk" else (
-                    header.tensors)
-                slots = [self.state.slots[(t.key, t.part)] for t in sent]
+                slots = [self.state.slots[(t.key, t.part)] for t in _pushed_parts(header)]
                 self._send_when_ready(incoming, header, slots)
             self._release_parked()
         elif kind == Kind.PULL:
@@ -345,10 +343,8 @@ class ShardServer:
         log.info("shard %d: duplicate %s seq %d answered without applying it", self.shard_id,
                  header.kind.name, header.seq)
         if header.kind == Kind.PUSH_PULL:
-            sent = header.tensors[::2] if header.opts.get("encoding") == "topk" else (
-                header.tensors)
-            self._send_values(incoming, header,
-                              self.state.check_refs([KeyRef(t.key, t.part) for t in sent]))
+            refs = [KeyRef(t.key, t.part) for t in _pushed_parts(header)]
+            self._send_values(incoming, header, self.state.check_refs(refs))
         else:
             self._reply(incoming, reply_header(header, opts=cached))
         return True
@@ -433,3 +429,8 @@ class ShardServer:
             "uptime_s": round(time.time() - self.started, 3),
             "endpoints": self.endpoints,
         }
+
+
+def _pushed_parts(header: Header) -> tuple[TensorMeta, ...]:
+    """One descriptor per pushed part: a top-k push sends (values, positions) pairs."""
+    return header.tensors[::2] if header.opts.get("encoding") == "topk" else header.tensors

@@ -35,6 +35,27 @@ from .config import ConfigError, ServerConfig
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT = 60.0
+READY_PREFIX = "pserver ready: "
+
+
+def await_ready(proc: subprocess.Popen[str], timeout: float = STARTUP_TIMEOUT) -> str:
+    """The bootstrap address from the ready line of a ``pserver serve`` child whose
+    stdout is a text pipe. Raises ``TimeoutError`` when none comes within ``timeout``
+    seconds and ``RuntimeError`` when the process exits first; the caller decides
+    what to do with the process then."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sel.select(left):
+                raise TimeoutError(f"pserver serve gave no ready line within {timeout:g} s")
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"pserver serve exited with {proc.wait()} before it was ready")
+            if line.startswith(READY_PREFIX):
+                return line[len(READY_PREFIX):].strip()
 STATUS_TIMEOUT = 1.0
 
 
@@ -113,7 +134,7 @@ class Supervisor:
         return self.address
 
     def announce(self) -> None:
-        print(f"pserver ready: {self.address}", file=self.ready_stream, flush=True)
+        print(f"{READY_PREFIX}{self.address}", file=self.ready_stream, flush=True)
 
     def run(self) -> None:
         """Serve the bootstrap endpoint and watch the replicas until stopped."""

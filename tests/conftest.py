@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from pserver.supervisor import await_ready
+
 # The machines are shared and noisy, and numba compiles a kernel on its first call:
 # a per-example deadline would fail tests for timing, which tests never assert.
 settings.register_profile("pserver", deadline=None)
 settings.load_profile("pserver")
 
-READY_PREFIX = "pserver ready: "
 
 
 @dataclass
@@ -57,27 +58,15 @@ def start_cluster(tmp_path: Path, *args: str, timeout: float = 60.0,
     with err.open("w") as err_file:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True,
                                 env={**os.environ, **(env or {})})
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    import selectors
-
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                proc.kill()
-                proc.wait()
-                proc.stdout.close()
-                raise TimeoutError(f"no ready line within {timeout} s:\n{err.read_text()}")
-            if sel.select(left):
-                line = proc.stdout.readline()
-                if not line:
-                    code = proc.wait()
-                    proc.stdout.close()
-                    raise RuntimeError(f"pserver serve exited ({code}):\n{err.read_text()}")
-                if line.startswith(READY_PREFIX):
-                    return Cluster(proc, line[len(READY_PREFIX):].strip(), err)
+    try:
+        return Cluster(proc, await_ready(proc, timeout), err)
+    except (TimeoutError, RuntimeError) as exc:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+        raise type(exc)(f"{exc}:\n{err.read_text()}") from None
 
 
 @pytest.fixture

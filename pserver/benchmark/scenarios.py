@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import selectors
 import shlex
 import shutil
 import signal
@@ -42,6 +41,7 @@ import numpy as np
 
 import pserver
 from pserver.clients.client import Client
+from pserver.supervisor import await_ready
 
 from .baselines import EchoServer, memory_bandwidth
 
@@ -51,7 +51,6 @@ Progress = Callable[[str], None]  # called once per finished step, with a label
 KiB = 1 << 10
 MiB = 1 << 20
 GB = 1e9
-READY_PREFIX = "pserver ready: "
 TRANSPORTS = ("tcp", "ipc")
 KEY_PREFIX = "pserver-bench"
 
@@ -152,25 +151,12 @@ class LocalCluster:
         with log_path.open("w") as log_file:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, text=True)
         cluster = cls(proc, "", wd, owns)
-        assert proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
-                    cluster.stop(keep_log=True)
-                    raise RuntimeError(
-                        f"pserver serve gave no ready line within {timeout:g} s:\n"
-                        f"{cluster.log_tail()}"
-                    )
-                line = proc.stdout.readline()
-                if not line:
-                    code = cluster.stop(keep_log=True)
-                    raise RuntimeError(f"pserver serve exited with {code}:\n{cluster.log_tail()}")
-                if line.startswith(READY_PREFIX):
-                    cluster.address = line[len(READY_PREFIX) :].strip()
-                    return cluster
+        try:
+            cluster.address = await_ready(proc, timeout)
+        except (TimeoutError, RuntimeError) as exc:
+            cluster.stop(keep_log=True)
+            raise RuntimeError(f"{exc}:\n{cluster.log_tail()}") from None
+        return cluster
 
     def log_tail(self, chars: int = 4000) -> str:
         try:

@@ -112,3 +112,20 @@ class RawPeer:
 
     def close(self) -> None:
         self.sock.close(0)
+
+
+def shard_statuses(client: Any) -> list[dict[str, Any]]:
+    """Each shard's own STATUS (fields the cluster status leaves out, such as
+    ``parked_reads``, ``barrier_waiting`` and ``workers``), asked directly."""
+    from pserver.protocol.schema import Kind
+    from pserver.protocol.transport import call
+
+    return [call(client._ctx, shard["replicas"][0]["tcp"], Header(Kind.STATUS, 1),
+                 client.limits, 5.0)[0].opts
+            for shard in client.cluster_map["shards"]]
+
+
+def wait_parked(client: Any, n: int, timeout: float = 20.0) -> None:
+    """Until the shards hold at least ``n`` reads back (sync/ssp) in all."""
+    wait_until(lambda: sum(s["parked_reads"] for s in shard_statuses(client)) >= n, timeout,
+               f"{n} parked reads")

@@ -3,30 +3,19 @@
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import pytest
 
 import pserver
 
+from .support import shard_statuses, wait_until
+
 pytestmark = pytest.mark.integration
 
 
-def _waiting(address: str) -> int:
-    with pserver.connect(address) as c:
-        return sum(r.get("barrier_waiting", 0) for r in _replica_status(c))
-
-
-def _replica_status(c: Any) -> list[dict[str, Any]]:
-    from pserver.protocol.schema import Header, Kind
-    from pserver.protocol.transport import call
-
-    out = []
-    for shard in c.cluster_map["shards"]:
-        h, _ = call(c._ctx, shard["replicas"][0]["tcp"], Header(Kind.STATUS, 1), c.limits, 5.0)
-        out.append(h.opts)
-    return out
+def _waiting(c: Any) -> int:
+    return sum(s["barrier_waiting"] for s in shard_statuses(c))
 
 
 def test_workers_wait_for_each_other_at_every_barrier(cluster4: Any) -> None:
@@ -43,9 +32,7 @@ def test_workers_wait_for_each_other_at_every_barrier(cluster4: Any) -> None:
             threads = [threading.Thread(target=enter, args=(i,)) for i in range(2)]
             for t in threads:
                 t.start()
-            deadline = time.monotonic() + 20
-            while _waiting(cluster4.address) < 2:
-                assert time.monotonic() < deadline, "workers never reached the barrier"
+            wait_until(lambda: _waiting(clients[2]) >= 2, 20, "two workers at the barrier")
             assert not any(d.is_set() for d in done), f"round {round_}: passed too early"
             clients[2].barrier()  # the last one releases everybody
             for t in threads:

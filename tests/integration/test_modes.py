@@ -5,31 +5,16 @@ a worker's read until its steps are applied; ssp holds a worker that runs more t
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 import numpy as np
 import pytest
 
 import pserver
-from pserver.protocol.schema import Header, Kind
-from pserver.protocol.transport import call
+
+from .support import shard_statuses, wait_parked, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-def _parked(c: Any) -> int:
-    total = 0
-    for shard in c.cluster_map["shards"]:
-        h, _ = call(c._ctx, shard["replicas"][0]["tcp"], Header(Kind.STATUS, 1), c.limits, 5.0)
-        total += h.opts["parked_reads"]
-    return total
-
-
-def _wait_parked(c: Any, n: int) -> None:
-    deadline = time.monotonic() + 20
-    while _parked(c) < n:
-        assert time.monotonic() < deadline, f"never saw {n} parked reads"
 
 
 def _workers(address: str, n: int) -> list[Any]:
@@ -55,7 +40,7 @@ def test_sync_applies_the_mean_once_all_workers_pushed(cluster4: Any) -> None:
         ws[1].push({key: grads[1]})
         assert not ws[2].pull([key])[key].any()  # worker 2 pushed nothing: it reads now
         t, out = _in_thread(lambda: ws[0].pull([key])[key])
-        _wait_parked(ws[2], 1)
+        wait_parked(ws[2], 1)
         assert t.is_alive()  # worker 0's step is not applied yet
         ws[2].push({key: grads[2]})
         t.join(20)
@@ -73,7 +58,7 @@ def test_sync_push_pull_returns_the_same_step_to_every_worker(cluster4: Any) -> 
         ws[0].init({key: np.zeros(16, np.float32)}, optimizer={"name": "sgd", "lr": 0.5},
                    mode="sync")
         t, out = _in_thread(lambda: ws[0].push_pull({key: np.full(16, 2.0, np.float32)})[key])
-        _wait_parked(ws[1], 1)
+        wait_parked(ws[1], 1)
         mine = ws[1].push_pull({key: np.full(16, 4.0, np.float32)})[key]
         t.join(20)
         np.testing.assert_array_equal(mine, np.full(16, -1.5, np.float32))
@@ -94,7 +79,7 @@ def test_ssp_holds_a_worker_too_far_ahead(cluster4: Any) -> None:
         np.testing.assert_array_equal(ws[0].pull([key])[key], one)  # 1 ahead: allowed
         ws[0].push({key: one})  # applied at once (ssp does not wait for others)
         t, out = _in_thread(lambda: ws[0].pull([key])[key])
-        _wait_parked(ws[1], 1)  # 2 ahead of worker 1: held
+        wait_parked(ws[1], 1)  # 2 ahead of worker 1: held
         assert t.is_alive()
         ws[1].push({key: one})
         t.join(20)
@@ -118,9 +103,8 @@ def test_a_worker_outside_the_key_s_workers_is_refused(cluster4: Any) -> None:
 
 def _worker_states(c: Any) -> dict[str, str]:
     states: dict[str, str] = {}
-    for shard in c.cluster_map["shards"]:
-        h, _ = call(c._ctx, shard["replicas"][0]["tcp"], Header(Kind.STATUS, 1), c.limits, 5.0)
-        states.update(h.opts["workers"])
+    for s in shard_statuses(c):
+        states.update(s["workers"])
     return states
 
 
@@ -133,9 +117,8 @@ def test_a_silent_worker_is_dropped_after_the_timeout_and_can_rejoin(
     try:
         w0.init({key: np.zeros(4, np.float32)}, optimizer={"name": "sgd", "lr": 1.0},
                 mode="sync")
-        deadline = time.monotonic() + 20
-        while _worker_states(w0).get("1") != "alive":  # its heartbeats arrived
-            assert time.monotonic() < deadline
+        wait_until(lambda: _worker_states(w0).get("1") == "alive", 20,
+                   "worker 1's heartbeats")
         w1.close()  # worker 1 dies: no more heartbeats
         # worker 0's step completes once worker 1 is dropped (about 1 s), alone
         got = w0.push_pull({key: np.full(4, 2.0, np.float32)})[key]
@@ -144,7 +127,7 @@ def test_a_silent_worker_is_dropped_after_the_timeout_and_can_rejoin(
         # worker 1 comes back and joins the current step
         w1 = pserver.connect(cluster.address, worker_id=1, num_workers=2, timeout=30.0)
         t, out = _in_thread(lambda: w1.push_pull({key: np.full(4, 4.0, np.float32)})[key])
-        _wait_parked(w0, 1)
+        wait_parked(w0, 1)
         got = w0.push_pull({key: np.full(4, 2.0, np.float32)})[key]
         t.join(30)
         np.testing.assert_array_equal(got, np.full(4, -5.0, np.float32))  # -2 - mean(2, 4)
@@ -163,7 +146,7 @@ def test_sync_sum_keys_hold_the_mean_gradient_of_the_last_step(cluster4: Any) ->
         ws[0].init({key: np.zeros(8, np.float32)}, optimizer={"name": "sum"}, mode="sync")
         for step, (a, b) in enumerate([(1.0, 3.0), (10.0, 20.0)]):
             t, out = _in_thread(lambda a=a: ws[0].push_pull({key: np.full(8, a, np.float32)})[key])
-            _wait_parked(ws[1], 1)
+            wait_parked(ws[1], 1)
             mine = ws[1].push_pull({key: np.full(8, b, np.float32)})[key]
             t.join(20)
             np.testing.assert_array_equal(mine, np.full(8, (a + b) / 2, np.float32), str(step))
