@@ -36,6 +36,7 @@ class Kind(IntEnum):
     BARRIER = 19
     HEARTBEAT = 20
     KEYS = 21
+    RAFT = 22  # between the replicas of one shard: a Raft message (PROTOCOL.md)
     REPLY = 100
 
 

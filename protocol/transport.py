@@ -95,9 +95,17 @@ class Endpoint:
         return cls(sock, router=True, endpoints=resolved)
 
     @classmethod
-    def dealer_connected(cls, ctx: zmq.Context[Any], endpoint: str) -> Endpoint:
+    def dealer_connected(cls, ctx: zmq.Context[Any], endpoint: str,
+                         hwm: int | None = None) -> Endpoint:
+        """A DEALER connected to ``endpoint``. With ``hwm`` (a peer link): queues
+        capped at ``hwm`` messages, and nothing is queued while the peer is not
+        connected (a send then fails instead of piling up for a dead process)."""
         sock = ctx.socket(zmq.DEALER)
         _common(sock)
+        if hwm is not None:
+            sock.setsockopt(zmq.SNDHWM, hwm)
+            sock.setsockopt(zmq.RCVHWM, hwm)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
         sock.connect(endpoint)

@@ -193,60 +193,23 @@ class ShardServer:
             )
         elif kind == Kind.STATUS:
             self._reply(incoming, reply_header(header, opts=self.status()))
-        elif kind in MUTATING_KINDS and self._answer_duplicate(incoming, header):
-            return
-        elif kind == Kind.INIT:
-            spec, mode = self.state.check_init(header.tensors, header.opts)
-            compression = parse_compression(header.opts.get("compression"))
-            if compression[0] != "none" and any(
-                    t.dtype not in ("float32", "float64") for t in header.tensors):
-                raise InvalidArgument("compression applies to float32 and float64 keys only")
-            if compression[0] == "topk" and mode == "sync":
-                raise InvalidArgument("top-k compression does not combine with sync mode")
-            workers = header.opts.get("workers", self.default_workers)
-            staleness = header.opts.get("staleness", self.default_staleness)
-            if type(workers) is not int or workers < 1 or type(staleness) is not int \
-                    or staleness < 0:
-                raise InvalidArgument("workers must be >= 1 and staleness >= 0 (integers)")
-            created = self.state.apply_init(
-                header.tensors, self._data(header, incoming), spec, mode, compression,
-                workers, staleness,
-            )
-            self._applied(incoming, header, {"created": created})
-        elif kind in (Kind.PUSH, Kind.PUSH_PULL):
-            self.state.check_push(header.tensors, header.opts)
-            self.state.apply_push(header.tensors, self._data(header, incoming), header.opts)
-            if kind == Kind.PUSH:
-                self._applied(incoming, header, {})
-            else:
-                self.state.sessions.record(header.client_id, header.seq, {})
-                slots = [self.state.slots[(t.key, t.part)] for t in _pushed_parts(header)]
-                self._send_when_ready(incoming, header, slots)
-            self._release_parked()
+        elif kind in MUTATING_KINDS:
+            if not self._answer_duplicate(incoming, header):
+                self._mutation(incoming, header)
         elif kind == Kind.PULL:
             self._send_when_ready(incoming, header, self.state.check_refs(header.refs))
-        elif kind == Kind.CREATE_TABLE:
-            table_spec = self.state.check_create_table(header.opts)
-            table_created = self.state.apply_create_table(table_spec)
-            self._applied(incoming, header, {"created": table_created})
         elif kind == Kind.TABLE_META:
             table = self.state.table(header.opts.get("table"))
             self._reply(incoming, reply_header(header, opts=table.spec.to_wire()))
         elif kind == Kind.PULL_ROWS:
-            name, ids, _ = self._rows_request(header, incoming, with_grads=False)
+            name, ids, _ = self._rows_request(header, self._data(header, incoming),
+                                              with_grads=False)
             table = self.state.check_rows(name, ids)
             rows = table.pull(ids)
             frames = split_rows(rows, self.frame_bytes)
             meta = TensorMeta(table.spec.name, 0, table.spec.dtype, rows.shape, 0, rows.size,
                               len(frames))
             self._reply(incoming, reply_header(header, tensors=(meta,)), frames)
-        elif kind == Kind.PUSH_ROWS:
-            name, ids, grads = self._rows_request(header, incoming, with_grads=True)
-            table = self.state.check_rows(name, ids)
-            assert grads is not None
-            table.check_push(ids, grads)
-            self.state.apply_push_rows(table, ids, grads)
-            self._applied(incoming, header, {})
         elif kind == Kind.KEYS:
             self._reply(incoming, reply_header(header, opts={"keys": [
                 s.describe() for s in self.state.slots.values() if s.part == 0]}))
@@ -261,6 +224,65 @@ class ShardServer:
             )
         else:
             raise InvalidArgument(f"a shard does not serve {kind.name} requests")
+
+    def _mutation(self, incoming: Incoming, header: Header) -> None:
+        """Check and apply one mutation here, then answer it (an unreplicated shard)."""
+        opts = self.mutate(header, self._data(header, incoming))
+        self.answer_mutation(incoming, header, opts)
+
+    def mutate(self, header: Header, data: list[list[memoryview]], *,
+               apply: bool = True) -> dict[str, Any]:
+        """Check one mutation against the state and, with ``apply``, apply it; returns
+        the reply's opts. Raises the check's error with the state unchanged. The same
+        header and data give the same result on every replica."""
+        kind = header.kind
+        if kind == Kind.INIT:
+            spec, mode = self.state.check_init(header.tensors, header.opts)
+            compression = parse_compression(header.opts.get("compression"))
+            if compression[0] != "none" and any(
+                    t.dtype not in ("float32", "float64") for t in header.tensors):
+                raise InvalidArgument("compression applies to float32 and float64 keys only")
+            if compression[0] == "topk" and mode == "sync":
+                raise InvalidArgument("top-k compression does not combine with sync mode")
+            workers = header.opts.get("workers", self.default_workers)
+            staleness = header.opts.get("staleness", self.default_staleness)
+            if type(workers) is not int or workers < 1 or type(staleness) is not int \
+                    or staleness < 0:
+                raise InvalidArgument("workers must be >= 1 and staleness >= 0 (integers)")
+            if not apply:
+                return {}
+            created = self.state.apply_init(header.tensors, data, spec, mode, compression,
+                                            workers, staleness)
+            return {"created": created}
+        if kind in (Kind.PUSH, Kind.PUSH_PULL):
+            self.state.check_push(header.tensors, header.opts)
+            if apply:
+                self.state.apply_push(header.tensors, data, header.opts)
+            return {}
+        if kind == Kind.CREATE_TABLE:
+            table_spec = self.state.check_create_table(header.opts)
+            return {"created": self.state.apply_create_table(table_spec)} if apply else {}
+        if kind == Kind.PUSH_ROWS:
+            name, ids, grads = self._rows_request(header, data, with_grads=True)
+            table = self.state.check_rows(name, ids)
+            assert grads is not None
+            table.check_push(ids, grads)
+            if apply:
+                self.state.apply_push_rows(table, ids, grads)
+            return {}
+        raise InvalidArgument(f"{kind.name} is not a mutation")
+
+    def answer_mutation(self, incoming: Incoming, header: Header, opts: dict[str, Any]) -> None:
+        """Record an applied mutation's reply in the session table and send it: for
+        PUSH_PULL the values, once the asking worker may read them."""
+        self.state.sessions.record(header.client_id, header.seq, opts)
+        if header.kind == Kind.PUSH_PULL:
+            slots = [self.state.slots[(t.key, t.part)] for t in _pushed_parts(header)]
+            self._send_when_ready(incoming, header, slots)
+        else:
+            self._reply(incoming, reply_header(header, opts=opts))
+        if header.kind in (Kind.PUSH, Kind.PUSH_PULL):
+            self._release_parked()
 
     def _seen(self, header: Header) -> None:
         worker = header.opts.get("worker")
@@ -329,11 +351,6 @@ class ShardServer:
             for inc, h in waiting.values():
                 self._reply(inc, reply_header(h, opts={"gen": gen}))
 
-    def _applied(self, incoming: Incoming, header: Header, opts: dict[str, Any]) -> None:
-        """Record a mutation's reply in the session table, then send it."""
-        self.state.sessions.record(header.client_id, header.seq, opts)
-        self._reply(incoming, reply_header(header, opts=opts))
-
     def _answer_duplicate(self, incoming: Incoming, header: Header) -> bool:
         """Answer a mutation applied before (same client id and seq) without applying
         it again: from the session table, or for PUSH_PULL with the current values."""
@@ -349,7 +366,8 @@ class ShardServer:
             self._reply(incoming, reply_header(header, opts=cached))
         return True
 
-    def _rows_request(self, header: Header, incoming: Incoming, with_grads: bool) -> tuple[
+    def _rows_request(self, header: Header, data: list[list[memoryview]],
+                      with_grads: bool) -> tuple[
             Any, np.ndarray[Any, Any], np.ndarray[Any, Any] | None]:
         """(table name, ids, grads) of a PULL_ROWS or PUSH_ROWS message: the first
         tensor holds the uint64 ids, the second (push) the (n, dim) gradients."""
@@ -357,7 +375,6 @@ class ShardServer:
         if len(header.tensors) != want:
             raise InvalidArgument(f"{header.kind.name} carries {want} tensor(s), "
                                   f"not {len(header.tensors)}")
-        data = self._data(header, incoming)
         ids_meta = header.tensors[0]
         if ids_meta.dtype != "uint64" or len(ids_meta.shape) != 1 or ids_meta.offset != 0 \
                 or ids_meta.count != ids_meta.shape[0] or not ids_meta.nframes:
@@ -375,11 +392,7 @@ class ShardServer:
 
     @staticmethod
     def _data(header: Header, incoming: Incoming) -> list[list[memoryview]]:
-        out, i = [], 0
-        for t in header.tensors:
-            out.append(incoming.frames[i : i + t.nframes])
-            i += t.nframes
-        return out
+        return split_by_tensor(header, incoming.frames)
 
     def _send_values(self, incoming: Incoming, header: Header, slots: Sequence[Slot]) -> None:
         """Reply with the current values, sent without copying. Each slot leases its
@@ -429,6 +442,15 @@ class ShardServer:
             "uptime_s": round(time.time() - self.started, 3),
             "endpoints": self.endpoints,
         }
+
+
+def split_by_tensor(header: Header, frames: Sequence[Any]) -> list[list[Any]]:
+    """The data frames of a message, one list per tensor descriptor."""
+    out, i = [], 0
+    for t in header.tensors:
+        out.append(list(frames[i : i + t.nframes]))
+        i += t.nframes
+    return out
 
 
 def _pushed_parts(header: Header) -> tuple[TensorMeta, ...]:

@@ -7,17 +7,19 @@ session table. Layout: ``MAGIC``, a u64 header length, a msgpack header naming
 each array's dtype, shape and byte range, the raw array bytes, and a CRC32C of
 everything before it. Written through ``wal.atomic_write`` semantics (temporary
 file, fsync, rename, fsync the directory), so a crash leaves the old snapshot
-or the new one. Replicated shards will use it for Raft snapshots; today a shard
-saves one when it stops cleanly and loads it when it starts.
+or the new one. ``encode``/``decode`` give the same bytes in memory: the data of
+a replicated shard's Raft snapshots. An unreplicated shard saves one file when
+it stops cleanly and loads it when it starts.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import google_crc32c
 import msgpack
@@ -60,6 +62,25 @@ class _Writer:
 
 def save(sm: ShardStateMachine, path: Path) -> int:
     """Write ``sm`` to ``path`` atomically; returns the file's size in bytes."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        _write(sm, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+        size = fh.tell()
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return size
+
+
+def encode(sm: ShardStateMachine) -> bytes:
+    """``sm`` in the snapshot format, in memory (a Raft snapshot's data)."""
+    buf = io.BytesIO()
+    _write(sm, buf)
+    return buf.getvalue()
+
+
+def _write(sm: ShardStateMachine, fh: BinaryIO) -> None:
     w = _Writer()
     read = sm.memory.read
     slots = [{
@@ -84,37 +105,34 @@ def save(sm: ShardStateMachine, path: Path) -> int:
             "state": {k: w.add(v[:n]) for k, v in t.state.items()},
         })
     header = msgpack.packb({"applied_index": sm.applied_index, "slots": slots,
-                            "tables": tables, "sessions": sm.sessions.to_wire()},
+                            "tables": tables, "sessions": sm.sessions.to_wire(),
+                            "dropped": sorted(sm.dropped)},
                            use_bin_type=True)
-    tmp = path.with_name(path.name + ".tmp")
     crc = 0
-    with open(tmp, "wb") as fh:
-        for chunk in (MAGIC, _LEN.pack(len(header)), header):
-            fh.write(chunk)
-            crc = google_crc32c.extend(crc, chunk)
-        for a in w.arrays:
-            view = memoryview(a.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-            for i in range(0, len(view), _BLOCK):  # google_crc32c takes bytes only
-                block = bytes(view[i:i + _BLOCK])
-                fh.write(block)
-                crc = google_crc32c.extend(crc, block)
-        fh.write(_CRC.pack(crc))
-        fh.flush()
-        os.fsync(fh.fileno())
-        size = fh.tell()
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return size
+    for chunk in (MAGIC, _LEN.pack(len(header)), header):
+        fh.write(chunk)
+        crc = google_crc32c.extend(crc, chunk)
+    for a in w.arrays:
+        view = memoryview(a.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+        for i in range(0, len(view), _BLOCK):  # google_crc32c takes bytes only
+            block = bytes(view[i:i + _BLOCK])
+            fh.write(block)
+            crc = google_crc32c.extend(crc, block)
+    fh.write(_CRC.pack(crc))
 
 
 def load(path: Path, sm: ShardStateMachine) -> None:
     """Replace ``sm``'s state with the snapshot at ``path`` (checked first)."""
-    data = path.read_bytes()
+    decode(path.read_bytes(), sm, str(path))
+
+
+def decode(data: bytes, sm: ShardStateMachine, source: str = "snapshot") -> None:
+    """Replace ``sm``'s state with the snapshot ``data`` (checked first)."""
     if len(data) < len(MAGIC) + _LEN.size + _CRC.size or not data.startswith(MAGIC):
-        raise SnapshotError(f"{path} is not a pserver snapshot")
+        raise SnapshotError(f"{source} is not a pserver snapshot")
     body, (crc,) = data[:-_CRC.size], _CRC.unpack(data[-_CRC.size:])
     if google_crc32c.value(body) != crc:
-        raise SnapshotError(f"{path}: checksum mismatch; the snapshot is corrupt")
+        raise SnapshotError(f"{source}: checksum mismatch; the snapshot is corrupt")
     (hlen,) = _LEN.unpack_from(data, len(MAGIC))
     start = len(MAGIC) + _LEN.size
     header = msgpack.unpackb(data[start:start + hlen], raw=False)
@@ -152,4 +170,5 @@ def load(path: Path, sm: ShardStateMachine) -> None:
             table.state[k][:n] = array(v)
         sm.tables[spec.name] = table
     sm.sessions.load_wire(header["sessions"])
+    sm.dropped = {int(w) for w in header.get("dropped", ())}
     sm.applied_index = header["applied_index"]

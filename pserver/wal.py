@@ -3,10 +3,13 @@
 Owns one replica's log directory: segment files of length-prefixed records,
 each with a CRC32C, appended in order and made durable by ``sync`` (one fsync
 serves every record appended since the last: group commit). Record kinds:
-ENTRY (term, index, data) and STATE (term, vote, commit). Replaying the records
-in order rebuilds the log: an ENTRY whose index is at or below the last one
-cuts the log there first (Raft replaced a conflicting suffix), and the last
-STATE wins.
+ENTRY (term, index, data), STATE (term, vote, commit) and BASE (index, term: the
+entries up to there live in a snapshot). Replaying the records in order
+rebuilds the log: an ENTRY whose index is at or below the last one cuts the log
+there first (Raft replaced a conflicting suffix), a BASE empties the log and
+sets where it starts, and the last STATE wins. ``compact`` bounds the log once
+a snapshot covers it: it writes a new segment that starts with a BASE record
+and holds the entries after it, then deletes the older segments.
 
 Recovery cuts a torn tail (a last record that is incomplete or fails its CRC,
 with nothing valid after it) and refuses to open a log with a bad record
@@ -36,7 +39,8 @@ log = logging.getLogger(__name__)
 _HEADER = struct.Struct("<IIB")  # payload length, crc32c(kind + payload), kind
 _ENTRY = struct.Struct("<QQ")  # term, index; data follows
 _STATE = struct.Struct("<QQQ")  # term, vote, commit
-ENTRY, STATE = 1, 2
+_BASE = struct.Struct("<QQ")  # index, term
+ENTRY, STATE, BASE = 1, 2, 3
 SEGMENT_BYTES = 64 << 20
 MAX_RECORD = 1 << 31
 
@@ -79,10 +83,13 @@ def encode_record(kind: int, payload: bytes) -> bytes:
 
 @dataclass
 class Recovered:
-    """What the log held: the last hard state and the entries, index 1 first."""
+    """What the log held: the last hard state and the entries after ``base_index``
+    (entry ``base_index + 1`` first; 0 when nothing was compacted)."""
 
     hard_state: HardState = field(default_factory=HardState)
     entries: list[Entry] = field(default_factory=list)
+    base_index: int = 0
+    base_term: int = 0
 
 
 def _segment_name(seq: int) -> str:
@@ -175,6 +182,29 @@ class WAL:
         self._dirty = False
         self.syncs += 1
 
+    def compact(self, index: int, term: int, keep: Sequence[Entry],
+                hard_state: HardState) -> None:
+        """A snapshot now covers the log up to entry ``index`` (of ``term``): start a
+        new segment holding a BASE record, the entries ``keep`` after it and the hard
+        state, make it durable, then delete every older segment."""
+        self._check()
+        old = self.seq
+        try:
+            if self._size:
+                self._rotate()
+            self._write(encode_record(BASE, _BASE.pack(index, term)))
+            self.append(keep, hard_state)
+            self.sync()
+            # Newest first: a crash part way leaves a prefix of the old segments,
+            # which replays (the new segment's BASE then resets the log).
+            stale = [p for p in self.dir.iterdir()
+                     if p.suffix == ".wal" and int(p.stem, 16) <= old and int(p.stem, 16) != self.seq]
+            for p in sorted(stale, reverse=True):
+                p.unlink()
+            fsync_dir(self.dir)
+        except OSError as exc:
+            self._fail(exc)
+
     def close(self) -> None:
         if not self._fh.closed:
             if self._failed is None:
@@ -205,11 +235,15 @@ def _replay(path: Path, into: Recovered, last: bool) -> None:
         if kind == ENTRY:
             term, index = _ENTRY.unpack_from(payload)
             entry = Entry(term, index, payload[_ENTRY.size:])
-            if index > len(into.entries) + 1 or index < 1:
+            base = into.base_index
+            if index > base + len(into.entries) + 1 or index <= base:
                 raise WALError(f"{path}: entry {index} does not follow entry "
-                               f"{len(into.entries)}")
-            del into.entries[index - 1:]
+                               f"{base + len(into.entries)}")
+            del into.entries[index - base - 1:]
             into.entries.append(entry)
+        elif kind == BASE:
+            into.base_index, into.base_term = _BASE.unpack_from(payload)
+            into.entries = []
         elif kind == STATE:
             into.hard_state = HardState(*_STATE.unpack_from(payload))
         else:
@@ -223,7 +257,7 @@ def _record_end(data: bytes, pos: int) -> int | None:
         return None
     length, crc, kind = _HEADER.unpack_from(data, pos)
     end: int = pos + _HEADER.size + length
-    if end > len(data) or kind not in (ENTRY, STATE):
+    if end > len(data) or kind not in (ENTRY, STATE, BASE):
         return None
     if _crc(kind, data[pos + _HEADER.size:end]) != crc:
         return None

@@ -1,0 +1,81 @@
+"""Log entry payloads: the commands a shard leader replicates, in one entry each batch.
+
+Owns the byte layout of a Raft entry's ``data`` on a replicated shard: a u32
+length, a msgpack list describing the commands, then the raw bytes of every
+command's frames one after the other (tensors never go through msgpack). A
+command is a client mutation exactly as the client sent it (its header bytes
+and data frames) with the proposer's token, so only the replica that received
+the request answers it, or a change of the step quorum (a worker dropped after
+its heartbeats stopped, or back again). Decoding returns memoryviews into the
+entry's bytes, without copying the tensors. No sockets, threads or clocks.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+_LEN = struct.Struct("<I")
+REQUEST, DROP_WORKER, REJOIN_WORKER = "req", "drop", "rejoin"
+
+
+class CommandError(Exception):
+    """An entry's payload is not a command batch (a bug or a corrupt log)."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One replicated command. ``token`` (term, n) is unique to the proposing leader
+    of that term; ``header`` and ``frames`` are the client's message for REQUEST."""
+
+    op: str
+    token: tuple[int, int] = (0, 0)
+    header: bytes | memoryview = b""
+    frames: Sequence[memoryview | bytes] = ()
+    worker: int = -1
+
+
+def encode(commands: Sequence[Command]) -> bytes:
+    """One entry's data for ``commands`` (copies each frame once, into the entry)."""
+    desc: list[Any] = []
+    blobs: list[Any] = []
+    for c in commands:
+        if c.op == REQUEST:
+            desc.append([c.op, list(c.token), bytes(c.header), [memoryview(f).nbytes
+                                                                for f in c.frames]])
+            blobs.extend(c.frames)
+        else:
+            desc.append([c.op, c.worker])
+    head = msgpack.packb(desc, use_bin_type=True)
+    return b"".join([_LEN.pack(len(head)), head, *blobs])
+
+
+def decode(data: bytes | memoryview) -> list[Command]:
+    """The commands of one entry; frames are views into ``data``."""
+    view = memoryview(data)
+    try:
+        (n,) = _LEN.unpack_from(view)
+        desc = msgpack.unpackb(view[_LEN.size:_LEN.size + n], raw=False)
+    except (struct.error, ValueError, msgpack.UnpackException) as exc:
+        raise CommandError(f"unreadable command batch: {exc}") from exc
+    pos = _LEN.size + n
+    out: list[Command] = []
+    for item in desc:
+        if item[0] == REQUEST:
+            _, token, header, sizes = item
+            frames = []
+            for size in sizes:
+                frames.append(view[pos:pos + size])
+                pos += size
+            out.append(Command(REQUEST, (int(token[0]), int(token[1])), header, frames))
+        elif item[0] in (DROP_WORKER, REJOIN_WORKER):
+            out.append(Command(item[0], worker=int(item[1])))
+        else:
+            raise CommandError(f"unknown command {item[0]!r}")
+    if pos != len(view):
+        raise CommandError(f"command batch holds {len(view)} bytes, its commands {pos}")
+    return out

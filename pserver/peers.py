@@ -1,0 +1,127 @@
+"""Raft messages between the replicas of one shard, on the pserver wire.
+
+Owns the encoding of a ``raft.Message`` as a pserver message of kind RAFT (the
+scalar fields in the header's opts, entry data and snapshot chunks as raw
+frames of at most ``frame_bytes``, never through msgpack) and the peer
+connections: one DEALER per other replica, connected to that replica's ROUTER,
+sending without ever blocking (a message to a peer whose queue is full is
+dropped; Raft resends what matters).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pserver.protocol.errors import ProtocolError
+from pserver.protocol.frames import split_frames
+from pserver.protocol.schema import Header, Kind
+from pserver.protocol.transport import Endpoint
+
+from .raft.types import Entry, Message, MsgType, Snapshot
+
+log = logging.getLogger(__name__)
+
+PEER_HWM_MESSAGES = 256
+
+
+def _chunks(data: bytes, frame_bytes: int) -> list[Any]:
+    if not data:
+        return []
+    import numpy as np
+
+    return split_frames(np.frombuffer(data, dtype=np.uint8), frame_bytes)
+
+
+def encode(m: Message, frame_bytes: int = 1 << 20) -> tuple[Header, list[Any]]:
+    """The header and frames that carry ``m``."""
+    frames: list[Any] = []
+    entries = []
+    for e in m.entries:
+        parts = _chunks(e.data, frame_bytes)
+        entries.append([e.term, e.index, len(parts)])
+        frames.extend(parts)
+    opts: dict[str, Any] = {
+        "t": int(m.type), "f": m.frm, "to": m.to, "term": m.term, "lt": m.log_term,
+        "i": m.index, "c": m.commit, "rj": m.reject, "rh": m.reject_hint,
+    }
+    if entries:
+        opts["e"] = entries
+    if m.context:
+        opts["ctx"] = m.context
+    if m.type in (MsgType.SNAP, MsgType.SNAP_RESP):
+        opts.update(so=m.snap_offset, st=m.snap_total, sc=m.snap_crc)
+    if m.snapshot is not None:
+        parts = _chunks(m.snapshot.data, frame_bytes)
+        opts["s"] = [m.snapshot.index, m.snapshot.term, len(parts)]
+        frames.extend(parts)
+    return Header(Kind.RAFT, 0, opts=opts), frames
+
+
+def _int(opts: Mapping[str, Any], name: str) -> int:
+    v = opts.get(name, 0)
+    if type(v) is not int or v < -1:
+        raise ProtocolError(f"raft field {name!r} must be an integer, not {v!r}")
+    return v
+
+
+def decode(header: Header, frames: Sequence[memoryview]) -> Message:
+    """The Raft message in a RAFT header and its frames (raises ProtocolError)."""
+    o = header.opts
+    try:
+        kind = MsgType(_int(o, "t"))
+    except ValueError as exc:
+        raise ProtocolError(f"unknown raft message type {o.get('t')!r}") from exc
+    pos = 0
+
+    def take(n: Any) -> bytes:
+        nonlocal pos
+        if type(n) is not int or n < 0 or pos + n > len(frames):
+            raise ProtocolError("raft message frames do not match its header")
+        data = b"".join(frames[pos:pos + n])
+        pos += n
+        return data
+
+    entries = []
+    for item in o.get("e", ()):
+        if not isinstance(item, list) or len(item) != 3:
+            raise ProtocolError("malformed raft entry descriptor")
+        entries.append(Entry(int(item[0]), int(item[1]), take(item[2])))
+    snapshot = None
+    if "s" in o:
+        s = o["s"]
+        if not isinstance(s, list) or len(s) != 3:
+            raise ProtocolError("malformed raft snapshot descriptor")
+        snapshot = Snapshot(int(s[0]), int(s[1]), take(s[2]))
+    if pos != len(frames):
+        raise ProtocolError("raft message carries frames its header does not describe")
+    ctx = o.get("ctx", b"")
+    if not isinstance(ctx, bytes):
+        raise ProtocolError("raft context must be bytes")
+    return Message(kind, _int(o, "f"), _int(o, "to"), _int(o, "term"), _int(o, "lt"),
+                   _int(o, "i"), tuple(entries), _int(o, "c"), bool(o.get("rj", False)),
+                   _int(o, "rh"), snapshot, _int(o, "so"), _int(o, "st"), _int(o, "sc"), ctx)
+
+
+class Peers:
+    """One non-blocking DEALER per other replica of the shard."""
+
+    def __init__(self, ctx: Any, addresses: Mapping[int, str], frame_bytes: int) -> None:
+        self.frame_bytes = frame_bytes
+        self._eps = {i: Endpoint.dealer_connected(ctx, a, hwm=PEER_HWM_MESSAGES)
+                     for i, a in addresses.items()}
+        self.dropped = 0
+
+    def send(self, m: Message) -> None:
+        ep = self._eps.get(m.to)
+        if ep is None:
+            log.error("raft message to unknown replica %d dropped", m.to)
+            return
+        header, frames = encode(m, self.frame_bytes)
+        if not ep.send(header, frames):
+            self.dropped += 1
+
+    def close(self) -> None:
+        for ep in self._eps.values():
+            ep.close()
