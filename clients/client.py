@@ -184,14 +184,19 @@ class Client:
         self.limits = Limits.from_wire(cmap["limits"])
         use_ipc = (os.environ.get(ENV_IPC, "1") != "0") if ipc is None else ipc
         same_host = cmap.get("host_id") == host_id()
-        self.endpoints: dict[int, str] = {}
+        # Per shard, every replica's address (ipc on the same host); the I/O engine
+        # finds the leader and follows it. ``hints`` maps the tcp address a NotLeader
+        # reply names to the replica's place in that list.
+        self.endpoints: dict[int, list[str]] = {}
+        hints: dict[int, dict[str, int]] = {}
         for shard in cmap["shards"]:
-            leader = shard["replicas"][0]
-            path = (leader.get("ipc") or "").removeprefix("ipc://")
-            if use_ipc and same_host and path and os.path.exists(path):
-                self.endpoints[shard["id"]] = leader["ipc"]
-            else:
-                self.endpoints[shard["id"]] = leader["tcp"]
+            addrs = []
+            for i, replica in enumerate(shard["replicas"]):
+                path = (replica.get("ipc") or "").removeprefix("ipc://")
+                ipc_ok = use_ipc and same_host and path and os.path.exists(path)
+                addrs.append(replica["ipc"] if ipc_ok else replica["tcp"])
+                hints.setdefault(shard["id"], {})[replica["tcp"]] = i
+            self.endpoints[shard["id"]] = addrs
         self._meta: dict[str, KeyMeta] = {}
         self._plans: dict[KeyMeta, tuple[tuple[int, int, int, int], ...]] = {}
         self._tables: dict[str, tuple[int, np.dtype[Any]]] = {}
@@ -201,7 +206,7 @@ class Client:
         self._meta_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._closed = False
-        self._io = IOEngine(self._ctx, self.endpoints, _REPLY_LIMITS)
+        self._io = IOEngine(self._ctx, self.endpoints, _REPLY_LIMITS, hints)
         if num_workers > 1:  # shards drop a worker silent for longer than --worker-timeout
             self._io.set_heartbeat(HEARTBEAT_S, lambda: [
                 (s, self._header(Kind.HEARTBEAT, opts={"worker": self.worker_id}))

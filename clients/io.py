@@ -5,6 +5,16 @@ DEALER per shard, and whichever thread holds it "drives": sends queued
 requests, polls, matches replies to requests by id, runs their callbacks and
 fails requests whose deadline passed (``Unavailable`` naming the shard).
 
+Replicated shards: the engine holds a DEALER to every replica and sends each
+shard's requests to the replica it takes for the leader. A ``NotLeader`` reply
+moves it to the hinted replica (or the next one) and the request goes again
+with the same id and sequence number, so the shard applies it once. When a
+request goes unanswered for ``ATTEMPT_S``, the engine pings that replica:
+a leader's answer gives the request more time (a sync read may wait long for
+other workers), silence or a follower's answer moves on to the next replica
+and resends what that shard owes. All of this stays within each request's
+deadline.
+
 A thread that waits for its own result (the synchronous ``push``/``pull``...)
 drives itself, so a round trip costs no thread hand-off. A background thread
 drives only while requests are pending and nobody waits on them (the
@@ -18,6 +28,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -29,8 +40,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pserver.protocol.codec import check_frames, decode_header
-from pserver.protocol.errors import PServerError, Unavailable, error_from_code
-from pserver.protocol.schema import MUTATING_KINDS, Header, Limits
+from pserver.protocol.errors import ErrorCode, PServerError, Unavailable, error_from_code
+from pserver.protocol.schema import MUTATING_KINDS, Header, Kind, Limits
 from pserver.protocol.transport import Endpoint, Incoming, Poller
 
 log = logging.getLogger(__name__)
@@ -40,6 +51,9 @@ ErrorCallback = Callable[[PServerError], None]
 T = TypeVar("T")
 
 MAX_POLL_S = 0.05
+ATTEMPT_S = 0.5  # unanswered this long: check that the replica still leads
+PROBE_S = 0.25  # a replica that does not answer a ping within this is taken for gone
+GONE_S = 2.0  # and its name in NotLeader hints is disregarded for this long
 
 
 @dataclass
@@ -51,22 +65,32 @@ class _Request:
     timeout: float
     on_reply: ReplyCallback
     on_error: ErrorCallback
+    target: int = -1  # the replica it was last sent to
+    attempt: float = 0.0  # when to check on that replica
 
 
 class IOEngine:
     """Sends requests to shards and routes their replies; see the module docstring."""
 
-    def __init__(self, ctx: Any, endpoints: dict[int, str], reply_limits: Limits) -> None:
+    def __init__(self, ctx: Any, endpoints: dict[int, list[str]], reply_limits: Limits,
+                 hints: dict[int, dict[str, int]] | None = None) -> None:
         self._limits = reply_limits
         self._lock = threading.Lock()  # owns the sockets, the poller and _pending
-        self._sockets = {s: Endpoint.dealer_connected(ctx, a) for s, a in endpoints.items()}
-        self._by_sock = {ep.sock: (s, ep) for s, ep in self._sockets.items()}
+        self._sockets = {s: [Endpoint.dealer_connected(ctx, a) for a in addrs]
+                         for s, addrs in endpoints.items()}
+        self._hints = hints or {}
+        self._leader = dict.fromkeys(endpoints, 0)  # the replica taken for the leader
+        self._probes: dict[int, tuple[int, int, float]] = {}  # shard -> (id, replica, until)
+        self._gone: dict[tuple[int, int], float] = {}  # (shard, replica) -> silent until
+        self._probe_ids = itertools.count(1 << 62)
+        self._by_sock = {ep.sock: (s, i, ep) for s, eps in self._sockets.items()
+                         for i, ep in enumerate(eps)}
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
         self._poller = Poller()
         self._poller.register(self._rfd)
-        for ep in self._sockets.values():
+        for ep in self._all_sockets():
             self._poller.register(ep)
         self._queue: collections.deque[_Request] = collections.deque()
         self._pending: dict[int, _Request] = {}
@@ -159,11 +183,14 @@ class IOEngine:
         self._thread.join(timeout)
         with self._lock:
             self._fail_all(Unavailable("the client is closed"))
-            for ep in self._sockets.values():
+            for ep in self._all_sockets():
                 ep.close()
             for fd in (self._rfd, self._wfd):
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+    def _all_sockets(self) -> list[Endpoint]:
+        return [ep for eps in self._sockets.values() for ep in eps]
 
     # -- the driver (holds self._lock) ------------------------------------------------
 
@@ -174,7 +201,8 @@ class IOEngine:
     def _drive_once(self, max_wait: float) -> None:
         self._send_queued()
         now = time.monotonic()
-        wait = min((r.deadline for r in self._pending.values()), default=now + max_wait)
+        wait = min((min(r.deadline, r.attempt) for r in self._pending.values()),
+                   default=now + max_wait)
         timeout = max(0.0, min(wait - now, max_wait))
         self._polling = True
         try:
@@ -194,23 +222,67 @@ class IOEngine:
     def _send_queued(self) -> None:
         while self._queue:
             req = self._queue.popleft()
-            ep = self._sockets.get(req.shard)
-            if ep is None:
+            eps = self._sockets.get(req.shard)
+            if not eps:
                 req.on_error(Unavailable(f"no endpoint for shard {req.shard}", shard=req.shard))
-            else:
-                if req.header.kind in MUTATING_KINDS and req.header.seq == 0:
-                    # Sequence numbers count up per shard in send order, so a shard sees
-                    # each client's mutations in increasing order (exactly-once needs it);
-                    # a retry will resend the same header, hence the same number.
-                    self._seqs[req.shard] = self._seqs.get(req.shard, 0) + 1
-                    req.header = dataclasses.replace(req.header, seq=self._seqs[req.shard])
-                if ep.send(req.header, req.frames):
-                    self._pending[req.header.request_id] = req
-                else:
-                    req.on_error(Unavailable(f"shard {req.shard}: send queue full",
-                                             shard=req.shard))
+                continue
+            if req.header.kind in MUTATING_KINDS and req.header.seq == 0:
+                # Sequence numbers count up per shard in send order, so a shard sees
+                # each client's mutations in increasing order (exactly-once needs it);
+                # a retry resends the same header, hence the same number.
+                self._seqs[req.shard] = self._seqs.get(req.shard, 0) + 1
+                req.header = dataclasses.replace(req.header, seq=self._seqs[req.shard])
+            self._send(req)
 
-    def _receive(self, shard: int, ep: Endpoint) -> None:
+    def _send(self, req: _Request) -> None:
+        """Send ``req`` to the replica taken for its shard's leader."""
+        target = self._leader[req.shard]
+        req.target = target
+        req.attempt = (time.monotonic() + ATTEMPT_S if len(self._sockets[req.shard]) > 1
+                       else req.deadline)
+        if self._sockets[req.shard][target].send(req.header, req.frames):
+            self._pending[req.header.request_id] = req
+        else:
+            req.on_error(Unavailable(f"shard {req.shard}: send queue full", shard=req.shard))
+
+    def _follow(self, shard: int, hint: Any, away_from: int) -> None:
+        """Take the hinted replica (a tcp address) for the leader, else the one after
+        ``away_from``."""
+        n = len(self._sockets[shard])
+        now = time.monotonic()
+        hinted = self._hints.get(shard, {}).get(hint) if isinstance(hint, str) else None
+        if hinted is not None and hinted != away_from \
+                and self._gone.get((shard, hinted), 0.0) <= now:
+            self._leader[shard] = hinted
+        elif self._leader[shard] == away_from:
+            # The next replica not found silent lately (a follower may still name a
+            # leader that just died).
+            nxt = [(away_from + k) % n for k in range(1, n + 1)]
+            self._leader[shard] = next(
+                (i for i in nxt if self._gone.get((shard, i), 0.0) <= now), nxt[0])
+
+    def _resend_shard(self, shard: int, away_from: int) -> None:
+        """Send again every pending request of ``shard`` that went to ``away_from``."""
+        for req in [r for r in self._pending.values()
+                    if r.shard == shard and r.target == away_from]:
+            del self._pending[req.header.request_id]
+            self._send(req)
+
+    def _probe_answer(self, shard: int, replica: int, header: Header) -> None:
+        probe = self._probes.get(shard)
+        if probe is None or probe[0] != header.request_id:
+            return
+        del self._probes[shard]
+        if header.opts.get("role", "leader") == "leader":
+            until = time.monotonic() + ATTEMPT_S  # alive and leading: give it more time
+            for r in self._pending.values():
+                if r.shard == shard and r.target == replica:
+                    r.attempt = until
+        else:
+            self._follow(shard, header.opts.get("leader_hint"), replica)
+            self._resend_shard(shard, replica)
+
+    def _receive(self, shard: int, replica: int, ep: Endpoint) -> None:
         while (incoming := ep.recv()) is not None:
             try:
                 header = decode_header(incoming.header, self._limits)
@@ -221,6 +293,17 @@ class IOEngine:
                 if req is not None:
                     req.on_error(exc)
                 continue
+            if header.request_id >= 1 << 62:
+                if not header.error:
+                    self._probe_answer(shard, replica, header)
+                continue
+            req = self._pending.get(header.request_id)
+            if req is not None and header.error == ErrorCode.NOT_LEADER:
+                if replica == req.target and time.monotonic() < req.deadline:
+                    del self._pending[header.request_id]
+                    self._follow(shard, header.opts.get("leader_hint"), replica)
+                    self._send(req)  # same id and seq: applied at most once
+                continue  # from a replica it no longer waits on: ignore
             req = self._pending.pop(header.request_id, None)
             if req is None:
                 log.debug(
@@ -243,6 +326,20 @@ class IOEngine:
 
     def _expire(self) -> None:
         now = time.monotonic()
+        for shard, (_, replica, until) in list(self._probes.items()):
+            if until <= now:  # the replica did not answer the ping: try the next one
+                del self._probes[shard]
+                self._gone[(shard, replica)] = now + GONE_S
+                self._follow(shard, None, replica)
+                self._resend_shard(shard, replica)
+        for req in list(self._pending.values()):
+            if req.attempt <= now < req.deadline and req.shard not in self._probes:
+                pid = next(self._probe_ids)
+                self._probes[req.shard] = (pid, req.target, now + PROBE_S)
+                for r in self._pending.values():
+                    if r.shard == req.shard and r.target == req.target:
+                        r.attempt = now + PROBE_S + ATTEMPT_S
+                self._sockets[req.shard][req.target].send(Header(Kind.PING, pid))
         for rid in [rid for rid, r in self._pending.items() if r.deadline <= now]:
             req = self._pending.pop(rid)
             req.on_error(

@@ -176,6 +176,14 @@ def export(address: str | None, fmt: str, timeout: float, out: str) -> None:
 @click.option("--max-request-bytes", type=int, default=Limits.max_request_bytes, show_default=True)
 @click.option("--max-keys", type=int, default=Limits.max_keys, show_default=True)
 @click.option("--max-key-bytes", type=int, default=Limits.max_key_bytes, show_default=True)
+@click.option("--replica-id", type=int, default=0, show_default=True,
+              help="this replica's id within its shard (0-based)")
+@click.option("--peer", "peer_list", multiple=True,
+              help="ID=tcp://HOST:PORT of every replica of the shard, this one included "
+                   "(repeatable); without it the shard runs unreplicated")
+@click.option("--heartbeat-ms", type=int, default=50, show_default=True)
+@click.option("--election-timeout-ms", type=int, default=300, show_default=True)
+@click.option("--snapshot-log-bytes", type=int, default=256 << 20, show_default=True)
 def shard(
     shard_id: int,
     num_shards: int,
@@ -192,12 +200,19 @@ def shard(
     max_request_bytes: int,
     max_keys: int,
     max_key_bytes: int,
+    replica_id: int,
+    peer_list: tuple[str, ...],
+    heartbeat_ms: int,
+    election_timeout_ms: int,
+    snapshot_log_bytes: int,
 ) -> None:
     """Run one shard replica process (used by `serve`, or by hand across hosts).
 
     Prints one JSON line with the bound endpoints once it serves."""
     from .memory import keep_freed_buffers
+    from .replica import ReplicaServer
     from .server import ShardServer
+    from .wal import WALError
 
     keep_freed_buffers()
 
@@ -207,22 +222,27 @@ def shard(
         max_key_bytes=max_key_bytes,
         max_frame_bytes=max(Limits.max_frame_bytes, frame_bytes),
     )
+    common: dict[str, Any] = {
+        "limits": limits, "frame_bytes": frame_bytes, "chunk_bytes": chunk_bytes,
+        "parent_pid": parent_pid, "device": device, "default_mode": mode, "workers": workers,
+        "staleness": staleness, "worker_timeout": worker_timeout,
+    }
     try:
-        server = ShardServer(
-            shard_id,
-            ShardMap.uniform(num_shards),
-            endpoints,
-            limits=limits,
-            frame_bytes=frame_bytes,
-            chunk_bytes=chunk_bytes,
-            parent_pid=parent_pid,
-            device=device,
-            data_dir=data_dir,
-            default_mode=mode,
-            workers=workers,
-            staleness=staleness,
-            worker_timeout=worker_timeout,
-        )
+        server: ShardServer
+        if peer_list:
+            peers = _parse_peers(peer_list)
+            if data_dir is None:
+                raise click.ClickException("a replicated shard needs --data-dir")
+            server = ReplicaServer(
+                shard_id, ShardMap.uniform(num_shards), endpoints, replica_id=replica_id,
+                peers=peers, data_dir=data_dir, heartbeat_s=heartbeat_ms / 1000,
+                election_ticks=max(2, round(election_timeout_ms / heartbeat_ms)),
+                snapshot_log_bytes=snapshot_log_bytes, **common)
+        else:
+            server = ShardServer(shard_id, ShardMap.uniform(num_shards), endpoints,
+                                 data_dir=data_dir, **common)
+    except (ValueError, WALError) as exc:
+        raise click.ClickException(str(exc)) from None
     except BackendUnavailable as exc:
         raise click.ClickException(f"--device {device}: {exc}") from None
     except SnapshotError as exc:
@@ -233,6 +253,16 @@ def shard(
         flush=True,
     )
     server.serve_forever()
+
+
+def _parse_peers(items: tuple[str, ...]) -> dict[int, str]:
+    peers: dict[int, str] = {}
+    for item in items:
+        rid, sep, addr = item.partition("=")
+        if not sep or not rid.isdigit() or not addr.startswith("tcp://"):
+            raise click.BadParameter(f"{item!r}: expected ID=tcp://HOST:PORT", param_hint="--peer")
+        peers[int(rid)] = addr
+    return peers
 
 
 def _format_status(st: dict[str, Any]) -> str:

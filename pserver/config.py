@@ -47,6 +47,9 @@ class ServerConfig:
     max_key_bytes: int = Limits.max_key_bytes
     restart_backoff_max: float = 5.0
     worker_timeout: float = 30.0  # seconds without a heartbeat before a worker is dropped
+    heartbeat_ms: int = 50  # Raft heartbeat interval, the replicas' clock tick
+    election_timeout_ms: int = 300  # a follower campaigns after 1x to 2x this without a leader
+    snapshot_log_bytes: int = 256 << 20  # compact the log into a snapshot beyond this
     limits: Limits = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +65,8 @@ class ServerConfig:
             raise ConfigError(f"device must be cpu or cuda, not {self.device!r}")
         if self.workers < 1 or self.staleness < 0:
             raise ConfigError("workers must be >= 1 and staleness >= 0")
+        if self.heartbeat_ms < 1 or self.election_timeout_ms < 2 * self.heartbeat_ms:
+            raise ConfigError("need heartbeat_ms >= 1 and election_timeout_ms >= 2 x heartbeat_ms")
         if self.frame_bytes < 4096 or self.chunk_bytes < self.frame_bytes:
             raise ConfigError("need frame_bytes >= 4096 and chunk_bytes >= frame_bytes")
         if self.max_request_bytes < self.chunk_bytes:

@@ -188,9 +188,7 @@ class ShardServer:
         if "worker" in header.opts:
             self._seen(header)
         if kind == Kind.PING:
-            self._reply(
-                incoming, reply_header(header, opts={"shard": self.shard_id, "pid": os.getpid()})
-            )
+            self._reply(incoming, reply_header(header, opts=self.ping_info()))
         elif kind == Kind.STATUS:
             self._reply(incoming, reply_header(header, opts=self.status()))
         elif kind in MUTATING_KINDS:
@@ -361,7 +359,7 @@ class ShardServer:
                  header.kind.name, header.seq)
         if header.kind == Kind.PUSH_PULL:
             refs = [KeyRef(t.key, t.part) for t in _pushed_parts(header)]
-            self._send_values(incoming, header, self.state.check_refs(refs))
+            self._send_when_ready(incoming, header, self.state.check_refs(refs))
         else:
             self._reply(incoming, reply_header(header, opts=cached))
         return True
@@ -417,6 +415,10 @@ class ShardServer:
         for owner, tracker in zip(owners, trackers, strict=False):  # empty off the host
             if tracker is not None:
                 owner.lease(tracker)
+
+    def ping_info(self) -> dict[str, Any]:
+        """What a PING is answered with: who this is and whether it serves requests."""
+        return {"shard": self.shard_id, "pid": os.getpid(), "role": "leader"}
 
     def status(self) -> dict[str, Any]:
         stats = self.state.stats()

@@ -30,12 +30,28 @@ from pserver.protocol.schema import Header, Kind
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Endpoint, Poller, call, host_id, new_context
 
-from .config import ConfigError, ServerConfig
+from .config import ServerConfig
 
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT = 60.0
 READY_PREFIX = "pserver ready: "
+
+
+def _free_ports(host: str, n: int) -> list[int]:
+    """``n`` distinct ports free on ``host`` now (held open together while picked)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            sk = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sk.bind((host, 0))
+            socks.append(sk)
+        return [sk.getsockname()[1] for sk in socks]
+    finally:
+        for sk in socks:
+            sk.close()
 
 
 def await_ready(proc: subprocess.Popen[str], timeout: float = STARTUP_TIMEOUT) -> str:
@@ -83,11 +99,6 @@ class Supervisor:
     """Runs a cluster described by ``config`` until ``stop()`` or a signal."""
 
     def __init__(self, config: ServerConfig, ready_stream: IO[str] | None = None) -> None:
-        if config.replicas != 1:
-            raise ConfigError(
-                f"--replicas {config.replicas}: replicated shards need the replicated log, "
-                "which this build does not have yet; run with --replicas 1"
-            )
         self.config = config
         self.ready_stream = ready_stream if ready_stream is not None else sys.stdout
         self.shard_map = ShardMap.uniform(config.shards)
@@ -97,14 +108,19 @@ class Supervisor:
         self.run_dir = tempfile.mkdtemp(prefix="pserver-")
         self.bootstrap: Endpoint | None = None
         self.address = ""
+        # Replicas of a replicated shard must know each other's addresses before they
+        # start, so their ports are picked here; an unreplicated shard binds port 0.
+        ports = _free_ports(config.host, config.shards * config.replicas) \
+            if config.replicas > 1 else [0] * config.shards
         self.replicas = [
             Replica(
                 s,
-                0,
-                f"tcp://{config.host}:0",
-                f"ipc://{self.run_dir}/shard-{s}.sock" if config.ipc else None,
+                r,
+                f"tcp://{config.host}:{ports[s * config.replicas + r]}",
+                f"ipc://{self.run_dir}/shard-{s}-{r}.sock" if config.ipc else None,
             )
             for s in range(config.shards)
+            for r in range(config.replicas)
         ]
 
     # -- lifecycle ------------------------------------------------------------
@@ -130,7 +146,9 @@ class Supervisor:
             self._await_ready(r, time.monotonic() + STARTUP_TIMEOUT)
         for r in self.replicas:
             self._ping(r, STARTUP_TIMEOUT)
-        log.info("cluster of %d shard(s) ready at %s", len(self.replicas), self.address)
+        self._await_leaders(time.monotonic() + STARTUP_TIMEOUT)
+        log.info("cluster of %d shard(s) x %d replica(s) ready at %s", self.config.shards,
+                 self.config.replicas, self.address)
         return self.address
 
     def announce(self) -> None:
@@ -207,6 +225,13 @@ class Supervisor:
         ]
         if r.ipc:
             cmd += ["--endpoint", r.ipc]
+        if c.replicas > 1:
+            cmd += ["--replica-id", str(r.replica), "--heartbeat-ms", str(c.heartbeat_ms),
+                    "--election-timeout-ms", str(c.election_timeout_ms),
+                    "--snapshot-log-bytes", str(c.snapshot_log_bytes)]
+            for peer in self.replicas:
+                if peer.shard == r.shard:
+                    cmd += ["--peer", f"{peer.replica}={peer.tcp}"]
         return cmd
 
     def _shard_env(self) -> dict[str, str]:
@@ -249,6 +274,21 @@ class Supervisor:
         tcp = [e for e in r.info["endpoints"] if e.startswith("tcp://")]
         # Keep the port the first start got, so restarts come back on the same address.
         r.tcp = tcp[0]
+
+    def _await_leaders(self, deadline: float) -> None:
+        """Wait until every shard has a leader (the ready line promises one)."""
+        if self.config.replicas == 1:
+            return
+        while True:
+            shards = self.cluster_status()["shards"]
+            if all(any(r["role"] == "leader" for r in s["replicas"]) for s in shards):
+                return
+            if time.monotonic() > deadline:
+                missing = [s["id"] for s in shards
+                           if not any(r["role"] == "leader" for r in s["replicas"])]
+                raise RuntimeError(f"shards {missing} elected no leader within "
+                                   f"{STARTUP_TIMEOUT:g} s")
+            time.sleep(0.05)
 
     def _ping(self, r: Replica, timeout: float) -> None:
         header = Header(Kind.PING, next(self._ids))
@@ -306,22 +346,24 @@ class Supervisor:
             "mode": c.mode,
             "shards": [
                 {
-                    "id": r.shard,
-                    "replicas": [{"id": r.replica, "tcp": r.tcp, "ipc": r.ipc, "pid": r.pid}],
+                    "id": shard,
+                    "replicas": [{"id": r.replica, "tcp": r.tcp, "ipc": r.ipc, "pid": r.pid}
+                                 for r in self.replicas if r.shard == shard],
                 }
-                for r in self.replicas
+                for shard in range(c.shards)
             ],
         }
 
     def cluster_status(self) -> dict[str, Any]:
-        """Ask every replica for its status at once; one that does not answer is ``down``."""
+        """Ask every replica for its status at once; one that does not answer is ``down``.
+        A shard's key and byte counts come from its leader (else any replica)."""
         pending: dict[int, tuple[Endpoint, Replica]] = {}
         for r in self.replicas:
             rid = next(self._ids)
             ep = Endpoint.dealer_connected(self.ctx, r.tcp)
             ep.send(Header(Kind.STATUS, rid))
             pending[rid] = (ep, r)
-        answers: dict[int, dict[str, Any]] = {}
+        answers: dict[tuple[int, int], dict[str, Any]] = {}
         deadline = time.monotonic() + STATUS_TIMEOUT
         poller = Poller()
         for ep, _ in pending.values():
@@ -329,7 +371,7 @@ class Supervisor:
         try:
             while len(answers) < len(pending) and (left := deadline - time.monotonic()) > 0:
                 ready = poller.poll(left * 1000)
-                for ep, r in pending.values():
+                for rid, (ep, r) in pending.items():
                     if ep.sock not in ready:
                         continue
                     while (inc := ep.recv()) is not None:
@@ -337,39 +379,33 @@ class Supervisor:
                             h = decode_header(inc.header, self.config.limits)
                         except ProtocolError:
                             continue
-                        if h.request_id in pending and not h.error:
-                            answers[r.shard] = h.opts
+                        if h.request_id == rid and not h.error:
+                            answers[(r.shard, r.replica)] = h.opts
         finally:
             for ep, _ in pending.values():
                 ep.close()
         shards = []
-        for r in self.replicas:
-            a = answers.get(r.shard)
-            replica = {
-                "id": r.replica,
-                "address": r.tcp,
-                "ipc": r.ipc,
-                "pid": r.pid,
-                "restarts": r.restarts,
-            }
-            if a is None:
-                replica.update(role="down", term=None, commit_index=None, applied_index=None)
-            else:
-                replica.update(
-                    {k: a[k] for k in ("role", "term", "commit_index", "applied_index", "pid")}
-                )
-            shards.append(
-                {
-                    "id": r.shard,
-                    "keys": a["keys"] if a else None,
-                    "home_keys": a["home_keys"] if a else None,
-                    "parts": a["parts"] if a else None,
-                    "tables": a["tables"] if a else None,
-                    "rows": a["rows"] if a else None,
-                    "bytes": a["bytes"] if a else None,
-                    "replicas": [replica],
-                }
-            )
+        for shard in range(self.config.shards):
+            replicas = []
+            for r in (r for r in self.replicas if r.shard == shard):
+                a = answers.get((r.shard, r.replica))
+                replica: dict[str, Any] = {"id": r.replica, "address": r.tcp, "ipc": r.ipc,
+                                           "pid": r.pid, "restarts": r.restarts}
+                if a is None:
+                    replica.update(role="down", term=None, commit_index=None,
+                                   applied_index=None)
+                else:
+                    replica.update({k: a[k] for k in ("role", "term", "commit_index",
+                                                      "applied_index", "pid")})
+                    replica["digest"] = a.get("digest")
+                replicas.append(replica)
+            mine = [answers[(shard, r["id"])] for r in replicas if (shard, r["id"]) in answers]
+            a = next((x for x in mine if x["role"] == "leader"), mine[0] if mine else None)
+            shard_info: dict[str, Any] = {"id": shard}
+            for k in ("keys", "home_keys", "parts", "tables", "rows", "bytes"):
+                shard_info[k] = a[k] if a else None
+            shard_info["replicas"] = replicas
+            shards.append(shard_info)
         return {
             "address": self.address,
             "epoch": self.shard_map.epoch,

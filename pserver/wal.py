@@ -197,8 +197,8 @@ class WAL:
             self.sync()
             # Newest first: a crash part way leaves a prefix of the old segments,
             # which replays (the new segment's BASE then resets the log).
-            stale = [p for p in self.dir.iterdir()
-                     if p.suffix == ".wal" and int(p.stem, 16) <= old and int(p.stem, 16) != self.seq]
+            stale = [p for p in self.dir.iterdir() if p.suffix == ".wal"
+                     and int(p.stem, 16) <= old and int(p.stem, 16) != self.seq]
             for p in sorted(stale, reverse=True):
                 p.unlink()
             fsync_dir(self.dir)
