@@ -227,9 +227,9 @@ class IOEngine:
                 req.on_error(Unavailable(f"no endpoint for shard {req.shard}", shard=req.shard))
                 continue
             if req.header.kind in MUTATING_KINDS and req.header.seq == 0:
-                # Sequence numbers count up per shard in send order, so a shard sees
-                # each client's mutations in increasing order (exactly-once needs it);
-                # a retry resends the same header, hence the same number.
+                # Sequence numbers count up per shard in send order; a retry resends
+                # the same header, hence the same number, and the shard's session
+                # table applies each number once (in whatever order they arrive).
                 self._seqs[req.shard] = self._seqs.get(req.shard, 0) + 1
                 req.header = dataclasses.replace(req.header, seq=self._seqs[req.shard])
             self._send(req)

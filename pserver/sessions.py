@@ -1,9 +1,12 @@
 """Client sessions: exactly-once application of mutations.
 
-Owns, per client id, the highest sequence number applied on this shard and the
-replies to the most recent ones, so that a mutation sent again (a retry after a
-lost reply or a failover) is answered from the table instead of being applied
-twice. Part of the replicated state: eviction depends only on the order of
+Owns, per client id, the replies to the most recently applied mutations (by
+sequence number) and the highest sequence number whose reply was evicted, so
+that a mutation sent again (a retry after a lost reply or a failover) is
+answered from the table instead of being applied twice. Mutations may arrive
+out of order (a client redirected between replicas resends several at once):
+a number not in the table and above the evicted floor was never applied; one
+at or below the floor may have been, and is refused rather than risked. Part of the replicated state: eviction depends only on the order of
 applied mutations (least recently active client first), never on a clock, so
 every replica keeps the same table. No sockets, threads or clocks.
 """
@@ -22,7 +25,7 @@ REPLIES_KEPT = 64
 
 @dataclass
 class Session:
-    last_seq: int = 0
+    floor: int = 0  # the highest sequence number whose reply was evicted
     replies: OrderedDict[int, dict[str, Any]] = field(default_factory=OrderedDict)
 
 
@@ -43,13 +46,13 @@ class Sessions:
         if not client_id or not seq:
             return None
         s = self._table.get(client_id)
-        if s is None or seq > s.last_seq:
+        if s is None:
             return None
         reply = s.replies.get(seq)
-        if reply is None:
+        if reply is None and seq <= s.floor:
             raise InvalidArgument(
-                f"mutation {seq} of this client was applied long ago and its reply is no "
-                "longer kept; it is not applied again")
+                f"mutation {seq} of this client is older than the {self.replies_kept} "
+                "replies kept; it may have been applied and is not applied again")
         return reply
 
     def record(self, client_id: bytes, seq: int, reply: dict[str, Any]) -> None:
@@ -58,19 +61,19 @@ class Sessions:
             return
         s = self._table.pop(client_id, None) or Session()
         self._table[client_id] = s  # most recently active last
-        s.last_seq = max(s.last_seq, seq)
         s.replies[seq] = reply
         while len(s.replies) > self.replies_kept:
-            s.replies.popitem(last=False)
+            old, _ = s.replies.popitem(last=False)
+            s.floor = max(s.floor, old)
         while len(self._table) > self.max_sessions:
             self._table.popitem(last=False)
 
     def to_wire(self) -> list[Any]:
         """The table as msgpack-able lists, in activity order (for snapshots)."""
-        return [[cid, s.last_seq, [[seq, reply] for seq, reply in s.replies.items()]]
+        return [[cid, s.floor, [[seq, reply] for seq, reply in s.replies.items()]]
                 for cid, s in self._table.items()]
 
     def load_wire(self, raw: list[Any]) -> None:
         self._table = OrderedDict(
-            (bytes(cid), Session(int(last), OrderedDict((int(q), r) for q, r in replies)))
-            for cid, last, replies in raw)
+            (bytes(cid), Session(int(floor), OrderedDict((int(q), r) for q, r in replies)))
+            for cid, floor, replies in raw)

@@ -1,0 +1,293 @@
+"""Replicated shards under real failures: `pserver serve --replicas 3`, real replica
+processes killed with SIGKILL or stopped with SIGSTOP, real fsync'ed logs.
+
+The set oracle (DESIGN.md section 4.7): every push adds exactly 1.0 at its own
+coordinate of a key spread over both shards. At the end a push that was
+acknowledged reads exactly 1, a push that failed reads 0 or 1 (never 2: nothing
+is applied twice), an untouched coordinate reads 0, and every replica of a
+shard holds the same state (equal digests at the same applied index)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pserver
+from pserver import Unavailable
+from pserver.clients.client import cluster_status
+
+from .support import wait_until
+
+pytestmark = [pytest.mark.integration, pytest.mark.failover]
+
+N = 16384  # coordinates; float32 with 16 KiB chunks: 4 parts over the 2 shards
+KEY = "oracle"
+ARGS = ("--shards", "2", "--replicas", "3", "--chunk-bytes", "16384", "--frame-bytes",
+        "4096")
+
+
+def replicated(cluster_factory: Any, *extra: str) -> Any:
+    """A 2-shard x 3-replica cluster (stopped at the end of the test)."""
+    return cluster_factory(*ARGS, *extra)
+
+
+def replicas(address: str, shard: int) -> list[dict[str, Any]]:
+    return cluster_status(address)["shards"][shard]["replicas"]  # type: ignore[no-any-return]
+
+
+def leader(address: str, shard: int) -> dict[str, Any]:
+    return wait_until(lambda: next((r for r in replicas(address, shard)
+                                    if r["role"] == "leader"), None),
+                      15, f"a leader of shard {shard}")
+
+
+def converged(address: str) -> bool:
+    """Every replica of every shard up, at the same applied index, with equal digests."""
+    for s in cluster_status(address)["shards"]:
+        rs = s["replicas"]
+        if any(r["role"] == "down" for r in rs):
+            return False
+        if len({r["applied_index"] for r in rs}) != 1 or len({r["digest"] for r in rs}) != 1:
+            return False
+    return True
+
+
+class Writers:
+    """Threads that each push +1 at their own coordinates, recording what was
+    acknowledged and what failed (Unavailable: applied once or not at all)."""
+
+    def __init__(self, address: str, workers: int = 2, timeout: float = 20.0) -> None:
+        self.address = address
+        self.acked: set[int] = set()
+        self.failed: set[int] = set()
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.coords = list(range(N))
+        random.Random(7).shuffle(self.coords)
+        self.threads = [threading.Thread(target=self._run, args=(w, workers, timeout))
+                        for w in range(workers)]
+
+    def _run(self, w: int, workers: int, timeout: float) -> None:
+        with pserver.connect(self.address, timeout=timeout) as client:
+            for i in self.coords[w::workers]:
+                if self.stop.is_set():
+                    return
+                g = np.zeros(N, np.float32)
+                g[i] = 1.0
+                try:
+                    client.push({KEY: g})
+                except Unavailable:
+                    with self.lock:
+                        self.failed.add(i)
+                    continue
+                with self.lock:
+                    self.acked.add(i)
+
+    def __enter__(self) -> Writers:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+
+    def done(self) -> int:
+        with self.lock:
+            return len(self.acked) + len(self.failed)
+
+
+def init_oracle(address: str) -> None:
+    with pserver.connect(address, timeout=20) as c:
+        c.init({KEY: np.zeros(N, np.float32)}, optimizer={"name": "sum"})
+
+
+def check_oracle(address: str, acked: set[int], failed: set[int]) -> None:
+    with pserver.connect(address, timeout=20) as c:
+        value = c.pull([KEY])[KEY]
+    assert not (acked & failed)
+    a, f = sorted(acked), sorted(failed)
+    assert np.all(value[a] == 1.0), f"acknowledged pushes lost: {np.flatnonzero(value[a] != 1)}"
+    assert np.all((value[f] == 0.0) | (value[f] == 1.0)), "a failed push was applied twice"
+    rest = np.ones(N, bool)
+    rest[a] = rest[f] = False
+    assert np.all(value[rest] == 0.0), "a coordinate nobody pushed changed"
+    wait_until(lambda: converged(address), 30, "replicas converged with equal digests")
+
+
+def test_status_shows_every_replica_with_role_term_and_indices(cluster_factory: Any) -> None:
+    c = replicated(cluster_factory)
+    try:
+        init_oracle(c.address)
+        st = cluster_status(c.address)
+        assert len(st["shards"]) == 2
+        for s in st["shards"]:
+            assert [r["id"] for r in s["replicas"]] == [0, 1, 2]
+            assert sum(r["role"] == "leader" for r in s["replicas"]) == 1
+            for r in s["replicas"]:
+                assert r["role"] in ("leader", "follower")
+                assert r["term"] >= 1 and r["pid"] > 0
+                assert r["commit_index"] >= r["applied_index"] >= 1
+        wait_until(lambda: converged(c.address), 15, "replicas converged")
+    finally:
+        assert c.stop() == 0
+
+
+def test_killing_a_leader_mid_run_loses_no_acknowledged_push(cluster_factory: Any) -> None:
+    c = replicated(cluster_factory)
+    try:
+        init_oracle(c.address)
+        old = leader(c.address, 0)
+        with Writers(c.address) as w:
+            wait_until(lambda: w.done() >= 100, 60, "100 pushes")
+            os.kill(old["pid"], signal.SIGKILL)
+            wait_until(lambda: w.done() >= 400, 90, "400 pushes after the kill")
+        new = leader(c.address, 0)
+        assert new["term"] > old["term"]
+        assert w.acked, "nothing was acknowledged"
+        check_oracle(c.address, w.acked, w.failed)
+    finally:
+        assert c.stop() == 0
+
+
+def test_killing_a_follower_changes_nothing_for_clients(cluster_factory: Any) -> None:
+    c = replicated(cluster_factory)
+    try:
+        init_oracle(c.address)
+        lead = leader(c.address, 1)
+        follower = next(r for r in replicas(c.address, 1) if r["role"] == "follower")
+        with Writers(c.address) as w:
+            wait_until(lambda: w.done() >= 50, 60, "50 pushes")
+            os.kill(follower["pid"], signal.SIGKILL)
+            wait_until(lambda: w.done() >= 250, 90, "250 pushes after the kill")
+        assert not w.failed
+        assert leader(c.address, 1)["term"] == lead["term"]  # no election was needed
+        check_oracle(c.address, w.acked, w.failed)
+    finally:
+        assert c.stop() == 0
+
+
+def test_without_a_majority_writes_stop_with_unavailable_then_resume(cluster_factory: Any) -> None:
+    c = replicated(cluster_factory)
+    try:
+        init_oracle(c.address)
+        lead = leader(c.address, 0)
+        follower = next(r for r in replicas(c.address, 0) if r["role"] == "follower")
+        short = pserver.connect(c.address, timeout=2.0)
+        os.kill(c.proc.pid, signal.SIGSTOP)  # no restarts while the majority is gone
+        try:
+            os.kill(lead["pid"], signal.SIGKILL)
+            os.kill(follower["pid"], signal.SIGKILL)
+            g = np.zeros(N, np.float32)
+            g[0] = 1.0
+            with pytest.raises(Unavailable):
+                short.push({KEY: g})
+        finally:
+            os.kill(c.proc.pid, signal.SIGCONT)
+            short.close()
+        # The supervisor restarts both from their disks; the same client retries.
+        with pserver.connect(c.address, timeout=30) as client:
+            g = np.zeros(N, np.float32)
+            g[1] = 1.0
+            client.push({KEY: g})
+        check_oracle(c.address, {1}, {0})
+    finally:
+        assert c.stop() == 0
+
+
+def test_a_stopped_leader_is_replaced_and_catches_up_when_it_resumes(cluster_factory: Any) -> None:
+    c = replicated(cluster_factory)
+    try:
+        init_oracle(c.address)
+        old = leader(c.address, 0)
+        os.kill(old["pid"], signal.SIGSTOP)  # alive but silent for several election timeouts
+        try:
+            with Writers(c.address) as w:
+                wait_until(lambda: w.done() >= 150, 90, "150 pushes with the leader stopped")
+                new = leader(c.address, 0)
+                assert new["id"] != old["id"] and new["term"] > old["term"]
+        finally:
+            os.kill(old["pid"], signal.SIGCONT)
+        check_oracle(c.address, w.acked, w.failed)
+        back = next(r for r in replicas(c.address, 0) if r["id"] == old["id"])
+        assert back["role"] == "follower" and back["pid"] == old["pid"]
+    finally:
+        assert c.stop() == 0
+
+
+def test_every_replica_killed_recovers_every_acknowledged_push_from_disk(
+        cluster_factory: Any) -> None:
+    c = replicated(cluster_factory)
+    try:
+        init_oracle(c.address)
+        with Writers(c.address) as w:
+            wait_until(lambda: w.done() >= 200, 60, "200 pushes")
+        pids = [r["pid"] for s in (0, 1) for r in replicas(c.address, s)]
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: all(r["pid"] not in pids and r["role"] != "down"
+                               for s in (0, 1) for r in replicas(c.address, s)),
+                   60, "every replica restarted")
+        check_oracle(c.address, w.acked, w.failed)
+    finally:
+        assert c.stop() == 0
+
+
+def _crash_whole_cluster(c: Any) -> None:
+    """SIGKILL every replica and the supervisor, so nothing stops cleanly."""
+    pids = [r["pid"] for s in (0, 1) for r in replicas(c.address, s)]
+    os.kill(c.proc.pid, signal.SIGSTOP)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    os.kill(c.proc.pid, signal.SIGKILL)
+    c.proc.wait(30)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_torn_wal_tail_is_cut_on_restart_and_nothing_acknowledged_is_lost(
+        cluster_factory: Any, tmp_path: Path, seed: int) -> None:
+    c = replicated(cluster_factory)
+    init_oracle(c.address)
+    with Writers(c.address) as w:
+        wait_until(lambda: w.done() >= 150, 60, "150 pushes")
+    _crash_whole_cluster(c)
+    # Cut one replica's newest log segment at a random byte: a torn last write.
+    rng = random.Random(seed)
+    shard, replica = rng.randrange(2), rng.randrange(3)
+    wal_dir = tmp_path / "data" / f"shard-{shard}" / f"replica-{replica}" / "wal"
+    segment = max(wal_dir.glob("*.wal"))
+    size = segment.stat().st_size
+    assert size > 0
+    cut = rng.randrange(max(1, size - 4096), size)
+    with open(segment, "r+b") as fh:
+        fh.truncate(cut)
+    c2 = replicated(cluster_factory)
+    try:
+        check_oracle(c2.address, w.acked, w.failed)
+    finally:
+        assert c2.stop() == 0
+
+
+def test_a_clean_restart_with_the_same_data_dir_keeps_every_update(
+        cluster_factory: Any, tmp_path: Path) -> None:
+    c = replicated(cluster_factory)
+    init_oracle(c.address)
+    with Writers(c.address) as w:
+        wait_until(lambda: w.done() >= 100, 60, "100 pushes")
+    assert not w.failed
+    assert c.stop() == 0
+    snaps = list((tmp_path / "data").glob("shard-*/replica-*/raft.snap"))
+    assert len(snaps) == 6, "each replica snapshots its state on a clean stop"
+    c2 = replicated(cluster_factory)
+    try:
+        check_oracle(c2.address, w.acked, w.failed)
+    finally:
+        assert c2.stop() == 0
