@@ -187,10 +187,13 @@ class Supervisor:
 
     def _command(self, r: Replica) -> list[str]:
         c = self.config
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
         cmd = [
             sys.executable,
             "-m",
             "pserver",
+            "--log-level",
+            level if level in ("debug", "info", "warning", "error") else "info",
             "shard",
             "--shard-id",
             str(r.shard),

@@ -44,3 +44,24 @@ def test_eviction_follows_activity_order_only() -> None:
     assert s.duplicate(b"a", 2) == {}
     assert s.duplicate(b"b", 1) is None  # forgotten: treated as new
     assert len(s) == 2
+
+
+def test_mutations_arriving_out_of_order_are_each_applied_once() -> None:
+    """A client redirected between replicas resends several mutations at once, so a
+    shard may apply 4 before 3: 3 is still new, and both are duplicates after."""
+    s = Sessions(replies_kept=4)
+    s.record(b"c", 4, {"seq": 4})
+    assert s.duplicate(b"c", 3) is None
+    s.record(b"c", 3, {"seq": 3})
+    assert s.duplicate(b"c", 3) == {"seq": 3} and s.duplicate(b"c", 4) == {"seq": 4}
+
+
+def test_the_floor_survives_the_wire_form() -> None:
+    s = Sessions(replies_kept=1)
+    s.record(b"c", 1, {})
+    s.record(b"c", 2, {})
+    t = Sessions(replies_kept=1)
+    t.load_wire(s.to_wire())
+    with pytest.raises(InvalidArgument):
+        t.duplicate(b"c", 1)
+    assert t.duplicate(b"c", 2) == {} and t.duplicate(b"c", 3) is None

@@ -150,3 +150,46 @@ def test_atomic_write_replaces_the_whole_file(tmp_path: Path) -> None:
     atomic_write(target, b"new contents")
     assert target.read_bytes() == b"new contents"
     assert [p.name for p in tmp_path.iterdir()] == ["snapshot"]
+
+
+def test_compaction_keeps_only_the_entries_after_the_snapshot(tmp_path: Path) -> None:
+    wal, _ = WAL.open(tmp_path, segment_bytes=256)
+    wal.append(_entries(30), HardState(1, 1, 30))
+    wal.sync()
+    before = set(tmp_path.glob("*.wal"))
+    assert len(before) > 1
+    wal.compact(20, 1, _entries(10, start=21), HardState(1, 1, 30))
+    wal.append(_entries(2, term=2, start=31))
+    wal.sync()
+    wal.close()
+    assert not before & set(tmp_path.glob("*.wal"))  # the old segments are gone
+    rec = _recover(tmp_path)
+    assert (rec.base_index, rec.base_term) == (20, 1)
+    assert rec.entries == _entries(10, start=21) + _entries(2, term=2, start=31)
+    assert rec.hard_state == HardState(1, 1, 30)
+
+
+def test_a_crash_during_compaction_leaves_a_log_that_replays(tmp_path: Path) -> None:
+    """Old segments are deleted newest first: whatever prefix of them a crash leaves
+    replays, and the new segment's BASE record then resets the log."""
+    wal, _ = WAL.open(tmp_path, segment_bytes=256)
+    wal.append(_entries(30), HardState(1, 1, 30))
+    wal.sync()
+    old = sorted(tmp_path.glob("*.wal"))
+    saved = {p: p.read_bytes() for p in old[:2]}
+    wal.compact(25, 1, _entries(5, start=26), HardState(1, 1, 30))
+    wal.close()
+    for p, data in saved.items():  # as if the deletion stopped part way
+        p.write_bytes(data)
+    rec = _recover(tmp_path)
+    assert rec.base_index == 25 and rec.entries == _entries(5, start=26)
+
+
+def test_an_entry_at_or_below_the_base_refuses_to_open(tmp_path: Path) -> None:
+    wal, _ = WAL.open(tmp_path)
+    wal.compact(10, 1, [], HardState(1, 0, 10))
+    wal.append([Entry(1, 5, b"x")])
+    wal.sync()
+    wal.close()
+    with pytest.raises(WALError, match="does not follow"):
+        _recover(tmp_path)

@@ -1,0 +1,76 @@
+"""pserver.commands and pserver.peers: what replicas put in log entries and send
+each other, round-tripped and rejected when malformed."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pserver import commands, peers
+from pserver.protocol.codec import decode_header, encode_header
+from pserver.protocol.errors import ProtocolError
+from pserver.protocol.schema import Kind, Limits
+from pserver.raft.types import Entry, Message, MsgType, Snapshot
+
+frames = st.lists(st.binary(max_size=300), max_size=4)
+
+
+@given(st.lists(st.one_of(
+    st.tuples(st.just(commands.REQUEST), st.integers(0, 2**40), st.binary(max_size=64), frames),
+    st.tuples(st.sampled_from([commands.DROP_WORKER, commands.REJOIN_WORKER]),
+              st.integers(0, 1000)),
+), max_size=6))
+def test_a_command_batch_round_trips(items: list[tuple]) -> None:  # type: ignore[type-arg]
+    cmds: list[commands.Command] = []
+    for item in items:
+        if item[0] == commands.REQUEST:
+            cmds.append(commands.Command(commands.REQUEST, (3, item[1]), item[2], item[3]))
+        else:
+            cmds.append(commands.Command(item[0], worker=item[1]))
+    back = commands.decode(commands.encode(cmds))
+    assert len(back) == len(cmds)
+    for a, b in zip(cmds, back, strict=True):
+        assert (a.op, a.worker) == (b.op, b.worker)
+        if a.op == commands.REQUEST:
+            assert a.token == b.token and bytes(a.header) == bytes(b.header)
+            assert [bytes(f) for f in a.frames] == [bytes(f) for f in b.frames]
+
+
+@pytest.mark.parametrize("data", [b"", b"\x01", b"\x05\x00\x00\x00abc",
+                                  commands.encode([]) + b"extra"])
+def test_a_malformed_batch_raises_command_error(data: bytes) -> None:
+    with pytest.raises(commands.CommandError):
+        commands.decode(data)
+
+
+def _wire(m: Message, frame_bytes: int = 1 << 20) -> Message:
+    header, fs = peers.encode(m, frame_bytes)
+    back = decode_header(memoryview(encode_header(header)), Limits())
+    assert back.kind == Kind.RAFT
+    return peers.decode(back, [memoryview(bytes(f)) for f in fs])
+
+
+def test_raft_messages_round_trip_with_entries_cut_into_frames() -> None:
+    entries = (Entry(2, 5, b""), Entry(2, 6, bytes(range(256)) * 40), Entry(3, 7, b"x"))
+    m = Message(MsgType.APP, 1, 2, 3, log_term=2, index=4, entries=entries, commit=4)
+    header, fs = peers.encode(m, frame_bytes=4096)
+    assert all(memoryview(f).nbytes <= 4096 for f in fs) and len(fs) == 4
+    assert _wire(m, 4096) == m
+    snap = Message(MsgType.SNAP, 1, 3, 3, snapshot=Snapshot(9, 2, b"chunk" * 1000),
+                   snap_offset=5000, snap_total=20000, snap_crc=2**32 - 1)
+    assert _wire(snap, 1024) == snap
+    read = Message(MsgType.HEARTBEAT_RESP, 2, 1, 3, context=b"\x00ctx", reject_hint=-1)
+    assert _wire(read) == read
+
+
+def test_a_raft_message_whose_frames_do_not_match_is_refused() -> None:
+    m = Message(MsgType.APP, 1, 2, 3, entries=(Entry(3, 1, b"abc"),))
+    header, fs = peers.encode(m)
+    with pytest.raises(ProtocolError):
+        peers.decode(header, [])
+    with pytest.raises(ProtocolError):
+        peers.decode(header, [memoryview(b"abc"), memoryview(b"more")])
+    bad = header.__class__(Kind.RAFT, 0, opts={**header.opts, "t": 99})
+    with pytest.raises(ProtocolError):
+        peers.decode(bad, [memoryview(b"abc")])
