@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 from pserver.protocol.codec import check_frames, decode_header
 from pserver.protocol.errors import ErrorCode, PServerError, Unavailable, error_from_code
 from pserver.protocol.schema import MUTATING_KINDS, Header, Kind, Limits
-from pserver.protocol.transport import Endpoint, Incoming, Poller
+from pserver.protocol.transport import Endpoint, Incoming, Monitor, Poller
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,10 @@ ErrorCallback = Callable[[PServerError], None]
 T = TypeVar("T")
 
 MAX_POLL_S = 0.05
-ATTEMPT_S = 0.5  # unanswered this long: check that the replica still leads
-PROBE_S = 0.25  # a replica that does not answer a ping within this is taken for gone
-GONE_S = 2.0  # and its name in NotLeader hints is disregarded for this long
+ATTEMPT_S = 0.3  # unanswered this long: check that the replica still leads
+PROBE_S = 0.2  # a replica that does not answer a ping within this is taken for gone
+GONE_S = 0.5  # and its name in NotLeader hints is disregarded for this long
+RETRY_S = 0.03  # a NotLeader without a usable hint: wait this long before the next try
 
 
 @dataclass
@@ -92,7 +93,16 @@ class IOEngine:
         self._poller.register(self._rfd)
         for ep in self._all_sockets():
             self._poller.register(ep)
+        # A replica whose connection drops (its process died) is left at once rather
+        # than after ATTEMPT_S + PROBE_S.
+        self._monitors: dict[Any, tuple[int, int, Monitor]] = {}
+        for s, eps in self._sockets.items():
+            for i, ep in enumerate(eps if len(eps) > 1 else []):
+                mon = ep.watch_disconnects()
+                self._monitors[mon.sock] = (s, i, mon)
+                self._poller.register(mon)
         self._queue: collections.deque[_Request] = collections.deque()
+        self._later: list[tuple[float, _Request]] = []  # resends waiting out RETRY_S
         self._pending: dict[int, _Request] = {}
         self._seqs: dict[int, int] = {}  # shard -> last sequence number sent
         self._polling = False
@@ -155,7 +165,7 @@ class IOEngine:
         with self._count_lock:
             self._waiters -= 1
             idle = self._waiters == 0
-        if idle and (self._queue or self._pending):
+        if idle and (self._queue or self._pending or self._later):
             with self._cond:  # async requests are left: hand them to the background
                 self._cond.notify()
 
@@ -183,6 +193,8 @@ class IOEngine:
         self._thread.join(timeout)
         with self._lock:
             self._fail_all(Unavailable("the client is closed"))
+            for _, _, mon in self._monitors.values():
+                mon.close()
             for ep in self._all_sockets():
                 ep.close()
             for fd in (self._rfd, self._wfd):
@@ -201,8 +213,8 @@ class IOEngine:
     def _drive_once(self, max_wait: float) -> None:
         self._send_queued()
         now = time.monotonic()
-        wait = min((min(r.deadline, r.attempt) for r in self._pending.values()),
-                   default=now + max_wait)
+        wait = min([min(r.deadline, r.attempt) for r in self._pending.values()]
+                   + [t for t, _ in self._later], default=now + max_wait)
         timeout = max(0.0, min(wait - now, max_wait))
         self._polling = True
         try:
@@ -217,9 +229,19 @@ class IOEngine:
         for sock in ready:
             if sock in self._by_sock:
                 self._receive(*self._by_sock[sock])
+            elif sock in self._monitors:
+                shard, replica, mon = self._monitors[sock]
+                if mon.disconnected():
+                    self._lost(shard, replica)
         self._expire()
 
     def _send_queued(self) -> None:
+        if self._later:
+            now = time.monotonic()
+            due = [r for t, r in self._later if t <= now]
+            self._later = [(t, r) for t, r in self._later if t > now]
+            for req in due:
+                self._send(req)
         while self._queue:
             req = self._queue.popleft()
             eps = self._sockets.get(req.shard)
@@ -245,21 +267,23 @@ class IOEngine:
         else:
             req.on_error(Unavailable(f"shard {req.shard}: send queue full", shard=req.shard))
 
-    def _follow(self, shard: int, hint: Any, away_from: int) -> None:
+    def _follow(self, shard: int, hint: Any, away_from: int) -> bool:
         """Take the hinted replica (a tcp address) for the leader, else the one after
-        ``away_from``."""
+        ``away_from``; True when the hint was used."""
         n = len(self._sockets[shard])
         now = time.monotonic()
         hinted = self._hints.get(shard, {}).get(hint) if isinstance(hint, str) else None
         if hinted is not None and hinted != away_from \
                 and self._gone.get((shard, hinted), 0.0) <= now:
             self._leader[shard] = hinted
-        elif self._leader[shard] == away_from:
+            return True
+        if self._leader[shard] == away_from:
             # The next replica not found silent lately (a follower may still name a
             # leader that just died).
             nxt = [(away_from + k) % n for k in range(1, n + 1)]
             self._leader[shard] = next(
                 (i for i in nxt if self._gone.get((shard, i), 0.0) <= now), nxt[0])
+        return False
 
     def _resend_shard(self, shard: int, away_from: int) -> None:
         """Send again every pending request of ``shard`` that went to ``away_from``."""
@@ -267,6 +291,14 @@ class IOEngine:
                     if r.shard == shard and r.target == away_from]:
             del self._pending[req.header.request_id]
             self._send(req)
+
+    def _lost(self, shard: int, replica: int) -> None:
+        """The connection to ``replica`` dropped: leave it for the next one."""
+        self._gone[(shard, replica)] = time.monotonic() + GONE_S
+        self._probes.pop(shard, None)
+        if self._leader[shard] == replica:
+            self._follow(shard, None, replica)
+            self._resend_shard(shard, replica)
 
     def _probe_answer(self, shard: int, replica: int, header: Header) -> None:
         probe = self._probes.get(shard)
@@ -301,8 +333,10 @@ class IOEngine:
             if req is not None and header.error == ErrorCode.NOT_LEADER:
                 if replica == req.target and time.monotonic() < req.deadline:
                     del self._pending[header.request_id]
-                    self._follow(shard, header.opts.get("leader_hint"), replica)
-                    self._send(req)  # same id and seq: applied at most once
+                    if self._follow(shard, header.opts.get("leader_hint"), replica):
+                        self._send(req)  # same id and seq: applied at most once
+                    else:  # no leader known (an election is on): do not spin
+                        self._later.append((time.monotonic() + RETRY_S, req))
                 continue  # from a replica it no longer waits on: ignore
             req = self._pending.pop(header.request_id, None)
             if req is None:
@@ -353,6 +387,9 @@ class IOEngine:
     def _fail_all(self, exc: PServerError) -> None:
         while self._queue:
             self._queue.popleft().on_error(exc)
+        for _, req in self._later:
+            req.on_error(exc)
+        self._later = []
         for req in self._pending.values():
             req.on_error(exc)
         self._pending.clear()
@@ -365,7 +402,7 @@ class IOEngine:
             while not self._stopping.is_set():
                 self._beat()
                 with self._cond:
-                    if self._waiters > 0 or not (self._queue or self._pending):
+                    if self._waiters > 0 or not (self._queue or self._pending or self._later):
                         self._cond.wait(0.1)
                         continue
                 if self._lock.acquire(timeout=MAX_POLL_S):

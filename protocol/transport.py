@@ -171,6 +171,31 @@ class Endpoint:
             return Incoming(identity, memoryview(b""), [], [])
         return Incoming(identity, parts[0].buffer, [p.buffer for p in parts[1:]], parts)
 
+    def watch_disconnects(self) -> Monitor:
+        """A monitor that reports when an established connection of this socket drops
+        (the peer process died or closed it): poll ``Monitor.sock``."""
+        return Monitor(self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED))
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+class Monitor:
+    """Disconnect events of one socket (see ``Endpoint.watch_disconnects``)."""
+
+    def __init__(self, sock: zmq.Socket[Any]) -> None:
+        self.sock = sock
+
+    def disconnected(self) -> bool:
+        """Drain the waiting events; True when one was a disconnect."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        hit = False
+        while self.sock.poll(0):
+            event = recv_monitor_message(self.sock, zmq.NOBLOCK)
+            hit = hit or bool(event["event"] & zmq.EVENT_DISCONNECTED)
+        return hit
+
     def close(self) -> None:
         self.sock.close(0)
 
@@ -181,8 +206,8 @@ class Poller:
     def __init__(self) -> None:
         self._poller = zmq.Poller()
 
-    def register(self, target: Endpoint | int) -> None:
-        self._poller.register(target.sock if isinstance(target, Endpoint) else target, zmq.POLLIN)
+    def register(self, target: Endpoint | Monitor | int) -> None:
+        self._poller.register(target if isinstance(target, int) else target.sock, zmq.POLLIN)
 
     def unregister(self, target: Endpoint | int) -> None:
         self._poller.unregister(target.sock if isinstance(target, Endpoint) else target)

@@ -207,7 +207,7 @@ class Pair:
 
 
 def uses_ipc(client: Client) -> bool:
-    return all(e.startswith("ipc://") for e in client.endpoints.values())
+    return all(e.startswith("ipc://") for es in client.endpoints.values() for e in es)
 
 
 def open_pair(address: str, transport: str, scratch: Path, timeout: float = 60.0) -> Pair:

@@ -37,7 +37,7 @@ def test_mutations_get_increasing_sequence_numbers_in_send_order(router: Any) ->
     """Whatever thread builds a request, a shard sees one client's mutations numbered
     1, 2, 3... in the order they arrive; reads carry no number."""
     ctx, sock, address = router
-    engine = IOEngine(ctx, {0: address}, Limits())
+    engine = IOEngine(ctx, {0: [address]}, Limits())
     futures: list[Future[Any]] = []
     lock = threading.Lock()
 
@@ -70,9 +70,88 @@ def test_mutations_get_increasing_sequence_numbers_in_send_order(router: Any) ->
 
 def test_a_request_without_an_answer_fails_at_its_deadline(router: Any) -> None:
     ctx, _, address = router
-    engine = IOEngine(ctx, {0: address}, Limits())
+    engine = IOEngine(ctx, {0: [address]}, Limits())
     fut = _submit(engine, Kind.PULL, 1, timeout=0.3)
     with pytest.raises(Unavailable) as info:
         fut.result(timeout=10)
     assert info.value.shard == 0
     engine.close()
+
+
+@pytest.fixture
+def two_replicas() -> Any:
+    """Two bare ROUTERs standing in for two replicas of shard 0."""
+    ctx = zmq.Context()
+    socks, addrs = [], []
+    for _ in range(2):
+        sock = ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        addrs.append(f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}")
+        socks.append(sock)
+    yield ctx, socks, addrs
+    for sock in socks:
+        sock.close(0)
+    ctx.term()
+
+
+def _recv(sock: Any, timeout_ms: int = 10_000) -> tuple[bytes, Header]:
+    assert sock.poll(timeout_ms), "nothing arrived"
+    identity, raw, *_ = sock.recv_multipart()
+    return identity, decode_header(raw, Limits())
+
+
+def test_a_not_leader_reply_sends_the_request_again_to_the_hinted_replica(
+        two_replicas: Any) -> None:
+    ctx, (follower, leader), addrs = two_replicas
+    engine = IOEngine(ctx, {0: addrs}, Limits(), {0: {addrs[0]: 0, addrs[1]: 1}})
+    try:
+        fut = _submit(engine, Kind.PUSH, 7)
+        identity, first = _recv(follower)
+        follower.send_multipart([identity, encode_header(reply_header(
+            first, error=8, message="not the leader", opts={"leader_hint": addrs[1]}))])
+        identity, again = _recv(leader)
+        assert (again.request_id, again.seq) == (first.request_id, first.seq) == (7, 1)
+        leader.send_multipart([identity, encode_header(reply_header(again))])
+        assert fut.result(timeout=10).request_id == 7
+        fut2 = _submit(engine, Kind.PUSH, 8)  # the next one goes straight to the leader
+        identity, nxt = _recv(leader)
+        assert nxt.seq == 2
+        leader.send_multipart([identity, encode_header(reply_header(nxt))])
+        fut2.result(timeout=10)
+    finally:
+        engine.close()
+
+
+def test_a_silent_leader_is_pinged_then_left_for_the_next_replica(two_replicas: Any) -> None:
+    ctx, (dead, alive), addrs = two_replicas
+    engine = IOEngine(ctx, {0: addrs}, Limits(), {0: {addrs[0]: 0, addrs[1]: 1}})
+    try:
+        fut = _submit(engine, Kind.PUSH, 9, timeout=20.0)
+        _, first = _recv(dead)  # it never answers: neither the request nor the ping
+        _, ping = _recv(dead)
+        assert ping.kind == Kind.PING
+        identity, again = _recv(alive)
+        assert (again.request_id, again.seq) == (9, 1)
+        alive.send_multipart([identity, encode_header(reply_header(again))])
+        assert fut.result(timeout=10).request_id == 9
+    finally:
+        engine.close()
+
+
+def test_a_leader_that_answers_the_ping_keeps_the_request(two_replicas: Any) -> None:
+    """A slow answer (a sync read waiting for other workers) is not a dead leader."""
+    ctx, (slow, other), addrs = two_replicas
+    engine = IOEngine(ctx, {0: addrs}, Limits(), {0: {addrs[0]: 0, addrs[1]: 1}})
+    try:
+        fut = _submit(engine, Kind.PULL, 11, timeout=20.0)
+        identity, req = _recv(slow)
+        for _ in range(3):  # several attempt periods, each checked with a ping
+            _, ping = _recv(slow)
+            assert ping.kind == Kind.PING
+            slow.send_multipart([identity, encode_header(reply_header(
+                ping, opts={"role": "leader"}))])
+        assert not other.poll(0), "the request went to another replica"
+        slow.send_multipart([identity, encode_header(reply_header(req))])
+        assert fut.result(timeout=10).request_id == 11
+    finally:
+        engine.close()

@@ -363,13 +363,13 @@ def test_status_fields(client: Any) -> None:
 
 def test_same_host_client_uses_ipc_and_ipc_false_uses_tcp(client: Any, cluster4: Any) -> None:
     assert client.endpoints
-    assert all(e.startswith("ipc://") for e in client.endpoints.values())
+    assert all(e.startswith("ipc://") for es in client.endpoints.values() for e in es)
     rng = rng_for("ipc")
     w = f32(rng, 6 * MiB // 4)  # 2 chunks, so two shards are involved
     client.init({"ipc/w": w}, optimizer=SUM)
     with pserver.connect(cluster4.address, ipc=False, timeout=20.0) as tcp_client:
         assert tcp_client.endpoints
-        assert all(e.startswith("tcp://") for e in tcp_client.endpoints.values())
+        assert all(e.startswith("tcp://") for es in tcp_client.endpoints.values() for e in es)
         assert_bits_equal(tcp_client.pull(["ipc/w"])["ipc/w"], w, "pull over tcp")
         tcp_client.push({"ipc/w": w})
     assert_bits_equal(client.pull(["ipc/w"])["ipc/w"], w + w, "tcp push seen over ipc")

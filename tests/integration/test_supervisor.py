@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 import pserver
+from pserver.clients.client import cluster_status
+from pserver.supervisor import await_ready
 
 from .support import assert_bits_equal, key_on_shard, pid_alive, shard_pids, wait_until
 
@@ -91,13 +93,22 @@ def test_port_0_gives_each_cluster_its_own_free_port(cluster_factory: Any) -> No
             assert_bits_equal(client.pull(["k"])["k"], np.full(2, port_a, np.int64))
 
 
-def test_default_replicas_3_is_refused_with_a_clear_message(tmp_path: Path) -> None:
-    out = subprocess.run(
+def test_serve_runs_three_replicas_per_shard_by_default(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
         pserver_cmd("serve", "--port", "0", "--shards", "2", "--data-dir", str(tmp_path / "d")),
-        capture_output=True, text=True, timeout=30, check=False, env=clean_env())
-    assert out.returncode != 0
-    assert "replicas" in out.stderr.lower(), out.stderr
-    assert "pserver ready" not in out.stdout
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=clean_env())
+    try:
+        address = await_ready(proc, 60)
+        st = cluster_status(address)
+        for s in st["shards"]:
+            assert [r["id"] for r in s["replicas"]] == [0, 1, 2]
+            assert sorted(r["role"] for r in s["replicas"]) == ["follower", "follower", "leader"]
+            assert len({r["address"] for r in s["replicas"]}) == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()
 
 
 # -- status -----------------------------------------------------------------------
