@@ -109,8 +109,9 @@ def worker(address: str, rank: int, progress: Any) -> None:
 
 def start_cluster(data_dir: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pserver", "--log-level", "warning", "serve", "--shards", "4", "--replicas", "3",
-         "--mode", "sync", "--workers", str(WORKERS), "--port", "0", "--data-dir", data_dir],
+        [sys.executable, "-m", "pserver", "--log-level", "warning", "serve", "--shards", "4",
+         "--replicas", "3", "--mode", "sync", "--workers", str(WORKERS), "--port", "0",
+         "--data-dir", data_dir],
         stdout=subprocess.PIPE, text=True)
     try:
         return proc, await_ready(proc)
@@ -123,15 +124,16 @@ def leader_of_key(address: str, key: str) -> dict[str, Any]:
     with pserver.connect(address) as c:
         shard = c.shard_map.shard_for(key, 0)
         st = c.status()
-    return next(r for r in st["shards"][shard]["replicas"] if r["role"] == "leader") | {
-        "shard": shard}
+    lead: dict[str, Any] = next(r for r in st["shards"][shard]["replicas"]
+                                if r["role"] == "leader")
+    return lead | {"shard": shard}
 
 
 def main() -> None:
     data_dir = tempfile.mkdtemp(prefix="pserver-demo-")
     proc, address = start_cluster(data_dir)
     print(f"cluster of 4 shards x 3 replicas ready at {address} (sync, {WORKERS} workers)")
-    xtr, ytr, xte, yte = load_digits_split()
+    xtr, _ytr, xte, yte = load_digits_split()
     total = EPOCHS * steps_per_epoch(len(xtr))
     ctx = mp.get_context("spawn")
     progress = ctx.Queue()
@@ -183,6 +185,7 @@ def main() -> None:
     after = [g for t, g in zip(step_end[1:], gaps, strict=True)
              if killed_at is not None and t >= killed_at]
     failover = max(after[:5]) if after else float("nan")
+    span = step_end[-1] - step_end[0]
     nbytes = sum(v.nbytes for v in init_params().values())
     shard = status["shards"][killed["shard"]] if killed else None
     print("\nsummary")
@@ -193,9 +196,9 @@ def main() -> None:
         ("test accuracy", f"{accuracy * 100:.1f} %"),
         ("failover", f"longest step after the kill {failover * 1e3:.0f} ms "
                      f"(median step {np.median(gaps) * 1e3:.1f} ms)"),
-        ("throughput", f"{len(step_end) * BATCH / (step_end[-1] - step_end[0]):.0f} images/s, "
-                       f"{len(step_end) * nbytes * 2 * WORKERS / (step_end[-1] - step_end[0]) / 1e6:.0f}"
-                       " MB/s pushed + pulled"),
+        ("throughput", f"{len(step_end) * BATCH / span:.0f} images/s, "
+                       f"{len(step_end) * nbytes * 2 * WORKERS / span / 1e6:.0f} MB/s pushed + "
+                       "pulled"),
     ]
     if shard is not None:
         roles = ", ".join(f"{r['id']}:{r['role']}(term {r['term']})" for r in shard["replicas"])

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xxhash
 
 from pserver.protocol.codec import check_frames, decode_header
@@ -455,9 +456,9 @@ class ReplicaServer(ShardServer):
         for key in sorted(self.state.slots):
             s = self.state.slots[key]
             h.update(f"{s.key}\0{s.part}\0{s.step}\0{s.sync_step}".encode())
-            h.update(memoryview(read(s.value)).cast("B"))
+            h.update(np.ascontiguousarray(read(s.value)).tobytes())
             for name in sorted(s.state):
-                h.update(memoryview(read(s.state[name])).cast("B"))
+                h.update(np.ascontiguousarray(read(s.state[name])).tobytes())
         for name in sorted(self.state.tables):
             t = self.state.tables[name]
             ids, slots = t.index.items()

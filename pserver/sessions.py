@@ -6,9 +6,10 @@ that a mutation sent again (a retry after a lost reply or a failover) is
 answered from the table instead of being applied twice. Mutations may arrive
 out of order (a client redirected between replicas resends several at once):
 a number not in the table and above the evicted floor was never applied; one
-at or below the floor may have been, and is refused rather than risked. Part of the replicated state: eviction depends only on the order of
-applied mutations (least recently active client first), never on a clock, so
-every replica keeps the same table. No sockets, threads or clocks.
+at or below the floor may have been, and is refused rather than risked. Part
+of the replicated state: eviction depends only on the order of applied
+mutations (least recently active client first), never on a clock, so every
+replica keeps the same table. No sockets, threads or clocks.
 """
 
 from __future__ import annotations

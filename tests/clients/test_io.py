@@ -127,7 +127,7 @@ def test_a_silent_leader_is_pinged_then_left_for_the_next_replica(two_replicas: 
     engine = IOEngine(ctx, {0: addrs}, Limits(), {0: {addrs[0]: 0, addrs[1]: 1}})
     try:
         fut = _submit(engine, Kind.PUSH, 9, timeout=20.0)
-        _, first = _recv(dead)  # it never answers: neither the request nor the ping
+        _, _first = _recv(dead)  # it never answers: neither the request nor the ping
         _, ping = _recv(dead)
         assert ping.kind == Kind.PING
         identity, again = _recv(alive)

@@ -54,7 +54,7 @@ def _wire(m: Message, frame_bytes: int = 1 << 20) -> Message:
 def test_raft_messages_round_trip_with_entries_cut_into_frames() -> None:
     entries = (Entry(2, 5, b""), Entry(2, 6, bytes(range(256)) * 40), Entry(3, 7, b"x"))
     m = Message(MsgType.APP, 1, 2, 3, log_term=2, index=4, entries=entries, commit=4)
-    header, fs = peers.encode(m, frame_bytes=4096)
+    _header, fs = peers.encode(m, frame_bytes=4096)
     assert all(memoryview(f).nbytes <= 4096 for f in fs) and len(fs) == 4
     assert _wire(m, 4096) == m
     snap = Message(MsgType.SNAP, 1, 3, 3, snapshot=Snapshot(9, 2, b"chunk" * 1000),
@@ -66,7 +66,7 @@ def test_raft_messages_round_trip_with_entries_cut_into_frames() -> None:
 
 def test_a_raft_message_whose_frames_do_not_match_is_refused() -> None:
     m = Message(MsgType.APP, 1, 2, 3, entries=(Entry(3, 1, b"abc"),))
-    header, fs = peers.encode(m)
+    header, _fs = peers.encode(m)
     with pytest.raises(ProtocolError):
         peers.decode(header, [])
     with pytest.raises(ProtocolError):
