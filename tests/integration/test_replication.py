@@ -291,3 +291,24 @@ def test_a_clean_restart_with_the_same_data_dir_keeps_every_update(
         check_oracle(c2.address, w.acked, w.failed)
     finally:
         assert c2.stop() == 0
+
+
+def test_a_follower_behind_the_compacted_log_catches_up_by_snapshot(
+        cluster_factory: Any) -> None:
+    """With a tiny log budget the leader compacts while a follower is stopped; when
+    it resumes, the entries it lacks are gone and it gets the snapshot (§7)."""
+    c = replicated(cluster_factory, "--snapshot-log-bytes", "65536")
+    init_oracle(c.address)
+    lagging = next(r for r in replicas(c.address, 0) if r["role"] == "follower")
+    os.kill(lagging["pid"], signal.SIGSTOP)
+    try:
+        with Writers(c.address) as w:
+            wait_until(lambda: w.done() >= 120, 90, "120 pushes with a follower stopped")
+        lead = leader(c.address, 0)
+        assert lead["applied_index"] > 0
+    finally:
+        os.kill(lagging["pid"], signal.SIGCONT)
+    check_oracle(c.address, w.acked, w.failed)
+    assert "installed the leader's snapshot" in c.stderr()
+    back = next(r for r in replicas(c.address, 0) if r["id"] == lagging["id"])
+    assert back["pid"] == lagging["pid"]  # caught up in place, no restart
