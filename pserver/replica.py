@@ -1,22 +1,20 @@
 """The replica driver: one process of a replicated shard (a Raft group member).
 
-The only place that wires the transport, the Raft core, the WAL, the snapshot
-file and the shard state machine together, and the only one with a clock. The
-loop: receive (client requests and Raft messages on one ROUTER), tick the core
-every heartbeat interval, propose the mutations validated since the last
-round as one log entry (group commit), ask for a ReadIndex for the reads that
-arrived, then handle ``Ready`` as etcd's RawNode is driven: persist (snapshot,
-entries and hard state, one fsync), send, apply the committed entries, serve
-the reads whose index is applied, ``advance``.
+The only place that wires the transport, the replicated log (``replog.py``: Raft
+core, WAL, snapshot file and state machine) and a clock together. The loop:
+receive (client requests and Raft messages on one ROUTER), tick the core every
+heartbeat interval, propose the mutations validated since the last round as one
+log entry (group commit), ask for a ReadIndex for the reads that arrived, then
+let the log handle ``Ready`` (persist, send, apply) and serve the reads whose
+index is applied.
 
 Only the leader answers clients: a follower answers ``NotLeader`` with the
 leader's address as hint. A mutation is answered after its entry commits and
 is applied, by the replica that proposed it (its token); every replica applies
-it, records it in the session table, and a retry (same client id and sequence
-number) is answered from there. Worker drops and rejoins are replicated
-commands, so every replica completes the same sync steps. The log is compacted
-into a snapshot (``raft.snap``, then ``WAL.compact``) once it holds more than
-``snapshot_log_bytes``, and on a clean stop.
+it and records it in the session table, and a retry (same client id and
+sequence number) is answered from there. Worker drops and rejoins are
+replicated commands, so every replica completes the same sync steps. When the
+leadership is lost, every request held for it is answered ``NotLeader``.
 """
 
 from __future__ import annotations
@@ -39,36 +37,21 @@ from pserver.protocol.schema import MUTATING_KINDS, Header, Kind
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Incoming
 
-from . import commands, peers, snapshot
+from . import commands, peers
+from .apply import Outcome, split_by_tensor
 from .commands import Command
-from .raft import Config, Entry, HardState, RaftCore, Role, Snapshot
+from .raft import Config, Role
 from .raft.core import ProposalDropped
-from .server import ShardServer, split_by_tensor
-from .wal import WAL, WALError, atomic_write
+from .replog import ReplicatedLog
+from .server import ShardServer
+from .wal import WALError
 
 log = logging.getLogger(__name__)
 
-RAFT_SNAPSHOT = "raft.snap"
-_SNAP_MAGIC = b"PSRAFT1\n"
-_SNAP_HEAD = struct.Struct("<QQ")  # index, term
 MAX_BATCH_BYTES = 64 << 20  # one log entry's commands, at most (one command may exceed it)
 READ_TIMEOUT_S = 30.0  # a read whose ReadIndex never confirmed is dropped (client retries)
 READS = frozenset({Kind.PULL, Kind.META, Kind.KEYS, Kind.TABLE_META, Kind.PULL_ROWS})
 LEADER_ONLY = READS | MUTATING_KINDS | {Kind.BARRIER, Kind.HEARTBEAT}
-
-
-def save_raft_snapshot(path: Path, snap: Snapshot) -> None:
-    atomic_write(path, _SNAP_MAGIC + _SNAP_HEAD.pack(snap.index, snap.term) + snap.data)
-
-
-def load_raft_snapshot(path: Path) -> Snapshot | None:
-    if not path.exists():
-        return None
-    raw = path.read_bytes()
-    if not raw.startswith(_SNAP_MAGIC):
-        raise snapshot.SnapshotError(f"{path} is not a Raft snapshot of pserver")
-    index, term = _SNAP_HEAD.unpack_from(raw, len(_SNAP_MAGIC))
-    return Snapshot(index, term, raw[len(_SNAP_MAGIC) + _SNAP_HEAD.size:])
 
 
 class ReplicaServer(ShardServer):
@@ -86,12 +69,15 @@ class ReplicaServer(ShardServer):
         self.replica_id = replica_id
         self.addresses = dict(peers)
         self.heartbeat_s = heartbeat_s
-        self.snapshot_log_bytes = snapshot_log_bytes
-        self.dir = Path(data_dir) / f"replica-{replica_id}"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.snap_path = self.dir / RAFT_SNAPSHOT
-        self.wal, core = self._recover(election_ticks, seed)
-        self.core = core
+        ids = tuple(sorted(i + 1 for i in self.addresses))
+        cfg = Config(replica_id + 1, ids, election_tick=election_ticks, heartbeat_tick=1,
+                     max_inflight=16)
+        rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8)))
+        self.log = ReplicatedLog(
+            Path(data_dir) / f"replica-{replica_id}", self.state, cfg, rng, self.limits,
+            workers=self.default_workers, staleness=self.default_staleness, shard_id=shard_id,
+            snapshot_log_bytes=snapshot_log_bytes)
+        self.core = self.log.core
         self._peers = peers_of(self.ctx, replica_id, peers, self.frame_bytes)
         self._batch: list[Command] = []
         self._batch_bytes = 0
@@ -102,39 +88,6 @@ class ReplicaServer(ShardServer):
         self._reads_ready: list[tuple[int, list[tuple[Incoming, Header]]]] = []
         self._proposed_quorum: set[tuple[str, int]] = set()  # drops/rejoins in flight
         self._was_leader = False
-        self._log_bytes = sum(len(e.data) for e in core.log)
-        self.mismatch = ""
-
-    # -- start-up -------------------------------------------------------------
-
-    def _recover(self, election_ticks: int, seed: int | None) -> tuple[WAL, RaftCore]:
-        """Rebuild from disk: the Raft snapshot into the state machine, then the WAL's
-        hard state and the entries after the snapshot into the core (committed ones
-        are applied again by the first Ready)."""
-        snap = load_raft_snapshot(self.snap_path)
-        wal, rec = WAL.open(self.dir / "wal")
-        snap_index = snap.index if snap else 0
-        if rec.base_index > snap_index:
-            raise WALError(f"{self.dir}: the log was compacted up to entry {rec.base_index} but "
-                           f"the snapshot holds only {snap_index}; refusing to start")
-        if snap is not None:
-            snapshot.decode(snap.data, self.state, str(self.snap_path))
-            self.state.applied_index = snap.index
-        entries = [e for e in rec.entries if e.index > snap_index]
-        if entries and entries[0].index != snap_index + 1:
-            entries = []  # the snapshot came from a leader past the end of this log
-        last = entries[-1].index if entries else snap_index
-        hs = rec.hard_state
-        hs = HardState(hs.term, hs.vote, max(snap_index, min(hs.commit, last)))
-        ids = tuple(sorted(i + 1 for i in self.addresses))
-        cfg = Config(self.replica_id + 1, ids, election_tick=election_ticks, heartbeat_tick=1,
-                     max_inflight=16)
-        rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8)))
-        core = RaftCore(cfg, rng, hs, entries, applied=snap_index, snapshot=snap)
-        log.info("shard %d replica %d: recovered term %d, snapshot at %d, %d entries, "
-                 "commit %d", self.shard_id, self.replica_id, hs.term, snap_index,
-                 len(entries), hs.commit)
-        return wal, core
 
     # -- the loop -------------------------------------------------------------
 
@@ -172,17 +125,17 @@ class ReplicaServer(ShardServer):
         self._ask_reads()
         self._drive()
         self._role_changes()
-        self._maybe_compact()
+        self.log.maybe_compact()
 
     def close(self) -> None:
         try:
             if self.core.applied > self.core.snap_index:
-                self._compact()
-        except (OSError, WALError, snapshot.SnapshotError) as exc:
+                self.log.compact()
+        except (OSError, WALError) as exc:
             log.error("shard %d replica %d: snapshot on stop failed: %s", self.shard_id,
                       self.replica_id, exc)
         self._peers.close()
-        self.wal.close()
+        self.log.close()
         super().close()
 
     # -- requests -------------------------------------------------------------
@@ -271,90 +224,39 @@ class ReplicaServer(ShardServer):
     # -- Ready ----------------------------------------------------------------
 
     def _drive(self) -> None:
-        core = self.core
-        while core.has_ready():
-            rd = core.ready()
-            try:
-                if rd.snapshot is not None:
-                    self._install(rd.snapshot, rd.hard_state or HardState(core.term, core.vote,
-                                                                          core.commit))
-                if rd.entries or rd.hard_state is not None:
-                    self.wal.append(rd.entries, rd.hard_state)
-                    self.wal.sync()
-                    self._log_bytes += sum(len(e.data) for e in rd.entries)
-            except WALError as exc:
-                # Nothing unpersisted may be acknowledged: stop; the supervisor restarts
-                # this replica from what its disk holds.
-                log.critical("shard %d replica %d: %s; stopping", self.shard_id,
-                             self.replica_id, exc)
-                raise SystemExit(3) from exc
-            for m in rd.messages:
-                self._peers.send(m)
-            for e in rd.committed:
-                self._apply_entry(e)
-            for ctx, index in rd.reads:
-                asked = self._reads_asked.pop(ctx, None)
-                if asked is not None:
-                    self._reads_ready.append((index, asked[1]))
-            core.advance(rd)
-            self._serve_reads()
-
-    def _install(self, snap: Snapshot, hs: HardState) -> None:
-        """A snapshot from the leader replaces this replica's state and log."""
-        save_raft_snapshot(self.snap_path, snap)
-        snapshot.decode(snap.data, self.state, "snapshot from the leader")
-        self.state.applied_index = snap.index
-        self.wal.compact(snap.index, snap.term, [], hs)
-        self._log_bytes = 0
-        log.info("shard %d replica %d: installed the leader's snapshot at entry %d "
-                 "(%d bytes)", self.shard_id, self.replica_id, snap.index, len(snap.data))
-
-    def _apply_entry(self, e: Entry) -> None:
-        if e.data:
-            for cmd in commands.decode(e.data):
-                self._apply_command(cmd)
-        self.state.applied_index = e.index
+        try:
+            reads = self.log.drive(self._peers.send, self._answer)
+        except WALError as exc:
+            # Nothing unpersisted may be acknowledged: stop; the supervisor restarts
+            # this replica from what its disk holds.
+            log.critical("shard %d replica %d: %s; stopping", self.shard_id, self.replica_id,
+                         exc)
+            raise SystemExit(3) from exc
+        for ctx, index in reads:
+            asked = self._reads_asked.pop(ctx, None)
+            if asked is not None:
+                self._reads_ready.append((index, asked[1]))
         if self.core.role == Role.LEADER:
             self._release_parked()
+        self._serve_reads()
 
-    def _apply_command(self, cmd: Command) -> None:
-        waiter = self._waiters.pop(cmd.token, None) if cmd.op == commands.REQUEST else None
+    def _answer(self, cmd: Command, outcome: Outcome | None) -> None:
+        """A committed command was applied here: answer its client if this replica
+        proposed it."""
         if cmd.op == commands.DROP_WORKER:
             self._proposed_quorum.discard(("drop", cmd.worker))
-            if cmd.worker not in self.state.dropped:
-                log.warning("shard %d: worker %d dropped from the step quorum", self.shard_id,
-                            cmd.worker)
-                self.state.drop_worker(cmd.worker)
-            return
-        if cmd.op == commands.REJOIN_WORKER:
+        elif cmd.op == commands.REJOIN_WORKER:
             self._proposed_quorum.discard(("rejoin", cmd.worker))
-            if cmd.worker in self.state.dropped:
-                log.warning("shard %d: worker %d is back; it resumes at the current step",
-                            self.shard_id, cmd.worker)
-                self.state.rejoin_worker(cmd.worker)
+        waiter = self._waiters.pop(cmd.token, None) if cmd.op == commands.REQUEST else None
+        if waiter is None or outcome is None:
             return
-        header = decode_header(cmd.header, self.limits)
-        try:
-            cached = self.state.sessions.duplicate(header.client_id, header.seq)
-            if cached is None:
-                opts = self.mutate(header, split_by_tensor(header, cmd.frames))
-        except PServerError as exc:
-            if waiter is not None:
-                self._error(waiter[0], waiter[1], exc)
-            return
-        except Exception as exc:  # a bug: say so loudly; the digests will show any damage
-            log.exception("shard %d replica %d: applying %s seq %d failed", self.shard_id,
-                          self.replica_id, header.kind.name, header.seq)
-            if waiter is not None:
-                self._error(waiter[0], waiter[1], InternalError(f"{type(exc).__name__}: {exc}"))
-            return
-        if waiter is None:
-            if cached is None:
-                self.state.sessions.record(header.client_id, header.seq, opts)
-        elif cached is None:
-            self.answer_mutation(waiter[0], header, opts)
+        incoming, header = waiter
+        if outcome.error is not None:
+            self._error(incoming, header, outcome.error)
+        elif outcome.opts is not None:
+            self._send_mutation_reply(incoming, header, outcome.opts)
         else:
-            self._answer_duplicate(waiter[0], header)
+            self._answer_duplicate(incoming, header)
 
     def _serve_reads(self) -> None:
         keep = []
@@ -429,23 +331,6 @@ class ReplicaServer(ShardServer):
                 self._proposed_quorum.add(("drop", worker))
                 self._queue(Command(commands.DROP_WORKER, worker=worker))
 
-    # -- compaction -----------------------------------------------------------
-
-    def _maybe_compact(self) -> None:
-        if self._log_bytes > self.snapshot_log_bytes and self.core.applied > self.core.snap_index:
-            self._compact()
-
-    def _compact(self) -> None:
-        core = self.core
-        index = core.applied
-        snap = core.compact(index, snapshot.encode(self.state))
-        save_raft_snapshot(self.snap_path, snap)
-        self.wal.compact(snap.index, snap.term, core.log,
-                         HardState(core.term, core.vote, core.commit))
-        self._log_bytes = sum(len(e.data) for e in core.log)
-        log.info("shard %d replica %d: log compacted into a snapshot at entry %d (%d bytes)",
-                 self.shard_id, self.replica_id, index, len(snap.data))
-
     # -- status ---------------------------------------------------------------
 
     def digest(self) -> str:
@@ -480,7 +365,8 @@ class ReplicaServer(ShardServer):
             replica=self.replica_id, role=core.role.value, term=core.term,
             commit_index=core.commit, applied_index=core.applied, leader=core.lead - 1,
             last_index=core.last_index, snapshot_index=core.snap_index,
-            digest=self.digest(), wal_syncs=self.wal.syncs, peer_sends_dropped=self._peers.dropped,
+            digest=self.digest(), wal_syncs=self.log.wal.syncs,
+            peer_sends_dropped=self._peers.dropped,
         )
         if out["role"] in ("pre-candidate",):
             out["role"] = "candidate"

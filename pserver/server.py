@@ -22,23 +22,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pserver.protocol.codec import check_frames, decode_header, reply_header
 from pserver.protocol.errors import (
     InternalError,
     InvalidArgument,
     ProtocolError,
     PServerError,
-    ShapeMismatch,
 )
-from pserver.protocol.frames import join_frames, split_frames, split_rows
+from pserver.protocol.frames import split_frames, split_rows
 from pserver.protocol.schema import MUTATING_KINDS, Header, KeyRef, Kind, Limits, TensorMeta
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Endpoint, Incoming, new_context
 
 from . import snapshot
-from .shard import ShardStateMachine, Slot, parse_compression
+from .apply import mutate, rows_request, split_by_tensor
+from .shard import ShardStateMachine, Slot
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +198,7 @@ class ShardServer:
             table = self.state.table(header.opts.get("table"))
             self._reply(incoming, reply_header(header, opts=table.spec.to_wire()))
         elif kind == Kind.PULL_ROWS:
-            name, ids, _ = self._rows_request(header, self._data(header, incoming),
-                                              with_grads=False)
+            name, ids, _ = rows_request(header, self._data(header, incoming), with_grads=False)
             table = self.state.check_rows(name, ids)
             rows = table.pull(ids)
             frames = split_rows(rows, self.frame_bytes)
@@ -230,50 +227,19 @@ class ShardServer:
 
     def mutate(self, header: Header, data: list[list[memoryview]], *,
                apply: bool = True) -> dict[str, Any]:
-        """Check one mutation against the state and, with ``apply``, apply it; returns
-        the reply's opts. Raises the check's error with the state unchanged. The same
-        header and data give the same result on every replica."""
-        kind = header.kind
-        if kind == Kind.INIT:
-            spec, mode = self.state.check_init(header.tensors, header.opts)
-            compression = parse_compression(header.opts.get("compression"))
-            if compression[0] != "none" and any(
-                    t.dtype not in ("float32", "float64") for t in header.tensors):
-                raise InvalidArgument("compression applies to float32 and float64 keys only")
-            if compression[0] == "topk" and mode == "sync":
-                raise InvalidArgument("top-k compression does not combine with sync mode")
-            workers = header.opts.get("workers", self.default_workers)
-            staleness = header.opts.get("staleness", self.default_staleness)
-            if type(workers) is not int or workers < 1 or type(staleness) is not int \
-                    or staleness < 0:
-                raise InvalidArgument("workers must be >= 1 and staleness >= 0 (integers)")
-            if not apply:
-                return {}
-            created = self.state.apply_init(header.tensors, data, spec, mode, compression,
-                                            workers, staleness)
-            return {"created": created}
-        if kind in (Kind.PUSH, Kind.PUSH_PULL):
-            self.state.check_push(header.tensors, header.opts)
-            if apply:
-                self.state.apply_push(header.tensors, data, header.opts)
-            return {}
-        if kind == Kind.CREATE_TABLE:
-            table_spec = self.state.check_create_table(header.opts)
-            return {"created": self.state.apply_create_table(table_spec)} if apply else {}
-        if kind == Kind.PUSH_ROWS:
-            name, ids, grads = self._rows_request(header, data, with_grads=True)
-            table = self.state.check_rows(name, ids)
-            assert grads is not None
-            table.check_push(ids, grads)
-            if apply:
-                self.state.apply_push_rows(table, ids, grads)
-            return {}
-        raise InvalidArgument(f"{kind.name} is not a mutation")
+        """Check one mutation against the state and, with ``apply``, apply it
+        (``apply.mutate``); returns the reply's opts."""
+        return mutate(self.state, header, data, apply=apply, workers=self.default_workers,
+                      staleness=self.default_staleness)
 
     def answer_mutation(self, incoming: Incoming, header: Header, opts: dict[str, Any]) -> None:
         """Record an applied mutation's reply in the session table and send it: for
         PUSH_PULL the values, once the asking worker may read them."""
         self.state.sessions.record(header.client_id, header.seq, opts)
+        self._send_mutation_reply(incoming, header, opts)
+
+    def _send_mutation_reply(self, incoming: Incoming, header: Header,
+                             opts: dict[str, Any]) -> None:
         if header.kind == Kind.PUSH_PULL:
             slots = [self.state.slots[(t.key, t.part)] for t in _pushed_parts(header)]
             self._send_when_ready(incoming, header, slots)
@@ -364,30 +330,6 @@ class ShardServer:
             self._reply(incoming, reply_header(header, opts=cached))
         return True
 
-    def _rows_request(self, header: Header, data: list[list[memoryview]],
-                      with_grads: bool) -> tuple[
-            Any, np.ndarray[Any, Any], np.ndarray[Any, Any] | None]:
-        """(table name, ids, grads) of a PULL_ROWS or PUSH_ROWS message: the first
-        tensor holds the uint64 ids, the second (push) the (n, dim) gradients."""
-        want = 2 if with_grads else 1
-        if len(header.tensors) != want:
-            raise InvalidArgument(f"{header.kind.name} carries {want} tensor(s), "
-                                  f"not {len(header.tensors)}")
-        ids_meta = header.tensors[0]
-        if ids_meta.dtype != "uint64" or len(ids_meta.shape) != 1 or ids_meta.offset != 0 \
-                or ids_meta.count != ids_meta.shape[0] or not ids_meta.nframes:
-            raise InvalidArgument("row ids must be one whole 1-D uint64 tensor with its data")
-        ids = join_frames(data[0], ids_meta.np_dtype)
-        grads = None
-        if with_grads:
-            g = header.tensors[1]
-            if len(g.shape) != 2 or g.offset != 0 or g.count != g.shape[0] * g.shape[1] \
-                    or g.shape[0] != ids.shape[0] or not g.nframes:
-                raise ShapeMismatch(f"row gradients {g.dtype}{list(g.shape)} do not match "
-                                    f"{ids.shape[0]} ids", key=str(header.opts.get("table")))
-            grads = join_frames(data[1], g.np_dtype).reshape(g.shape)
-        return header.opts.get("table"), ids, grads
-
     @staticmethod
     def _data(header: Header, incoming: Incoming) -> list[list[memoryview]]:
         return split_by_tensor(header, incoming.frames)
@@ -444,15 +386,6 @@ class ShardServer:
             "uptime_s": round(time.time() - self.started, 3),
             "endpoints": self.endpoints,
         }
-
-
-def split_by_tensor(header: Header, frames: Sequence[Any]) -> list[list[Any]]:
-    """The data frames of a message, one list per tensor descriptor."""
-    out, i = [], 0
-    for t in header.tensors:
-        out.append(list(frames[i : i + t.nframes]))
-        i += t.nframes
-    return out
 
 
 def _pushed_parts(header: Header) -> tuple[TensorMeta, ...]:

@@ -1,0 +1,148 @@
+"""Applying one mutation to a shard state machine: the code every replica runs.
+
+Owns the check-then-apply of each mutating kind (INIT, PUSH, PUSH_PULL,
+CREATE_TABLE, PUSH_ROWS) on a ``ShardStateMachine``, and of a replicated
+command from a log entry (``apply_command``: the session table first, so a
+retried mutation is answered from it, then ``mutate``; worker drops and
+rejoins). Deterministic: the same commands in the same order give the same
+state and the same outcomes on every replica. No sockets, threads or clocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pserver.protocol.codec import decode_header
+from pserver.protocol.errors import InternalError, InvalidArgument, PServerError, ShapeMismatch
+from pserver.protocol.frames import join_frames
+from pserver.protocol.schema import Header, Kind, Limits
+
+from . import commands
+from .commands import Command
+from .shard import ShardStateMachine, parse_compression
+
+log = logging.getLogger(__name__)
+
+
+def split_by_tensor(header: Header, frames: Any) -> list[list[Any]]:
+    """The data frames of a message, one list per tensor descriptor."""
+    out, i = [], 0
+    for t in header.tensors:
+        out.append(list(frames[i : i + t.nframes]))
+        i += t.nframes
+    return out
+
+
+def mutate(state: ShardStateMachine, header: Header, data: list[list[memoryview]], *,
+           apply: bool = True, workers: int = 1, staleness: int = 0) -> dict[str, Any]:
+    """Check one mutation against ``state`` and, with ``apply``, apply it; returns the
+    reply's opts. Raises the check's error with the state unchanged. ``workers`` and
+    ``staleness`` are the defaults for an INIT that names none."""
+    kind = header.kind
+    if kind == Kind.INIT:
+        spec, mode = state.check_init(header.tensors, header.opts)
+        compression = parse_compression(header.opts.get("compression"))
+        if compression[0] != "none" and any(
+                t.dtype not in ("float32", "float64") for t in header.tensors):
+            raise InvalidArgument("compression applies to float32 and float64 keys only")
+        if compression[0] == "topk" and mode == "sync":
+            raise InvalidArgument("top-k compression does not combine with sync mode")
+        workers = header.opts.get("workers", workers)
+        staleness = header.opts.get("staleness", staleness)
+        if type(workers) is not int or workers < 1 or type(staleness) is not int \
+                or staleness < 0:
+            raise InvalidArgument("workers must be >= 1 and staleness >= 0 (integers)")
+        if not apply:
+            return {}
+        created = state.apply_init(header.tensors, data, spec, mode, compression, workers,
+                                   staleness)
+        return {"created": created}
+    if kind in (Kind.PUSH, Kind.PUSH_PULL):
+        state.check_push(header.tensors, header.opts)
+        if apply:
+            state.apply_push(header.tensors, data, header.opts)
+        return {}
+    if kind == Kind.CREATE_TABLE:
+        table_spec = state.check_create_table(header.opts)
+        return {"created": state.apply_create_table(table_spec)} if apply else {}
+    if kind == Kind.PUSH_ROWS:
+        name, ids, grads = rows_request(header, data, with_grads=True)
+        table = state.check_rows(name, ids)
+        assert grads is not None
+        table.check_push(ids, grads)
+        if apply:
+            state.apply_push_rows(table, ids, grads)
+        return {}
+    raise InvalidArgument(f"{kind.name} is not a mutation")
+
+
+@dataclass
+class Outcome:
+    """What applying one REQUEST command gave: its header, and either the reply
+    opts of a first application (``opts``), the stored reply of a duplicate
+    (``cached``), or the error it was refused with (``error``)."""
+
+    header: Header
+    opts: dict[str, Any] | None = None
+    cached: dict[str, Any] | None = None
+    error: PServerError | None = None
+
+
+def apply_command(state: ShardStateMachine, cmd: Command, limits: Limits, *,
+                  workers: int = 1, staleness: int = 0, shard: int = 0) -> Outcome | None:
+    """Apply one command of a committed log entry; None for a worker drop/rejoin.
+    A first application is recorded in the session table here."""
+    if cmd.op == commands.DROP_WORKER:
+        if cmd.worker not in state.dropped:
+            log.warning("shard %d: worker %d dropped from the step quorum", shard, cmd.worker)
+            state.drop_worker(cmd.worker)
+        return None
+    if cmd.op == commands.REJOIN_WORKER:
+        if cmd.worker in state.dropped:
+            log.warning("shard %d: worker %d is back; it resumes at the current step", shard,
+                        cmd.worker)
+            state.rejoin_worker(cmd.worker)
+        return None
+    header = decode_header(cmd.header, limits)
+    try:
+        cached = state.sessions.duplicate(header.client_id, header.seq)
+        if cached is not None:
+            return Outcome(header, cached=cached)
+        opts = mutate(state, header, split_by_tensor(header, cmd.frames), workers=workers,
+                      staleness=staleness)
+    except PServerError as exc:
+        return Outcome(header, error=exc)
+    except Exception as exc:  # a bug: say so loudly; the replicas' digests show any damage
+        log.exception("shard %d: applying %s seq %d failed", shard, header.kind.name,
+                      header.seq)
+        return Outcome(header, error=InternalError(f"{type(exc).__name__}: {exc}"))
+    state.sessions.record(header.client_id, header.seq, opts)
+    return Outcome(header, opts=opts)
+
+
+def rows_request(header: Header, data: list[list[memoryview]], with_grads: bool) -> tuple[
+        Any, np.ndarray[Any, Any], np.ndarray[Any, Any] | None]:
+    """(table name, ids, grads) of a PULL_ROWS or PUSH_ROWS message: the first
+    tensor holds the uint64 ids, the second (push) the (n, dim) gradients."""
+    want = 2 if with_grads else 1
+    if len(header.tensors) != want:
+        raise InvalidArgument(f"{header.kind.name} carries {want} tensor(s), "
+                              f"not {len(header.tensors)}")
+    ids_meta = header.tensors[0]
+    if ids_meta.dtype != "uint64" or len(ids_meta.shape) != 1 or ids_meta.offset != 0 \
+            or ids_meta.count != ids_meta.shape[0] or not ids_meta.nframes:
+        raise InvalidArgument("row ids must be one whole 1-D uint64 tensor with its data")
+    ids = join_frames(data[0], ids_meta.np_dtype)
+    grads = None
+    if with_grads:
+        g = header.tensors[1]
+        if len(g.shape) != 2 or g.offset != 0 or g.count != g.shape[0] * g.shape[1] \
+                or g.shape[0] != ids.shape[0] or not g.nframes:
+            raise ShapeMismatch(f"row gradients {g.dtype}{list(g.shape)} do not match "
+                                f"{ids.shape[0]} ids", key=str(header.opts.get("table")))
+        grads = join_frames(data[1], g.np_dtype).reshape(g.shape)
+    return header.opts.get("table"), ids, grads

@@ -1,0 +1,157 @@
+"""One replica's replicated log: Raft core, WAL, Raft snapshot file, state machine.
+
+Owns what a replica keeps on disk and the order of work on each Raft ``Ready``
+(etcd's RawNode): persist the snapshot, then the entries and hard state with one
+fsync, then send the messages, then apply the committed entries' commands to
+the shard state machine (``apply.apply_command``), then ``advance``. Also
+recovery at start (snapshot into the state machine, WAL entries after it into
+the core) and compaction (snapshot the state, ``WAL.compact``). No sockets and
+no clock: the replica driver (``replica.py``) and the deterministic simulation
+in the tests run this same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+from pserver.protocol.schema import Limits
+
+from . import commands, snapshot
+from .apply import Outcome, apply_command
+from .commands import Command
+from .raft import Config, HardState, Message, RaftCore, Snapshot
+from .shard import ShardStateMachine
+from .wal import WAL, WALError, atomic_write
+
+log = logging.getLogger(__name__)
+
+RAFT_SNAPSHOT = "raft.snap"
+_SNAP_MAGIC = b"PSRAFT1\n"
+_SNAP_HEAD = struct.Struct("<QQ")  # index, term
+
+OutcomeCallback = Callable[[Command, Outcome | None], None]
+
+
+def save_raft_snapshot(path: Path, snap: Snapshot) -> None:
+    atomic_write(path, _SNAP_MAGIC + _SNAP_HEAD.pack(snap.index, snap.term) + snap.data)
+
+
+def load_raft_snapshot(path: Path) -> Snapshot | None:
+    if not path.exists():
+        return None
+    raw = path.read_bytes()
+    if not raw.startswith(_SNAP_MAGIC):
+        raise snapshot.SnapshotError(f"{path} is not a Raft snapshot of pserver")
+    index, term = _SNAP_HEAD.unpack_from(raw, len(_SNAP_MAGIC))
+    return Snapshot(index, term, raw[len(_SNAP_MAGIC) + _SNAP_HEAD.size:])
+
+
+class ReplicatedLog:
+    """The log of one replica in ``directory`` (``wal/`` and ``raft.snap``), applying
+    to ``state``. ``cfg`` and ``rng`` configure the Raft core."""
+
+    def __init__(self, directory: Path, state: ShardStateMachine, cfg: Config,
+                 rng: random.Random, limits: Limits, *, workers: int = 1,
+                 staleness: int = 0, shard_id: int = 0,
+                 snapshot_log_bytes: int = 256 << 20) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state = state
+        self.limits = limits
+        self.workers, self.staleness = workers, staleness
+        self.shard_id = shard_id
+        self.snapshot_log_bytes = snapshot_log_bytes
+        self.snap_path = self.dir / RAFT_SNAPSHOT
+        self.before_sync: Callable[[], None] | None = None  # the simulation's crash point
+        self.wal, self.core = self._recover(cfg, rng)
+        self.log_bytes = sum(len(e.data) for e in self.core.log)
+
+    def _recover(self, cfg: Config, rng: random.Random) -> tuple[WAL, RaftCore]:
+        """Rebuild from disk: the Raft snapshot into the state machine, then the WAL's
+        hard state and the entries after the snapshot into the core (committed ones
+        are applied again by the first Ready)."""
+        snap = load_raft_snapshot(self.snap_path)
+        wal, rec = WAL.open(self.dir / "wal")
+        snap_index = snap.index if snap else 0
+        if rec.base_index > snap_index:
+            wal.close()
+            raise WALError(f"{self.dir}: the log was compacted up to entry {rec.base_index} but "
+                           f"the snapshot holds only {snap_index}; refusing to start")
+        if snap is not None:
+            snapshot.decode(snap.data, self.state, str(self.snap_path))
+            self.state.applied_index = snap.index
+        entries = [e for e in rec.entries if e.index > snap_index]
+        if entries and entries[0].index != snap_index + 1:
+            entries = []  # the snapshot came from a leader past the end of this log
+        last = entries[-1].index if entries else snap_index
+        hs = rec.hard_state
+        hs = HardState(hs.term, hs.vote, max(snap_index, min(hs.commit, last)))
+        core = RaftCore(cfg, rng, hs, entries, applied=snap_index, snapshot=snap)
+        log.info("shard %d replica %d: recovered term %d, snapshot at %d, %d entries, "
+                 "commit %d", self.shard_id, cfg.id - 1, hs.term, snap_index, len(entries),
+                 hs.commit)
+        return wal, core
+
+    def drive(self, send: Callable[[Message], None],
+              on_outcome: OutcomeCallback) -> list[tuple[bytes, int]]:
+        """Handle every Ready until the core is quiet; returns the ReadIndex
+        confirmations ``(context, index)`` it carried. Raises ``WALError`` when the
+        disk fails: nothing unpersisted has been sent or applied then."""
+        core = self.core
+        reads: list[tuple[bytes, int]] = []
+        while core.has_ready():
+            rd = core.ready()
+            if rd.snapshot is not None:
+                self._install(rd.snapshot, rd.hard_state or HardState(core.term, core.vote,
+                                                                      core.commit))
+            if rd.entries or rd.hard_state is not None:
+                self.wal.append(rd.entries, rd.hard_state)
+                if self.before_sync is not None:
+                    self.before_sync()
+                self.wal.sync()
+                self.log_bytes += sum(len(e.data) for e in rd.entries)
+            for m in rd.messages:
+                send(m)
+            for e in rd.committed:
+                if e.data:
+                    for cmd in commands.decode(e.data):
+                        on_outcome(cmd, apply_command(
+                            self.state, cmd, self.limits, workers=self.workers,
+                            staleness=self.staleness, shard=self.shard_id))
+                self.state.applied_index = e.index
+            reads.extend(rd.reads)
+            core.advance(rd)
+        return reads
+
+    def _install(self, snap: Snapshot, hs: HardState) -> None:
+        """A snapshot from the leader replaces this replica's state and log."""
+        save_raft_snapshot(self.snap_path, snap)
+        snapshot.decode(snap.data, self.state, "snapshot from the leader")
+        self.state.applied_index = snap.index
+        self.wal.compact(snap.index, snap.term, [], hs)
+        self.log_bytes = 0
+        log.info("shard %d replica %d: installed the leader's snapshot at entry %d "
+                 "(%d bytes)", self.shard_id, self.core.id - 1, snap.index, len(snap.data))
+
+    def maybe_compact(self) -> None:
+        if self.log_bytes > self.snapshot_log_bytes and self.core.applied > self.core.snap_index:
+            self.compact()
+
+    def compact(self) -> None:
+        """Snapshot the state machine at the applied index; drop the log up to there."""
+        core = self.core
+        index = core.applied
+        snap = core.compact(index, snapshot.encode(self.state))
+        save_raft_snapshot(self.snap_path, snap)
+        self.wal.compact(snap.index, snap.term, core.log,
+                         HardState(core.term, core.vote, core.commit))
+        self.log_bytes = sum(len(e.data) for e in core.log)
+        log.info("shard %d replica %d: log compacted into a snapshot at entry %d (%d bytes)",
+                 self.shard_id, core.id - 1, index, len(snap.data))
+
+    def close(self) -> None:
+        self.wal.close()
