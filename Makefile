@@ -24,7 +24,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
 
 soak: $(STAMP)
-	RAFT_SEEDS=5000 $(BIN)/python -m pytest -q tests/raft
+	RAFT_SEEDS=5000 SIM_SEEDS=5000 $(BIN)/python -m pytest -q tests/raft
 
 bench: $(STAMP)
 	$(BIN)/pserver bench

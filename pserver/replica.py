@@ -28,8 +28,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import xxhash
 
 from pserver.protocol.codec import check_frames, decode_header
 from pserver.protocol.errors import InternalError, NotLeader, ProtocolError, PServerError
@@ -333,25 +331,6 @@ class ReplicaServer(ShardServer):
 
     # -- status ---------------------------------------------------------------
 
-    def digest(self) -> str:
-        """A hash of the applied state (values, optimizer state and steps of every key
-        part, every table's rows): equal on replicas that applied the same entries."""
-        h = xxhash.xxh64()
-        read = self.state.memory.read
-        for key in sorted(self.state.slots):
-            s = self.state.slots[key]
-            h.update(f"{s.key}\0{s.part}\0{s.step}\0{s.sync_step}".encode())
-            h.update(np.ascontiguousarray(read(s.value)).tobytes())
-            for name in sorted(s.state):
-                h.update(np.ascontiguousarray(read(s.state[name])).tobytes())
-        for name in sorted(self.state.tables):
-            t = self.state.tables[name]
-            ids, slots = t.index.items()
-            order = ids.argsort()
-            h.update(ids[order].tobytes())
-            h.update(t.values[slots[order]].tobytes())
-        return h.hexdigest()
-
     def ping_info(self) -> dict[str, Any]:
         role = self.core.role.value
         return {"shard": self.shard_id, "pid": os.getpid(), "replica": self.replica_id,
@@ -365,7 +344,7 @@ class ReplicaServer(ShardServer):
             replica=self.replica_id, role=core.role.value, term=core.term,
             commit_index=core.commit, applied_index=core.applied, leader=core.lead - 1,
             last_index=core.last_index, snapshot_index=core.snap_index,
-            digest=self.digest(), wal_syncs=self.log.wal.syncs,
+            digest=self.state.digest(), wal_syncs=self.log.wal.syncs,
             peer_sends_dropped=self._peers.dropped,
         )
         if out["role"] in ("pre-candidate",):

@@ -23,7 +23,7 @@ from pserver.protocol.schema import Limits
 from . import commands, snapshot
 from .apply import Outcome, apply_command
 from .commands import Command
-from .raft import Config, HardState, Message, RaftCore, Snapshot
+from .raft import Config, Entry, HardState, Message, RaftCore, Snapshot
 from .shard import ShardStateMachine
 from .wal import WAL, WALError, atomic_write
 
@@ -67,6 +67,7 @@ class ReplicatedLog:
         self.snapshot_log_bytes = snapshot_log_bytes
         self.snap_path = self.dir / RAFT_SNAPSHOT
         self.before_sync: Callable[[], None] | None = None  # the simulation's crash point
+        self.on_apply: Callable[[Entry], None] | None = None  # sees every applied entry
         self.wal, self.core = self._recover(cfg, rng)
         self.log_bytes = sum(len(e.data) for e in self.core.log)
 
@@ -123,6 +124,8 @@ class ReplicatedLog:
                             self.state, cmd, self.limits, workers=self.workers,
                             staleness=self.staleness, shard=self.shard_id))
                 self.state.applied_index = e.index
+                if self.on_apply is not None:
+                    self.on_apply(e)
             reads.extend(rd.reads)
             core.advance(rd)
         return reads

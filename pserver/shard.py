@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from pserver import kernels
 from pserver.protocol.errors import InvalidArgument, KeyNotFound, ShapeMismatch, WrongShard
@@ -443,6 +444,27 @@ class ShardStateMachine:
                         grads: np.ndarray[Any, Any]) -> None:
         table.push(ids, grads)
         self.applied_index += 1
+
+    def digest(self) -> str:
+        """A hash of the state (every key part's values, optimizer state and steps;
+        every table's rows by id; the dropped workers): equal on replicas that
+        applied the same commands."""
+        h = xxhash.xxh64()
+        read = self.memory.read
+        for key in sorted(self.slots):
+            s = self.slots[key]
+            h.update(f"{s.key}\0{s.part}\0{s.step}\0{s.sync_step}".encode())
+            h.update(np.ascontiguousarray(read(s.value)).tobytes())
+            for name in sorted(s.state):
+                h.update(np.ascontiguousarray(read(s.state[name])).tobytes())
+        for name in sorted(self.tables):
+            t = self.tables[name]
+            ids, slots = t.index.items()
+            order = ids.argsort()
+            h.update(ids[order].tobytes())
+            h.update(t.values[slots[order]].tobytes())
+        h.update(repr(sorted(self.dropped)).encode())
+        return h.hexdigest()
 
     def stats(self) -> dict[str, Any]:
         keys = {k for k, _ in self.slots}

@@ -105,6 +105,7 @@ class WAL:
         self.segment_bytes = segment_bytes
         self._fh = open(self.dir / _segment_name(seq), "ab")  # noqa: SIM115 - held open
         self._size = self._fh.tell()
+        self.synced_size = self._size  # bytes of the current segment known durable
         self._dirty = False
         self._failed: BaseException | None = None
         self.syncs = 0
@@ -149,7 +150,7 @@ class WAL:
         self._fh.close()
         self.seq += 1
         self._fh = open(self.dir / _segment_name(self.seq), "ab")  # noqa: SIM115
-        self._size = 0
+        self._size = self.synced_size = 0
         fsync_dir(self.dir)
 
     def _fail(self, exc: OSError) -> None:
@@ -180,6 +181,7 @@ class WAL:
         except OSError as exc:
             self._fail(exc)
         self._dirty = False
+        self.synced_size = self._size
         self.syncs += 1
 
     def compact(self, index: int, term: int, keep: Sequence[Entry],

@@ -491,17 +491,19 @@ class RaftCore:
         pr.recent_active = True
         if m.type == MsgType.APP_RESP:
             if m.reject:
-                if m.index < pr.next:  # a rejection of an index already passed is stale
-                    pr.next = max(1, min(m.index, m.reject_hint + 1))
+                # A rejection at or below what the follower already matched is stale (a
+                # delayed or duplicated message): the follower has moved past it.
+                if pr.match < m.index < pr.next:
+                    pr.next = max(pr.match + 1, min(m.index, m.reject_hint + 1))
                     pr.inflight.clear()
                     self._send_append(m.frm)
                 return
             while pr.inflight and pr.inflight[0] <= m.index:
                 pr.inflight.pop(0)
+            pr.next = max(pr.next, m.index + 1)  # it holds m.index: never send from below
             if m.index > pr.match:
                 pr.match = m.index
                 pr.snap_offset = 0
-                pr.next = max(pr.next, m.index + 1)
                 if self._maybe_commit():
                     self._broadcast_append()
                 if self.transferee == m.frm and pr.match == self.last_index:

@@ -87,6 +87,29 @@ def test_append_rejects_where_logs_do_not_match_and_cuts_conflicts() -> None:
     assert core.commit == 4
 
 
+def test_a_stale_rejection_never_moves_the_leader_below_what_the_follower_holds() -> None:
+    """§5.3: a rejection delayed past the follower's later success is stale; the
+    leader must not send from below the matched index again (found by the
+    simulation: with the log compacted, it resent the snapshot forever)."""
+    c = Cluster(3, seed=11)
+    lead = c.elect()
+    core = c.nodes[lead].core
+    for i in range(5):
+        core.propose(f"e{i}".encode())
+        c.process(lead)
+        c.deliver()
+    follower = next(i for i in c.nodes if i != lead)
+    pr = core.progress[follower]
+    match = pr.match
+    assert match == core.last_index
+    c.compact(lead)  # the entries below the match are gone: only a snapshot could resend
+    core.step(Message(MsgType.APP_RESP, follower, lead, term=core.term, index=match - 2,
+                      reject=True, reject_hint=match - 3))
+    assert pr.match == match and pr.next == match + 1
+    core.step(Message(MsgType.APP_RESP, follower, lead, term=core.term, index=match - 2))
+    assert pr.next == match + 1
+
+
 def test_stale_and_duplicate_appends_change_nothing() -> None:
     """§5.3: a repeated or delayed AppendEntries must not truncate newer entries."""
     core = RaftCore(Config(1, (1, 2, 3)), random.Random(0), HardState(term=1))
