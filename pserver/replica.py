@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
 from pserver.protocol.codec import check_frames, decode_header
 from pserver.protocol.errors import InternalError, NotLeader, ProtocolError, PServerError
 from pserver.protocol.schema import MUTATING_KINDS, Header, Kind
