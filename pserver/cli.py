@@ -291,6 +291,10 @@ def _format_status(st: dict[str, Any]) -> str:
                 f"{cell(r['applied_index']):>8} {cell(s['keys']):>6} {cell(s['bytes']):>12}  "
                 f"{r['address']}"
             )
+    for s in st["shards"]:
+        if s.get("digest_mismatch"):
+            lines.append(f"ERROR: the replicas of shard {s['id']} hold different state at the "
+                         "same applied index (see the digests in --json)")
     return "\n".join(lines)
 
 

@@ -54,6 +54,20 @@ def _free_ports(host: str, n: int) -> list[int]:
             sk.close()
 
 
+def _digest_mismatch(shard: int, replicas: list[dict[str, Any]]) -> bool:
+    """Whether two replicas at the same applied index hold different state (logged
+    as an error: replicas must apply deterministically)."""
+    by_index: dict[int, set[str]] = {}
+    for r in replicas:
+        if r.get("digest") and r.get("applied_index") is not None:
+            by_index.setdefault(r["applied_index"], set()).add(r["digest"])
+    bad = {i: d for i, d in by_index.items() if len(d) > 1}
+    if bad:
+        log.error("shard %d: replicas at the same applied index hold different state: %s",
+                  shard, bad)
+    return bool(bad)
+
+
 def await_ready(proc: subprocess.Popen[str], timeout: float = STARTUP_TIMEOUT) -> str:
     """The bootstrap address from the ready line of a ``pserver serve`` child whose
     stdout is a text pipe. Raises ``TimeoutError`` when none comes within ``timeout``
@@ -73,6 +87,7 @@ def await_ready(proc: subprocess.Popen[str], timeout: float = STARTUP_TIMEOUT) -
             if line.startswith(READY_PREFIX):
                 return line[len(READY_PREFIX):].strip()
 STATUS_TIMEOUT = 1.0
+DIGEST_CHECK_S = 10.0  # how often the supervisor compares the replicas' state digests
 
 
 @dataclass
@@ -159,11 +174,15 @@ class Supervisor:
         assert self.bootstrap is not None, "start() first"
         poller = Poller()
         poller.register(self.bootstrap)
+        next_digest_check = time.monotonic() + DIGEST_CHECK_S
         while not self._stop:
             if poller.poll(100):
                 while (incoming := self.bootstrap.recv()) is not None:
                     self._handle(incoming)
             self._watch()
+            if self.config.replicas > 1 and time.monotonic() >= next_digest_check:
+                self.cluster_status()  # compares the replicas' digests, logs a mismatch
+                next_digest_check = time.monotonic() + DIGEST_CHECK_S
 
     def shutdown(self, timeout: float = 20.0) -> None:
         """Stop every replica (SIGTERM, then SIGKILL after ``timeout``) and clean up."""
@@ -408,6 +427,7 @@ class Supervisor:
             for k in ("keys", "home_keys", "parts", "tables", "rows", "bytes"):
                 shard_info[k] = a[k] if a else None
             shard_info["replicas"] = replicas
+            shard_info["digest_mismatch"] = _digest_mismatch(shard, replicas)
             shards.append(shard_info)
         return {
             "address": self.address,

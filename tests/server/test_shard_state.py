@@ -449,3 +449,34 @@ def test_bfloat16_is_not_a_storage_dtype() -> None:
     with pytest.raises(InvalidArgument, match="bfloat16"):
         sm.check_init([TensorMeta("w", 0, "bfloat16", (4,), 0, 4, 1)],
                       {"optimizer": {"name": "sum"}})
+
+
+# -- digests ----------------------------------------------------------------------
+
+
+def test_the_digest_is_equal_for_equal_histories_and_differs_otherwise() -> None:
+    """Replicas compare digests: the same commands give the same digest, one more
+    push (or a dropped worker) gives another."""
+    a, b = ShardStateMachine(0, ShardMap.uniform(1)), ShardStateMachine(0, ShardMap.uniform(1))
+    w = np.arange(8, dtype=np.float32)
+    for sm in (a, b):
+        _init(sm, {"w": w})
+    assert a.digest() == b.digest()
+    t = _meta("w", w)
+    a.apply_push([t], [[memoryview(np.ones(8, np.float32))]])
+    assert a.digest() != b.digest()
+    b.apply_push([t], [[memoryview(np.ones(8, np.float32))]])
+    assert a.digest() == b.digest()
+    b.drop_worker(3)
+    assert a.digest() != b.digest()
+
+
+def test_the_supervisor_reports_replicas_that_differ_at_the_same_index(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from pserver.supervisor import _digest_mismatch
+
+    same = [{"applied_index": 5, "digest": "a"}, {"applied_index": 5, "digest": "a"},
+            {"applied_index": 7, "digest": "b"}, {"applied_index": None, "digest": None}]
+    assert not _digest_mismatch(0, same)
+    assert _digest_mismatch(1, [*same, {"applied_index": 5, "digest": "c"}])
+    assert "different state" in caplog.text
