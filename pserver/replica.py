@@ -79,7 +79,10 @@ class ReplicaServer(ShardServer):
         self._batch: list[Command] = []
         self._batch_bytes = 0
         self._tokens = 0
-        self._waiters: dict[tuple[int, int], tuple[Incoming, Header]] = {}
+        # token -> the requests a proposed mutation answers (copies sent again share it)
+        self._waiters: dict[tuple[int, int], list[tuple[Incoming, Header]]] = {}
+        # (client id, seq) -> token of a mutation proposed here and not yet applied
+        self._in_log: dict[tuple[bytes, int], tuple[int, int]] = {}
         self._reads_new: list[tuple[Incoming, Header]] = []
         self._reads_asked: dict[bytes, tuple[float, list[tuple[Incoming, Header]]]] = {}
         self._reads_ready: list[tuple[int, list[tuple[Incoming, Header]]]] = []
@@ -174,10 +177,19 @@ class ReplicaServer(ShardServer):
         """Check the mutation against the applied state, then queue it for the next
         log entry; it is answered once that entry is committed and applied."""
         frames = incoming.frames
+        ident = (header.client_id, header.seq)
+        token = self._in_log.get(ident) if header.client_id and header.seq else None
+        if token is not None and token in self._waiters:
+            # Sent again while its first copy is on its way through the log (a client
+            # that gave up on this replica for a moment): it is answered with the first.
+            self._waiters[token].append((incoming, header))
+            return
         self.mutate(header, split_by_tensor(header, frames), apply=False)
         self._tokens += 1
         token = (self.core.term, self._tokens)
-        self._waiters[token] = (incoming, header)
+        self._waiters[token] = [(incoming, header)]
+        if header.client_id and header.seq:
+            self._in_log[ident] = token
         self._queue(Command(commands.REQUEST, token, bytes(incoming.header), frames))
 
     def _queue(self, cmd: Command) -> None:
@@ -195,9 +207,9 @@ class ReplicaServer(ShardServer):
             self.core.propose(commands.encode(batch))
         except ProposalDropped:
             for c in batch:
-                waiter = self._waiters.pop(c.token, None)
-                if waiter is not None:
-                    self._error(waiter[0], waiter[1], NotLeader(
+                for incoming, header in self._waiters.pop(c.token, []):
+                    self._in_log.pop((header.client_id, header.seq), None)
+                    self._error(incoming, header, NotLeader(
                         "leadership moved before the request was logged", shard=self.shard_id,
                         leader_hint=self.leader_hint))
 
@@ -244,16 +256,17 @@ class ReplicaServer(ShardServer):
             self._proposed_quorum.discard(("drop", cmd.worker))
         elif cmd.op == commands.REJOIN_WORKER:
             self._proposed_quorum.discard(("rejoin", cmd.worker))
-        waiter = self._waiters.pop(cmd.token, None) if cmd.op == commands.REQUEST else None
-        if waiter is None or outcome is None:
+        waiters = self._waiters.pop(cmd.token, []) if cmd.op == commands.REQUEST else []
+        if outcome is None:
             return
-        incoming, header = waiter
-        if outcome.error is not None:
-            self._error(incoming, header, outcome.error)
-        elif outcome.opts is not None:
-            self._send_mutation_reply(incoming, header, outcome.opts)
-        else:
-            self._answer_duplicate(incoming, header)
+        self._in_log.pop((outcome.header.client_id, outcome.header.seq), None)
+        for incoming, header in waiters:
+            if outcome.error is not None:
+                self._error(incoming, header, outcome.error)
+            elif outcome.opts is not None:
+                self._send_mutation_reply(incoming, header, outcome.opts)
+            else:
+                self._answer_duplicate(incoming, header)
 
     def _serve_reads(self) -> None:
         keep = []
@@ -292,7 +305,7 @@ class ReplicaServer(ShardServer):
         retries at the new leader with the same sequence number."""
         exc = NotLeader(f"replica {self.replica_id} of shard {self.shard_id} lost the "
                         "leadership", shard=self.shard_id, leader_hint=self.leader_hint)
-        held = list(self._waiters.values()) + self._reads_new
+        held = [w for ws in self._waiters.values() for w in ws] + self._reads_new
         held += [r for _, reads in self._reads_asked.values() for r in reads]
         held += [r for _, reads in self._reads_ready for r in reads]
         held += [(inc, h) for _, _, inc, h, _ in self._parked]
@@ -300,6 +313,7 @@ class ReplicaServer(ShardServer):
         for incoming, header in held:
             self._error(incoming, header, exc)
         self._waiters.clear()
+        self._in_log.clear()
         self._reads_new, self._reads_asked, self._reads_ready = [], {}, []
         self._parked, self._barriers = [], {}
         self._proposed_quorum.clear()

@@ -312,3 +312,38 @@ def test_a_follower_behind_the_compacted_log_catches_up_by_snapshot(
     assert "installed the leader's snapshot" in c.stderr()
     back = next(r for r in replicas(c.address, 0) if r["id"] == lagging["id"])
     assert back["pid"] == lagging["pid"]  # caught up in place, no restart
+
+
+def test_followers_answer_not_leader_and_a_copy_in_flight_is_applied_once(
+        cluster_factory: Any, raw_peer: Any) -> None:
+    from pserver.protocol.codec import encode_header
+    from pserver.protocol.errors import ErrorCode
+    from pserver.protocol.schema import Header, Kind, TensorMeta
+
+    c = replicated(cluster_factory)
+    init_oracle(c.address)
+    with pserver.connect(c.address, timeout=20) as client:
+        shard = client.shard_map.shard_for(KEY, 0)
+    lead = leader(c.address, shard)
+    follower = next(r for r in replicas(c.address, shard) if r["role"] == "follower")
+    count = 16384 // 4  # part 0 of the oracle key: one 16 KiB chunk
+    meta = TensorMeta(KEY, 0, "float32", (N,), 0, count, 1)
+    g = np.zeros(count, np.float32)
+    g[7] = 1.0
+
+    def push(rid: int) -> bytes:
+        return encode_header(Header(Kind.PUSH, rid, client_id=b"raw-client", seq=1,
+                                    tensors=(meta,)))
+
+    reply, _ = raw_peer(follower["address"]).request(push(1), [g.tobytes()])
+    assert reply.error == ErrorCode.NOT_LEADER
+    assert reply.opts["leader_hint"] == lead["address"]
+    peer = raw_peer(lead["address"])
+    peer.send([push(2), g.tobytes()])  # the same mutation twice, back to back:
+    peer.send([push(3), g.tobytes()])  # the copy joins the first on its way
+    answers = {peer.recv()[0].request_id for _ in range(2)}
+    assert answers == {2, 3}
+    reply, _ = peer.request(push(4), [g.tobytes()])  # and once applied, from the table
+    assert reply.error == 0
+    with pserver.connect(c.address, timeout=20) as client:
+        assert client.pull([KEY])[KEY][7] == 1.0
