@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 
 from pserver.protocol.codec import decode_header
-from pserver.protocol.errors import InternalError, InvalidArgument, PServerError, ShapeMismatch
+from pserver.protocol.errors import (
+    InternalError,
+    InvalidArgument,
+    NotLeader,
+    PServerError,
+    ShapeMismatch,
+)
 from pserver.protocol.frames import join_frames
 from pserver.protocol.schema import Header, Kind, Limits
 
@@ -82,46 +88,78 @@ def mutate(state: ShardStateMachine, header: Header, data: list[list[memoryview]
 
 @dataclass
 class Outcome:
-    """What applying one REQUEST command gave: its header, and either the reply
-    opts of a first application (``opts``), the stored reply of a duplicate
-    (``cached``), or the error it was refused with (``error``)."""
+    """What applying one client mutation of a command gave: its header and the
+    proposer's token, and either the reply opts of a first application (``opts``),
+    the stored reply of a duplicate (``cached``), or the error it was refused with
+    (``error``)."""
 
     header: Header
+    token: tuple[int, int] = (0, 0)
     opts: dict[str, Any] | None = None
     cached: dict[str, Any] | None = None
     error: PServerError | None = None
 
 
 def apply_command(state: ShardStateMachine, cmd: Command, limits: Limits, *,
-                  workers: int = 1, staleness: int = 0, shard: int = 0) -> Outcome | None:
-    """Apply one command of a committed log entry; None for a worker drop/rejoin.
-    A first application is recorded in the session table here."""
+                  workers: int = 1, staleness: int = 0, shard: int = 0) -> list[Outcome]:
+    """Apply one command of a committed log entry: one outcome per client mutation
+    it carries (none for a worker drop/rejoin). A first application is recorded in
+    the session table here."""
     if cmd.op == commands.DROP_WORKER:
         if cmd.worker not in state.dropped:
             log.warning("shard %d: worker %d dropped from the step quorum", shard, cmd.worker)
             state.drop_worker(cmd.worker)
-        return None
+        return []
     if cmd.op == commands.REJOIN_WORKER:
         if cmd.worker in state.dropped:
             log.warning("shard %d: worker %d is back; it resumes at the current step", shard,
                         cmd.worker)
             state.rejoin_worker(cmd.worker)
-        return None
+        return []
+    if cmd.op == commands.SYNC_STEP:
+        return _apply_sync_step(state, cmd, limits, shard)
     header = decode_header(cmd.header, limits)
     try:
         cached = state.sessions.duplicate(header.client_id, header.seq)
         if cached is not None:
-            return Outcome(header, cached=cached)
+            return [Outcome(header, cmd.token, cached=cached)]
         opts = mutate(state, header, split_by_tensor(header, cmd.frames), workers=workers,
                       staleness=staleness)
     except PServerError as exc:
-        return Outcome(header, error=exc)
+        return [Outcome(header, cmd.token, error=exc)]
     except Exception as exc:  # a bug: say so loudly; the replicas' digests show any damage
         log.exception("shard %d: applying %s seq %d failed", shard, header.kind.name,
                       header.seq)
-        return Outcome(header, error=InternalError(f"{type(exc).__name__}: {exc}"))
+        return [Outcome(header, cmd.token, error=InternalError(f"{type(exc).__name__}: {exc}"))]
     state.sessions.record(header.client_id, header.seq, opts)
-    return Outcome(header, opts=opts)
+    return [Outcome(header, cmd.token, opts=opts)]
+
+
+def _apply_sync_step(state: ShardStateMachine, cmd: Command, limits: Limits,
+                     shard: int) -> list[Outcome]:
+    """A sync step the leader aggregated: all of it applies, or none of it (then every
+    push it answers is refused with NotLeader, so its client sends it again)."""
+    headers = [(token, decode_header(h, limits)) for token, h in cmd.members]
+    try:
+        for _, h in headers:
+            if state.sessions.duplicate(h.client_id, h.seq) is not None:
+                raise InvalidArgument(f"push seq {h.seq} of an aggregated step was applied "
+                                      "before")
+        steps, pos = [], 0
+        for key, part, step, workers, n in cmd.steps:
+            slot = state.check_sync_step(key, part, step, workers)
+            steps.append((slot, workers, cmd.frames[pos:pos + n]))
+            pos += n
+    except PServerError as exc:
+        log.warning("shard %d: an aggregated sync step does not apply (%s); its pushes are "
+                    "sent back", shard, exc)
+        retry = NotLeader(f"the aggregated step did not apply ({exc.message}); send it again",
+                          shard=shard)
+        return [Outcome(h, token, error=retry) for token, h in headers]
+    state.apply_sync_step(steps)
+    for _, h in headers:
+        state.sessions.record(h.client_id, h.seq, {})
+    return [Outcome(h, token, opts={}) for token, h in headers]
 
 
 def rows_request(header: Header, data: list[list[memoryview]], with_grads: bool) -> tuple[

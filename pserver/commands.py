@@ -5,8 +5,10 @@ length, a msgpack list describing the commands, then the raw bytes of every
 command's frames one after the other (tensors never go through msgpack). A
 command is a client mutation exactly as the client sent it (its header bytes
 and data frames) with the proposer's token, so only the replica that received
-the request answers it, or a change of the step quorum (a worker dropped after
-its heartbeats stopped, or back again). Decoding returns memoryviews into the
+the request answers it; a sync step the leader aggregated (the mean gradient of
+each part and the headers of the pushes it answers, whose own data is not
+logged); or a change of the step quorum (a worker dropped after its heartbeats
+stopped, or back again). Decoding returns memoryviews into the
 entry's bytes, without copying the tensors. No sockets, threads or clocks.
 """
 
@@ -20,7 +22,7 @@ from typing import Any
 import msgpack
 
 _LEN = struct.Struct("<I")
-REQUEST, DROP_WORKER, REJOIN_WORKER = "req", "drop", "rejoin"
+REQUEST, DROP_WORKER, REJOIN_WORKER, SYNC_STEP = "req", "drop", "rejoin", "step"
 
 
 class CommandError(Exception):
@@ -37,6 +39,11 @@ class Command:
     header: bytes | memoryview = b""
     frames: Sequence[memoryview | bytes] = ()
     worker: int = -1
+    # SYNC_STEP: per part (key, part, step, workers, number of its frames in ``frames``:
+    # the mean gradient) and the pushes it answers (token, header bytes; their data
+    # is the mean)
+    steps: Sequence[tuple[str, int, int, tuple[int, ...], int]] = ()
+    members: Sequence[tuple[tuple[int, int], bytes]] = ()
 
 
 def encode(commands: Sequence[Command]) -> bytes:
@@ -47,6 +54,11 @@ def encode(commands: Sequence[Command]) -> bytes:
         if c.op == REQUEST:
             desc.append([c.op, list(c.token), bytes(c.header), [memoryview(f).nbytes
                                                                 for f in c.frames]])
+            blobs.extend(c.frames)
+        elif c.op == SYNC_STEP:
+            desc.append([c.op, [[k, p, s, list(w), n] for k, p, s, w, n in c.steps],
+                         [[list(t), bytes(h)] for t, h in c.members],
+                         [memoryview(f).nbytes for f in c.frames]])
             blobs.extend(c.frames)
         else:
             desc.append([c.op, c.worker])
@@ -72,6 +84,17 @@ def decode(data: bytes | memoryview) -> list[Command]:
                 frames.append(view[pos:pos + size])
                 pos += size
             out.append(Command(REQUEST, (int(token[0]), int(token[1])), header, frames))
+        elif item[0] == SYNC_STEP:
+            _, steps, members, sizes = item
+            frames = []
+            for size in sizes:
+                frames.append(view[pos:pos + size])
+                pos += size
+            out.append(Command(
+                SYNC_STEP, frames=frames,
+                steps=[(str(k), int(p), int(s), tuple(int(x) for x in w), int(n))
+                       for k, p, s, w, n in steps],
+                members=[((int(t[0]), int(t[1])), bytes(h)) for t, h in members]))
         elif item[0] in (DROP_WORKER, REJOIN_WORKER):
             out.append(Command(item[0], worker=int(item[1])))
         else:

@@ -34,7 +34,7 @@ from pserver.protocol.schema import MUTATING_KINDS, Header, Kind
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Incoming
 
-from . import commands, peers
+from . import aggregate, commands, peers
 from .apply import Outcome, split_by_tensor
 from .commands import Command
 from .raft import Config, Role
@@ -83,6 +83,9 @@ class ReplicaServer(ShardServer):
         self._waiters: dict[tuple[int, int], list[tuple[Incoming, Header]]] = {}
         # (client id, seq) -> token of a mutation proposed here and not yet applied
         self._in_log: dict[tuple[bytes, int], tuple[int, int]] = {}
+        self._steps = aggregate.StepAggregator(self.state, self.frame_bytes)
+        # pushes to ask again after each Ready, until their deadline
+        self._held: list[tuple[Incoming, Header, float]] = []
         self._reads_new: list[tuple[Incoming, Header]] = []
         self._reads_asked: dict[bytes, tuple[float, list[tuple[Incoming, Header]]]] = {}
         self._reads_ready: list[tuple[int, list[tuple[Incoming, Header]]]] = []
@@ -184,13 +187,44 @@ class ReplicaServer(ShardServer):
             # that gave up on this replica for a moment): it is answered with the first.
             self._waiters[token].append((incoming, header))
             return
-        self.mutate(header, split_by_tensor(header, frames), apply=False)
+        data = split_by_tensor(header, frames)
+        self.mutate(header, data, apply=False)
+        route = self._steps.route(header) if self._own_term_applied() else aggregate.HOLD
+        if route == aggregate.HOLD:
+            self._held.append((incoming, header, time.monotonic() + READ_TIMEOUT_S))
+            return
         self._tokens += 1
         token = (self.core.term, self._tokens)
         self._waiters[token] = [(incoming, header)]
         if header.client_id and header.seq:
             self._in_log[ident] = token
+        if route == aggregate.AGGREGATE:
+            self._steps.add(header, data, token, bytes(incoming.header))
+            for cmd in self._steps.ready():
+                self._queue(cmd)
+            return
+        self._steps.logged(header, +1)
         self._queue(Command(commands.REQUEST, token, bytes(incoming.header), frames))
+
+    def _own_term_applied(self) -> bool:
+        """This leader applied its term's first entry, so everything committed before
+        it is applied too (and the session table knows every applied push)."""
+        return self.core.term_at(self.core.applied) == self.core.term
+
+    def _retry_held(self) -> None:
+        """Pushes held until this term's first entry (or a rejoin) was applied."""
+        if not self._held or self.core.role != Role.LEADER:
+            return
+        held, self._held, now = self._held, [], time.monotonic()
+        for incoming, header, expires in held:
+            if expires < now:  # its client gave up long ago
+                continue
+            try:
+                self._mutation(incoming, header)
+            except PServerError as exc:
+                self._error(incoming, header, exc)
+            if self._held and self._held[-1][0] is incoming:
+                self._held[-1] = (incoming, header, expires)  # still held: keep its deadline
 
     def _queue(self, cmd: Command) -> None:
         size = sum(memoryview(f).nbytes for f in cmd.frames)
@@ -207,7 +241,8 @@ class ReplicaServer(ShardServer):
             self.core.propose(commands.encode(batch))
         except ProposalDropped:
             for c in batch:
-                for incoming, header in self._waiters.pop(c.token, []):
+                tokens = [t for t, _ in c.members] if c.op == commands.SYNC_STEP else [c.token]
+                for incoming, header in [w for t in tokens for w in self._waiters.pop(t, [])]:
                     self._in_log.pop((header.client_id, header.seq), None)
                     self._error(incoming, header, NotLeader(
                         "leadership moved before the request was logged", shard=self.shard_id,
@@ -248,25 +283,41 @@ class ReplicaServer(ShardServer):
         if self.core.role == Role.LEADER:
             self._release_parked()
         self._serve_reads()
+        self._retry_held()
 
-    def _answer(self, cmd: Command, outcome: Outcome | None) -> None:
-        """A committed command was applied here: answer its client if this replica
-        proposed it."""
+    def _answer(self, cmd: Command, outcomes: list[Outcome]) -> None:
+        """A committed command was applied here: answer the clients of the mutations
+        this replica proposed."""
         if cmd.op == commands.DROP_WORKER:
             self._proposed_quorum.discard(("drop", cmd.worker))
         elif cmd.op == commands.REJOIN_WORKER:
             self._proposed_quorum.discard(("rejoin", cmd.worker))
-        waiters = self._waiters.pop(cmd.token, []) if cmd.op == commands.REQUEST else []
-        if outcome is None:
-            return
-        self._in_log.pop((outcome.header.client_id, outcome.header.seq), None)
-        for incoming, header in waiters:
-            if outcome.error is not None:
-                self._error(incoming, header, outcome.error)
-            elif outcome.opts is not None:
-                self._send_mutation_reply(incoming, header, outcome.opts)
-            else:
-                self._answer_duplicate(incoming, header)
+            self._steps.forget_worker(cmd.worker)
+        elif cmd.op == commands.REQUEST and outcomes:
+            self._steps.logged(outcomes[0].header, -1)
+        if cmd.op == commands.SYNC_STEP and outcomes and outcomes[0].error is not None:
+            self._abandon_steps()  # the leader's step numbers went wrong: start over
+        for outcome in outcomes:
+            self._in_log.pop((outcome.header.client_id, outcome.header.seq), None)
+            for incoming, header in self._waiters.pop(outcome.token, []):
+                if outcome.error is not None:
+                    self._error(incoming, header, outcome.error)
+                elif outcome.opts is not None:
+                    self._send_mutation_reply(incoming, header, outcome.opts)
+                else:
+                    self._answer_duplicate(incoming, header)
+        if cmd.op == commands.DROP_WORKER and self.core.role == Role.LEADER:
+            for step in self._steps.ready():  # steps waiting only for that worker
+                self._queue(step)
+
+    def _abandon_steps(self) -> None:
+        """Send back every push waiting for its step (NotLeader: resend it)."""
+        exc = NotLeader("the leader restarted its sync aggregation; send the push again",
+                        shard=self.shard_id, leader_hint=self.leader_hint)
+        for token in self._steps.reset():
+            for incoming, header in self._waiters.pop(token, []):
+                self._in_log.pop((header.client_id, header.seq), None)
+                self._error(incoming, header, exc)
 
     def _serve_reads(self) -> None:
         keep = []
@@ -310,12 +361,14 @@ class ReplicaServer(ShardServer):
         held += [r for _, reads in self._reads_ready for r in reads]
         held += [(inc, h) for _, _, inc, h, _ in self._parked]
         held += [r for _, waiting in self._barriers.values() for r in waiting.values()]
+        held += [(inc, h) for inc, h, _ in self._held]
+        self._steps.reset()
         for incoming, header in held:
             self._error(incoming, header, exc)
         self._waiters.clear()
         self._in_log.clear()
         self._reads_new, self._reads_asked, self._reads_ready = [], {}, []
-        self._parked, self._barriers = [], {}
+        self._parked, self._barriers, self._held = [], {}, []
         self._proposed_quorum.clear()
 
     # -- worker liveness as replicated commands ------------------------------------

@@ -12,7 +12,9 @@ in the tests run this same code.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import random
 import struct
 from collections.abc import Callable
@@ -33,7 +35,7 @@ RAFT_SNAPSHOT = "raft.snap"
 _SNAP_MAGIC = b"PSRAFT1\n"
 _SNAP_HEAD = struct.Struct("<QQ")  # index, term
 
-OutcomeCallback = Callable[[Command, Outcome | None], None]
+OutcomeCallback = Callable[[Command, list[Outcome]], None]
 
 
 def save_raft_snapshot(path: Path, snap: Snapshot) -> None:
@@ -50,6 +52,19 @@ def load_raft_snapshot(path: Path) -> Snapshot | None:
     return Snapshot(index, term, raw[len(_SNAP_MAGIC) + _SNAP_HEAD.size:])
 
 
+def _lock_dir(directory: Path) -> int:
+    """Hold an exclusive lock on ``directory/LOCK`` for the life of the process (the
+    kernel drops it when the process dies, even by SIGKILL): two processes on one
+    log would corrupt it."""
+    fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise WALError(f"{directory} is in use by another replica process") from None
+    return fd
+
+
 class ReplicatedLog:
     """The log of one replica in ``directory`` (``wal/`` and ``raft.snap``), applying
     to ``state``. ``cfg`` and ``rng`` configure the Raft core."""
@@ -60,6 +75,7 @@ class ReplicatedLog:
                  snapshot_log_bytes: int = 256 << 20) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = _lock_dir(self.dir)
         self.state = state
         self.limits = limits
         self.workers, self.staleness = workers, staleness
@@ -158,3 +174,4 @@ class ReplicatedLog:
 
     def close(self) -> None:
         self.wal.close()
+        os.close(self._lock)

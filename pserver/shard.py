@@ -121,6 +121,14 @@ def parse_compression(raw: Any) -> tuple[Any, ...]:
     return (str(raw[0]),)
 
 
+def step_mean(slot: Slot, grads: dict[int, np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
+    """The mean of one sync step's gradients, summed in worker order (so its bits do
+    not depend on the order they arrived in)."""
+    mean = np.empty(slot.count, slot.value.dtype)
+    kernels.aggregate([grads[w] for w in sorted(grads)], mean, mean=True)
+    return mean
+
+
 def parse_mode(mode: Any, default: str) -> str:
     mode = default if mode is None else mode
     if mode not in MODES:
@@ -353,16 +361,44 @@ class ShardStateMachine:
         live = set(range(slot.workers)) - self.dropped
         while live and live <= slot.pending.get(slot.sync_step, {}).keys():
             grads = slot.pending.pop(slot.sync_step)
-            mean = np.empty(slot.count, slot.value.dtype)
-            kernels.aggregate([grads[w] for w in sorted(grads)], mean, mean=True)
-            slot.step += 1
-            if slot.optimizer.name == "sum":
-                value = slot.writable()
-                value[:] = self.memory.gradient(mean)
-            else:
-                slot.optimizer.apply(slot.writable(), self.memory.gradient(mean), slot.state,
-                                     slot.step)
-            slot.sync_step += 1
+            self._apply_mean(slot, step_mean(slot, grads))
+
+    def _apply_mean(self, slot: Slot, mean: np.ndarray[Any, Any]) -> None:
+        """Apply one completed sync step whose mean gradient is ``mean``."""
+        slot.step += 1
+        if slot.optimizer.name == "sum":
+            value = slot.writable()
+            value[:] = self.memory.gradient(mean)
+        else:
+            slot.optimizer.apply(slot.writable(), self.memory.gradient(mean), slot.state,
+                                 slot.step)
+        slot.sync_step += 1
+
+    def check_sync_step(self, key: str, part: int, step: int, workers: Sequence[int]) -> Slot:
+        """Validate a step aggregated by the leader (``apply_sync_step``): the part is a
+        sync part with nothing buffered here, the step is its next one, and each
+        contributing worker's next step is it."""
+        slot = self._slot(key, part)
+        if slot.mode != "sync" or slot.pending or slot.sync_step != step:
+            raise InvalidArgument(f"{key!r} part {part}: step {step} is not the next sync step "
+                                  f"({slot.sync_step}) of a part without buffered pushes")
+        for w in workers:
+            if slot.worker_steps.get(w, 0) != step:
+                raise InvalidArgument(f"{key!r} part {part}: worker {w} is not at step {step}")
+        return slot
+
+    def apply_sync_step(self, steps: Sequence[tuple[Slot, Sequence[int], Sequence[Any]]]) -> None:
+        """Apply sync steps the leader aggregated: for each part, its slot (checked by
+        ``check_sync_step``), the contributing workers and the mean gradient's frames
+        (the mean of their gradients summed in worker order, as ``_complete_steps``
+        computes it)."""
+        for slot, workers, frames in steps:
+            for w in workers:
+                slot.worker_steps[w] = slot.sync_step + 1
+            mean = join_frames(frames, slot.value.dtype) if len(frames) != 1 else \
+                np.frombuffer(frames[0], dtype=slot.value.dtype)
+            self._apply_mean(slot, mean)
+        self.applied_index += 1
 
     def drop_worker(self, worker: int) -> None:
         """Leave ``worker`` out of the step quorum: steps waiting only for it complete."""

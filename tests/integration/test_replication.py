@@ -347,3 +347,67 @@ def test_followers_answer_not_leader_and_a_copy_in_flight_is_applied_once(
     assert reply.error == 0
     with pserver.connect(c.address, timeout=20) as client:
         assert client.pull([KEY])[KEY][7] == 1.0
+
+
+# -- sync steps: aggregated on the leader, one log entry per step ---------------------
+
+
+SYNC_STEPS = 30
+
+
+def _sync_run(address: str, kill_at: int | None = None) -> dict[str, np.ndarray]:
+    """Two workers (threads, own clients) push_pull SYNC_STEPS steps of seeded
+    gradients into a sync key spread over both shards; with ``kill_at``, the leader of
+    shard 0 is killed with SIGKILL when worker 0 reaches that step."""
+    model = {"w": np.linspace(-1, 1, 3 * 4096, dtype=np.float32),  # 3 chunks of 16 KiB
+             "b": np.zeros(7, np.float32)}
+    with pserver.connect(address, worker_id=0, num_workers=2, timeout=30) as c:
+        c.init(model, optimizer={"name": "momentum", "lr": 0.05, "momentum": 0.9},
+               mode="sync")
+    out: dict[int, dict[str, np.ndarray]] = {}
+    errors: list[BaseException] = []
+
+    def worker(rank: int) -> None:
+        rng = np.random.default_rng(100 + rank)
+        try:
+            with pserver.connect(address, worker_id=rank, num_workers=2, timeout=30) as c:
+                for step in range(SYNC_STEPS):
+                    if rank == 0 and step == kill_at:
+                        os.kill(leader(address, 0)["pid"], signal.SIGKILL)
+                    grads = {k: rng.standard_normal(v.shape).astype(np.float32)
+                             for k, v in model.items()}
+                    out[rank] = c.push_pull(grads)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, errors
+    for k in model:  # both workers read the same values after the last step
+        assert np.array_equal(out[0][k], out[1][k])
+    return out[0]
+
+
+def test_sync_steps_give_the_same_bits_replicated_and_not_even_across_a_failover(
+        cluster_factory: Any, tmp_path: Path) -> None:
+    single = cluster_factory("--shards", "2", "--replicas", "1", "--chunk-bytes", "16384",
+                             "--frame-bytes", "4096", "--workers", "2",
+                             "--data-dir", str(tmp_path / "single"))
+    want = _sync_run(single.address)
+    c = replicated(cluster_factory, "--workers", "2", "--data-dir", str(tmp_path / "r3"))
+    got = _sync_run(c.address)
+    for k in want:
+        assert np.array_equal(got[k], want[k]), f"{k}: replicated sync differs from R=1"
+    wait_until(lambda: converged(c.address), 30, "replicas converged")
+    st = cluster_status(c.address)
+    # one log entry per step and part group, not one per push: well under 2 x steps
+    assert all(r["applied_index"] < SYNC_STEPS * 3 for s in st["shards"]
+               for r in s["replicas"])
+    c2 = replicated(cluster_factory, "--workers", "2", "--data-dir", str(tmp_path / "r3-kill"))
+    failed_over = _sync_run(c2.address, kill_at=SYNC_STEPS // 2)
+    for k in want:
+        assert np.array_equal(failed_over[k], want[k]), f"{k}: differs after a failover"
+    wait_until(lambda: converged(c2.address), 30, "replicas converged after the failover")

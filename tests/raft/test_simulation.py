@@ -82,6 +82,7 @@ class Node:
         keep = synced + self.sim.rng.randrange(size - synced + 1) if size > synced else size
         with open(path, "r+b") as fh:
             fh.truncate(keep)
+        os.close(self.log._lock)  # the kernel releases a dead process's lock
         self.up = False
         self.sim.queue = [m for m in self.sim.queue if m.to != self.id]
 
@@ -98,12 +99,11 @@ class Node:
         if self.log.core.role == Role.LEADER:
             self.sim.leaders.setdefault(self.log.core.term, set()).add(self.id)
 
-    def _answer(self, cmd: Command, outcome: Outcome | None) -> None:
+    def _answer(self, cmd: Command, outcomes: list[Outcome]) -> None:
         """The proposer of a command answers its client."""
-        if outcome is None or self.sim.proposer.get(cmd.token) != self.id:
-            return
-        if outcome.error is None:
-            self.sim.acked(outcome.header)
+        for outcome in outcomes:
+            if self.sim.proposer.get(outcome.token) == self.id and outcome.error is None:
+                self.sim.acked(outcome.header)
 
 
 class Sim:
