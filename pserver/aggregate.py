@@ -29,7 +29,7 @@ from pserver.protocol.schema import Header, Kind
 
 from . import commands
 from .commands import Command
-from .shard import ShardStateMachine, step_mean
+from .shard import ShardStateMachine, gather, step_mean
 
 Part = tuple[str, int]
 Token = tuple[int, int]
@@ -86,12 +86,7 @@ class StepAggregator:
         for t, frames in zip(header.tensors, data, strict=True):
             part = (t.key, t.part)
             slot = self.state.slots[part]
-            grad = np.empty(slot.count, slot.value.dtype)
-            pos = 0
-            for frame in frames:
-                g = np.frombuffer(frame, dtype=t.np_dtype)
-                grad[pos:pos + g.size] = g
-                pos += g.size
+            grad = gather(frames, t, slot)
             step = self._step_of(part, worker)
             self._next[(part, worker)] = step + 1
             self._proposed.setdefault(part, slot.sync_step)

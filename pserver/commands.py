@@ -76,20 +76,22 @@ def decode(data: bytes | memoryview) -> list[Command]:
         raise CommandError(f"unreadable command batch: {exc}") from exc
     pos = _LEN.size + n
     out: list[Command] = []
+
+    def take(sizes: list[int]) -> list[memoryview]:
+        nonlocal pos
+        frames = []
+        for size in sizes:
+            frames.append(view[pos:pos + size])
+            pos += size
+        return frames
+
     for item in desc:
         if item[0] == REQUEST:
             _, token, header, sizes = item
-            frames = []
-            for size in sizes:
-                frames.append(view[pos:pos + size])
-                pos += size
-            out.append(Command(REQUEST, (int(token[0]), int(token[1])), header, frames))
+            out.append(Command(REQUEST, (int(token[0]), int(token[1])), header, take(sizes)))
         elif item[0] == SYNC_STEP:
             _, steps, members, sizes = item
-            frames = []
-            for size in sizes:
-                frames.append(view[pos:pos + size])
-                pos += size
+            frames = take(sizes)
             out.append(Command(
                 SYNC_STEP, frames=frames,
                 steps=[(str(k), int(p), int(s), tuple(int(x) for x in w), int(n))

@@ -121,6 +121,18 @@ def parse_compression(raw: Any) -> tuple[Any, ...]:
     return (str(raw[0]),)
 
 
+def gather(frames: Sequence[Any], t: TensorMeta, slot: Slot) -> np.ndarray[Any, Any]:
+    """A part's gradient (frames of ``t.dtype``) copied into one new array of the
+    slot's dtype (a float16/bfloat16 gradient is widened)."""
+    grad = np.empty(slot.count, slot.value.dtype)
+    pos = 0
+    for frame in frames:
+        g = np.frombuffer(frame, dtype=t.np_dtype)
+        grad[pos:pos + g.size] = g
+        pos += g.size
+    return grad
+
+
 def step_mean(slot: Slot, grads: dict[int, np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
     """The mean of one sync step's gradients, summed in worker order (so its bits do
     not depend on the order they arrived in)."""
@@ -345,13 +357,7 @@ class ShardStateMachine:
         """sync: keep this worker's gradient for ``step``; once all workers pushed the
         next step to apply, apply the mean of their gradients (summed in worker order,
         so the bits do not depend on arrival order)."""
-        grad = np.empty(slot.count, slot.value.dtype)
-        pos = 0
-        for frame in frames:
-            g = np.frombuffer(frame, dtype=t.np_dtype)
-            grad[pos:pos + g.size] = g
-            pos += g.size
-        slot.pending.setdefault(step, {})[worker] = grad
+        slot.pending.setdefault(step, {})[worker] = gather(frames, t, slot)
         self._complete_steps(slot)
 
     def _complete_steps(self, slot: Slot) -> None:
