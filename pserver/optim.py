@@ -142,3 +142,19 @@ class OptimizerSpec:
             kernels.adagrad(param, grad, state["sum"], step=step, lr=hp["lr"],
                             lr_decay=hp["lr_decay"], weight_decay=hp["weight_decay"],
                             eps=hp["eps"], clip_value=hp["clip_value"])
+
+
+def warm_up(dtype: str = "float32") -> None:
+    """Run every optimizer (and the sync-step mean) once on small and large arrays,
+    so numba compiles or loads its kernels now rather than on a first update, where
+    a stall of seconds would look like a dead replica to its peers."""
+    from pserver.kernels.dispatch import SERIAL_BELOW
+
+    for n in (16, SERIAL_BELOW + 16):
+        grad = np.ones(n, dtype)
+        for name in ("sum", "sgd", "momentum", "adam", "adagrad"):
+            spec = OptimizerSpec.parse({"name": name, "momentum": 0.9} if name == "momentum"
+                                       else {"name": name})
+            param = np.zeros(n, dtype)
+            spec.apply(param, grad, spec.new_state(n, param.dtype), 1)
+        kernels.aggregate([grad, grad], np.empty(n, dtype), mean=True)

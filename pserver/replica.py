@@ -37,6 +37,7 @@ from pserver.protocol.transport import Incoming
 from . import aggregate, commands, peers
 from .apply import Outcome, split_by_tensor
 from .commands import Command
+from .optim import warm_up
 from .raft import Config, Role
 from .raft.core import ProposalDropped
 from .replog import ReplicatedLog
@@ -75,6 +76,8 @@ class ReplicaServer(ShardServer):
             workers=self.default_workers, staleness=self.default_staleness, shard_id=shard_id,
             snapshot_log_bytes=snapshot_log_bytes)
         self.core = self.log.core
+        if self.state.memory.device == "cpu":
+            warm_up()
         self._peers = peers_of(self.ctx, replica_id, peers, self.frame_bytes)
         self._batch: list[Command] = []
         self._batch_bytes = 0
@@ -101,11 +104,16 @@ class ReplicaServer(ShardServer):
             while not self._stop:
                 wait_ms = max(0, int((next_tick - time.monotonic()) * 1000))
                 if self.endpoint.wait_readable(wait_ms):
+                    # Drain, but come back to the clock within half a heartbeat: a
+                    # replica that stops ticking and answering peers looks dead.
+                    until = time.monotonic() + self.heartbeat_s / 2
                     for _ in range(64):
                         incoming = self.endpoint.recv()
                         if incoming is None:
                             break
                         self.handle(incoming)
+                        if time.monotonic() > until:
+                            break
                 now = time.monotonic()
                 if now >= next_tick:
                     self.core.tick()
@@ -220,7 +228,10 @@ class ReplicaServer(ShardServer):
             if expires < now:  # its client gave up long ago
                 continue
             try:
-                self._mutation(incoming, header)
+                # It may have been applied meanwhile (its first copy was in the log of
+                # the previous leader): then it is a duplicate, answered from the table.
+                if not self._answer_duplicate(incoming, header):
+                    self._mutation(incoming, header)
             except PServerError as exc:
                 self._error(incoming, header, exc)
             if self._held and self._held[-1][0] is incoming:
