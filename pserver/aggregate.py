@@ -113,7 +113,7 @@ class StepAggregator:
             progress = False
             for part in sorted(self._grads):
                 step = self._proposed.get(part)
-                if step is None or step not in self._grads[part]:
+                if step is None or step not in self._grads.get(part, {}):
                     continue
                 closure = self._closure(part, step)
                 if closure is not None:
