@@ -1,0 +1,216 @@
+"""PyTorch shim: train a ``torch.nn.Module`` through a pserver cluster.
+
+Owns ``DistributedOptimizer`` (a ``torch.optim.Optimizer`` in the Horovod/BytePS
+shape: wrap the local optimizer, keys are parameter names), ``PSEmbedding`` (an
+embedding whose rows live in a sparse table on the server) and
+``state_dict_from_server``. torch is imported by this module only, so importing
+``pserver`` never needs it.
+
+Two ways to update, chosen by ``server_optimizer``:
+
+- the server applies its optimizer (``server_optimizer={"name": "adam", ...}``;
+  the local optimizer may be None): each step pushes the gradients and copies the
+  values the server returns into the parameters;
+- the server only averages (``server_optimizer=None`` with a local optimizer, in
+  ``sync`` mode): each step pushes the gradients, takes the mean gradient of all
+  workers from the server as ``.grad`` and lets the local optimizer step.
+
+Pushes start during backward (a post-accumulate-grad hook per parameter starts
+its ``push_pull_async``), so they overlap with the rest of backward; ``step``
+waits for them. Worker 0 creates the keys from its parameters; every worker then
+starts from the server's values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import torch
+
+from .client import Client
+
+INIT_PREFIX = "init/"  # sum mode: the starting parameters, read once by every worker
+
+
+class DistributedOptimizer(torch.optim.Optimizer):
+    """An optimizer whose steps go through the parameter server; see the module."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer | None,
+                 named_parameters: Iterable[tuple[str, torch.nn.Parameter]], *,
+                 client: Client, mode: str | None = None,
+                 server_optimizer: dict[str, Any] | None = None,
+                 staleness: int | None = None, overlap: bool = True) -> None:
+        self.client = client
+        self.local = optimizer
+        self.named = [(n, p) for n, p in named_parameters if p.requires_grad]
+        if not self.named:
+            raise ValueError("no parameters that require gradients")
+        if optimizer is None and server_optimizer is None:
+            raise ValueError("give a local optimizer, a server_optimizer, or both")
+        self.server_side = server_optimizer is not None
+        if not self.server_side and (mode or "sync") != "sync":
+            raise ValueError("with a local optimizer the server averages gradients, which "
+                             "needs mode='sync'; use server_optimizer for async or ssp")
+        self.mode = mode if mode is not None else ("sync" if not self.server_side else None)
+        self.staleness = staleness
+        self.server_optimizer = server_optimizer if self.server_side else {"name": "sum"}
+        groups = optimizer.param_groups if optimizer is not None else [
+            {"params": [p for _, p in self.named], "lr": server_optimizer.get("lr", 0.01)
+             if server_optimizer else 0.01}]
+        # Not calling super().__init__: param_groups and state are the local optimizer's.
+        self.param_groups = groups
+        self.defaults = optimizer.defaults if optimizer is not None else {}
+        self.state = optimizer.state if optimizer is not None else {}  # type: ignore[assignment]
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+        self._futures: dict[str, Future[dict[str, np.ndarray[Any, Any]]]] = {}
+        self._hooks: list[Any] = []
+        self.steps = 0
+        self._start()
+        if overlap:
+            for name, p in self.named:
+                self._hooks.append(p.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+                    self._pusher(name)))
+
+    # -- set-up ----------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Worker 0 creates the keys from its parameters; all start from its values."""
+        values = {n: _numpy(p) for n, p in self.named}
+        if self.client.worker_id == 0:
+            if self.server_side:
+                self.client.init(values, optimizer=self.server_optimizer, mode=self.mode,
+                                 staleness=self.staleness)
+            else:
+                self.client.init({INIT_PREFIX + n: v for n, v in values.items()},
+                                 optimizer={"name": "sum"}, mode="async")
+                self.client.init({n: np.zeros_like(v) for n, v in values.items()},
+                                 optimizer={"name": "sum"}, mode="sync")
+        self.client.barrier()
+        keys = [n if self.server_side else INIT_PREFIX + n for n, _ in self.named]
+        pulled = self.client.pull(keys)
+        with torch.no_grad():
+            for (_, p), k in zip(self.named, keys, strict=True):
+                p.copy_(torch.from_numpy(pulled[k]).reshape(p.shape))
+
+    def _pusher(self, name: str) -> Callable[[torch.Tensor], None]:
+        def hook(param: torch.Tensor) -> None:
+            if param.grad is not None:
+                grad = param.grad.detach().contiguous().numpy()
+                self._futures[name] = self.client.push_pull_async({name: grad})
+        return hook
+
+    # -- the Optimizer interface ------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Push the gradients not yet pushed by the hooks, wait for all, then apply:
+        the server's values (server optimizer) or the mean gradient (local)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        missing = {n: p.grad.detach().contiguous().numpy() for n, p in self.named
+                   if p.grad is not None and n not in self._futures}
+        results: dict[str, np.ndarray[Any, Any]] = {}
+        if missing:
+            results.update(self.client.push_pull(missing))
+        for fut in self._futures.values():
+            results.update(fut.result())
+        self._futures.clear()
+        for name, p in self.named:
+            if name not in results:
+                continue  # no gradient this step: nothing was pushed
+            value = torch.from_numpy(results[name]).reshape(p.shape)
+            if self.server_side:
+                p.copy_(value)
+            else:
+                p.grad.copy_(value)  # type: ignore[union-attr]
+        if self.local is not None and not self.server_side:
+            self.local.step()
+        self.steps += 1
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.local is not None:
+            self.local.zero_grad(set_to_none=set_to_none)
+        else:
+            for _, p in self.named:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+    def state_dict(self) -> dict[str, Any]:
+        local = self.local.state_dict() if self.local is not None else {}
+        return {"local": local, "pserver": {
+            "keys": [n for n, _ in self.named], "server_optimizer": self.server_optimizer,
+            "mode": self.mode, "steps": self.steps}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.local is not None and state_dict.get("local"):
+            self.local.load_state_dict(state_dict["local"])
+        self.steps = int(state_dict.get("pserver", {}).get("steps", 0))
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
+def state_dict_from_server(client: Client, keys: Sequence[str] | None = None,
+                           shapes: dict[str, torch.Size] | None = None,
+                           ) -> dict[str, torch.Tensor]:
+    """The server's values as a state dict (``model.load_state_dict`` restores a
+    trained model): every dense key (or ``keys``), reshaped to ``shapes`` if given."""
+    names = list(keys) if keys is not None else [k for k in client.keys()  # noqa: SIM118
+                                                 if not k.startswith(INIT_PREFIX)]
+    values = client.pull(names)
+    return {k: torch.from_numpy(v.copy()).reshape(shapes[k]) if shapes and k in shapes
+            else torch.from_numpy(v.copy()) for k, v in values.items()}
+
+
+class _Rows(torch.autograd.Function):
+    """Rows pulled from a table; backward pushes their gradients to the server."""
+
+    @staticmethod
+    def forward(ctx: Any, weight_anchor: torch.Tensor, ids: torch.Tensor,
+                rows: torch.Tensor, emb: PSEmbedding) -> torch.Tensor:
+        ctx.ids, ctx.emb = ids, emb
+        return rows
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None, None]:
+        ids = ctx.ids.reshape(-1).numpy().astype(np.uint64)
+        g = grad.reshape(len(ids), -1).contiguous().numpy()
+        ctx.emb.client.push_rows(ctx.emb.table, ids, g)
+        return None, None, None, None
+
+
+class PSEmbedding(torch.nn.Module):
+    """``torch.nn.Embedding`` whose rows live in a sparse table on the server: the rows
+    of each batch are pulled in ``forward`` and their gradients pushed in backward
+    (the server applies the table's optimizer, adagrad by default). Tables grow as
+    ids appear; ``num_embeddings`` is not needed."""
+
+    def __init__(self, client: Client, table: str, embedding_dim: int, *,
+                 optimizer: dict[str, Any] | None = None,
+                 init: tuple[Any, ...] = ("normal", 0.01)) -> None:
+        super().__init__()
+        self.client, self.table, self.embedding_dim = client, table, embedding_dim
+        client.create_table(table, embedding_dim, optimizer=optimizer, init=init)
+        # autograd needs an input that requires grad to call backward at all
+        self._anchor = torch.nn.Parameter(torch.zeros(()), requires_grad=True)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).to(torch.int64)
+        rows = torch.from_numpy(self.client.pull_rows(self.table, flat.numpy()))
+        out: torch.Tensor = _Rows.apply(self._anchor, flat, rows, self)  # type: ignore[no-untyped-call]
+        return out.reshape(*ids.shape, self.embedding_dim)
+
+
+def _numpy(p: torch.Tensor) -> np.ndarray[Any, Any]:
+    return p.detach().cpu().contiguous().numpy().copy()

@@ -1,0 +1,155 @@
+"""pserver.torch on real clusters: an MLP on scikit-learn's digits trained by two
+workers in sync mode through 2 shards x 3 replicas (with and without a leader
+killed mid-run) reaches the accuracy of the same model trained in one process;
+the server-optimizer mode follows torch.optim; PSEmbedding trains rows on the
+server; a state dict pulled from the server restores the model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+import pserver
+from pserver.clients.client import cluster_status
+from pserver.torch import DistributedOptimizer, PSEmbedding, state_dict_from_server
+
+pytestmark = pytest.mark.integration
+
+EPOCHS, BATCH, LR = 6, 64, 0.5
+
+
+def digits() -> tuple[torch.Tensor, ...]:
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(x))
+    x = torch.tensor(x[order] / 16.0, dtype=torch.float32)
+    y = torch.tensor(y[order], dtype=torch.int64)
+    cut = int(0.8 * len(x))
+    return x[:cut], y[:cut], x[cut:], y[cut:]
+
+
+def mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                               torch.nn.Linear(64, 10))
+
+
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def batches(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(EPOCHS):
+        order = torch.randperm(n, generator=g)
+        out += [order[i:i + BATCH] for i in range(0, n - BATCH + 1, BATCH)]
+    return out
+
+
+def train_single() -> float:
+    xtr, ytr, xte, yte = digits()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for idx in batches(len(xtr)):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+        opt.step()
+    return accuracy(model, xte, yte)
+
+
+def train_two_workers(address: str, kill_leader_at: int | None = None) -> float:
+    """Two workers (threads with their own clients), each on its half of every batch;
+    the server averages their gradients, each worker's SGD applies the mean."""
+    xtr, ytr, xte, yte = digits()
+    plan = batches(len(xtr))
+    models: dict[int, torch.nn.Module] = {}
+    errors: list[BaseException] = []
+
+    def worker(rank: int) -> None:
+        try:
+            with pserver.connect(address, worker_id=rank, num_workers=2, timeout=60) as c:
+                model = mlp() if rank == 0 else torch.nn.Sequential(
+                    torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+                opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
+                                           model.named_parameters(), client=c)
+                for step, idx in enumerate(plan):
+                    if rank == 0 and step == kill_leader_at:
+                        st = cluster_status(address)["shards"][0]["replicas"]
+                        os.kill(next(r for r in st if r["role"] == "leader")["pid"],
+                                signal.SIGKILL)
+                    half = idx[rank * BATCH // 2:(rank + 1) * BATCH // 2]
+                    opt.zero_grad()
+                    # each worker's loss is the mean over its half: the mean of the two
+                    # gradients is the gradient of the whole batch's mean loss
+                    torch.nn.functional.cross_entropy(model(xtr[half]), ytr[half]).backward()
+                    opt.step()
+                models[rank] = model
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    a0, a1 = (accuracy(models[r], xte, yte) for r in (0, 1))
+    assert a0 == a1, "the two workers hold different models"
+    return a0
+
+
+@pytest.mark.failover
+@pytest.mark.parametrize("kill", [False, True], ids=["steady", "leader-killed"])
+def test_two_workers_in_sync_reach_the_single_process_accuracy(
+        cluster_factory: Any, kill: bool) -> None:
+    c = cluster_factory("--shards", "2", "--replicas", "3", "--workers", "2")
+    want = train_single()
+    got = train_two_workers(c.address, kill_leader_at=60 if kill else None)
+    assert want > 0.9
+    assert abs(got - want) <= 0.01, f"two workers {got:.4f} vs one process {want:.4f}"
+
+
+def test_a_server_optimizer_follows_torch_optim(cluster_factory: Any) -> None:
+    c = cluster_factory("--shards", "2")
+    xtr, ytr, _, _ = digits()
+    local, remote = mlp(), mlp()
+    ref = torch.optim.SGD(local.parameters(), lr=LR, momentum=0.9)
+    with pserver.connect(c.address) as client:
+        opt = DistributedOptimizer(None, remote.named_parameters(), client=client,
+                                   server_optimizer={"name": "sgd", "lr": LR,
+                                                     "momentum": 0.9})
+        for idx in batches(len(xtr))[:30]:
+            for model, o in ((local, ref), (remote, opt)):
+                o.zero_grad()
+                torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+                o.step()
+        for (name, a), b in zip(local.named_parameters(), remote.parameters(), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+        assert opt.state_dict()["pserver"]["steps"] == 30
+        restored = mlp()
+        for p in restored.parameters():
+            torch.nn.init.zeros_(p)
+        shapes = {n: p.shape for n, p in restored.named_parameters()}
+        restored.load_state_dict(state_dict_from_server(client, list(shapes), shapes))
+        torch.testing.assert_close(restored(xtr[:50]), remote(xtr[:50]))
+
+
+def test_ps_embedding_pulls_rows_and_pushes_their_gradients(cluster_factory: Any) -> None:
+    c = cluster_factory("--shards", "2")
+    with pserver.connect(c.address) as client:
+        emb = PSEmbedding(client, "items", 4, optimizer={"name": "sgd", "lr": 0.5},
+                          init=("zeros",))
+        ids = torch.tensor([[3, 9], [3, 2**40]])
+        out = emb(ids)
+        assert out.shape == (2, 2, 4) and torch.all(out == 0)
+        out.sum().backward()  # d/d row = 1 per use; id 3 is used twice
+        rows = client.pull_rows("items", np.array([3, 9, 2**40, 5], np.uint64))
+        np.testing.assert_array_equal(rows[:, 0], [-1.0, -0.5, -0.5, 0.0])
