@@ -44,6 +44,29 @@ def wait_until(cond: Callable[[], T], timeout: float, what: str = "condition",
         time.sleep(interval)
 
 
+def run_workers(worker: Callable[[int], None], n: int, timeout: float) -> None:
+    """Run ``worker(rank)`` for ranks 0..n-1 on threads (each opens its own client)
+    and re-raise the first exception any of them raised."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def guarded(rank: int) -> None:
+        try:
+            worker(rank)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), f"workers still running after {timeout} s"
+    if errors:
+        raise errors[0]
+
+
 def pid_alive(pid: int) -> bool:
     """Whether ``pid`` is a live (not zombie) process."""
     try:

@@ -19,7 +19,7 @@ import pytest
 
 import pserver
 
-from .support import assert_bits_equal, key_on_shard, pid_alive, wait_until
+from .support import assert_bits_equal, key_on_shard, pid_alive, run_workers, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -278,30 +278,20 @@ def test_client_shared_by_8_threads(client: Any) -> None:
     n = threads * pushes
     client.init({"threads/oracle": np.zeros(n, np.float32),
                  "threads/total": np.zeros(16, np.int64)}, optimizer=SUM)
-    errors: list[BaseException] = []
     barrier = threading.Barrier(threads)
 
     def worker(t: int) -> None:
-        try:
-            barrier.wait(timeout=20)
-            for i in range(pushes):
-                onehot = np.zeros(n, np.float32)
-                onehot[t * pushes + i] = 1.0  # each push owns one coordinate
-                total = np.full(16, t + 1, np.int64)
-                if i % 2:
-                    client.push({"threads/oracle": onehot, "threads/total": total})
-                else:
-                    client.push_pull({"threads/oracle": onehot, "threads/total": total})
-        except BaseException as exc:
-            errors.append(exc)
+        barrier.wait(timeout=20)
+        for i in range(pushes):
+            onehot = np.zeros(n, np.float32)
+            onehot[t * pushes + i] = 1.0  # each push owns one coordinate
+            total = np.full(16, t + 1, np.int64)
+            if i % 2:
+                client.push({"threads/oracle": onehot, "threads/total": total})
+            else:
+                client.push_pull({"threads/oracle": onehot, "threads/total": total})
 
-    ts = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(60)
-    assert not any(t.is_alive() for t in ts), "a pushing thread hung"
-    assert errors == []
+    run_workers(worker, threads, 60)
     got = client.pull(["threads/oracle", "threads/total"])
     assert_bits_equal(got["threads/oracle"], np.ones(n, np.float32), "one-hot oracle")
     want_total = pushes * sum(range(1, threads + 1))

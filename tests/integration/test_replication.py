@@ -23,7 +23,7 @@ import pserver
 from pserver import Unavailable
 from pserver.clients.client import cluster_status
 
-from .support import wait_until
+from .support import run_workers, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.failover]
 
@@ -365,27 +365,18 @@ def _sync_run(address: str, kill_at: int | None = None) -> dict[str, np.ndarray]
         c.init(model, optimizer={"name": "momentum", "lr": 0.05, "momentum": 0.9},
                mode="sync")
     out: dict[int, dict[str, np.ndarray]] = {}
-    errors: list[BaseException] = []
 
     def worker(rank: int) -> None:
         rng = np.random.default_rng(100 + rank)
-        try:
-            with pserver.connect(address, worker_id=rank, num_workers=2, timeout=30) as c:
-                for step in range(SYNC_STEPS):
-                    if rank == 0 and step == kill_at:
-                        os.kill(leader(address, 0)["pid"], signal.SIGKILL)
-                    grads = {k: rng.standard_normal(v.shape).astype(np.float32)
-                             for k, v in model.items()}
-                    out[rank] = c.push_pull(grads)
-        except BaseException as exc:
-            errors.append(exc)
+        with pserver.connect(address, worker_id=rank, num_workers=2, timeout=30) as c:
+            for step in range(SYNC_STEPS):
+                if rank == 0 and step == kill_at:
+                    os.kill(leader(address, 0)["pid"], signal.SIGKILL)
+                grads = {k: rng.standard_normal(v.shape).astype(np.float32)
+                         for k, v in model.items()}
+                out[rank] = c.push_pull(grads)
 
-    threads = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(180)
-    assert not errors, errors
+    run_workers(worker, 2, 180)
     for k in model:  # both workers read the same values after the last step
         assert np.array_equal(out[0][k], out[1][k])
     return out[0]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from typing import Any
 
 import numpy as np
@@ -19,6 +18,8 @@ from sklearn.datasets import load_digits
 import pserver
 from pserver.clients.client import cluster_status
 from pserver.torch import DistributedOptimizer, PSEmbedding, state_dict_from_server
+
+from .support import run_workers
 
 pytestmark = pytest.mark.integration
 
@@ -71,36 +72,27 @@ def train_two_workers(address: str, kill_leader_at: int | None = None) -> float:
     xtr, ytr, xte, yte = digits()
     plan = batches(len(xtr))
     models: dict[int, torch.nn.Module] = {}
-    errors: list[BaseException] = []
 
     def worker(rank: int) -> None:
-        try:
-            with pserver.connect(address, worker_id=rank, num_workers=2, timeout=60) as c:
-                model = mlp() if rank == 0 else torch.nn.Sequential(
-                    torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-                opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
-                                           model.named_parameters(), client=c)
-                for step, idx in enumerate(plan):
-                    if rank == 0 and step == kill_leader_at:
-                        st = cluster_status(address)["shards"][0]["replicas"]
-                        os.kill(next(r for r in st if r["role"] == "leader")["pid"],
-                                signal.SIGKILL)
-                    half = idx[rank * BATCH // 2:(rank + 1) * BATCH // 2]
-                    opt.zero_grad()
-                    # each worker's loss is the mean over its half: the mean of the two
-                    # gradients is the gradient of the whole batch's mean loss
-                    torch.nn.functional.cross_entropy(model(xtr[half]), ytr[half]).backward()
-                    opt.step()
-                models[rank] = model
-        except BaseException as exc:
-            errors.append(exc)
+        with pserver.connect(address, worker_id=rank, num_workers=2, timeout=60) as c:
+            model = mlp() if rank == 0 else torch.nn.Sequential(
+                torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+            opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
+                                       model.named_parameters(), client=c)
+            for step, idx in enumerate(plan):
+                if rank == 0 and step == kill_leader_at:
+                    st = cluster_status(address)["shards"][0]["replicas"]
+                    os.kill(next(r for r in st if r["role"] == "leader")["pid"],
+                            signal.SIGKILL)
+                half = idx[rank * BATCH // 2:(rank + 1) * BATCH // 2]
+                opt.zero_grad()
+                # each worker's loss is the mean over its half: the mean of the two
+                # gradients is the gradient of the whole batch's mean loss
+                torch.nn.functional.cross_entropy(model(xtr[half]), ytr[half]).backward()
+                opt.step()
+            models[rank] = model
 
-    threads = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
-    assert not errors, errors
+    run_workers(worker, 2, 300)
     a0, a1 = (accuracy(models[r], xte, yte) for r in (0, 1))
     assert a0 == a1, "the two workers hold different models"
     return a0
