@@ -833,17 +833,52 @@ class Client:
 def connect(
     address: str | None = None,
     *,
-    worker_id: int = 0,
-    num_workers: int = 1,
+    worker_id: int | None = None,
+    num_workers: int | None = None,
     timeout: float = 30.0,
     ipc: bool | None = None,
 ) -> Client:
-    """Connect to the cluster whose bootstrap address is ``address`` (default:
-    ``$PSERVER_ADDRESS``). ``ipc=False`` (or ``PSERVER_IPC=0``) keeps same-host
-    clients on tcp. Raises ``Unavailable`` when the bootstrap does not answer
-    within ``timeout`` seconds."""
-    if address is None:
-        address = os.environ.get("PSERVER_ADDRESS")
-        if not address:
-            raise ValueError("no address given and PSERVER_ADDRESS is not set")
-    return Client(address, worker_id=worker_id, num_workers=num_workers, timeout=timeout, ipc=ipc)
+    """Connect to the cluster whose bootstrap address is ``address``. Without one:
+    ``$PSERVER_ADDRESS``, else the first ``cluster.ps`` entry of ``$TF_CONFIG``.
+    Without ``worker_id``/``num_workers``: the task in ``$TF_CONFIG`` (a chief is
+    worker 0), else torchrun's ``$RANK``/``$WORLD_SIZE``, else 0 of 1.
+    ``ipc=False`` (or ``PSERVER_IPC=0``) keeps same-host clients on tcp. Raises
+    ``Unavailable`` when the bootstrap does not answer within ``timeout`` seconds."""
+    env_address, env_worker, env_workers = launcher_settings(os.environ)
+    address = address or env_address
+    if not address:
+        raise ValueError("no address given, and neither PSERVER_ADDRESS nor TF_CONFIG's "
+                         "cluster.ps names one")
+    return Client(address, worker_id=env_worker if worker_id is None else worker_id,
+                  num_workers=env_workers if num_workers is None else num_workers,
+                  timeout=timeout, ipc=ipc)
+
+
+def launcher_settings(env: Mapping[str, str]) -> tuple[str | None, int, int]:
+    """(address, worker id, worker count) from the environment launchers set:
+    ``PSERVER_ADDRESS``; ``TF_CONFIG`` (``{"cluster": {"ps": [...], "chief": [...],
+    "worker": [...]}, "task": {"type": ..., "index": ...}}``); torchrun's ``RANK`` and
+    ``WORLD_SIZE``. Missing pieces default to no address and worker 0 of 1."""
+    import json
+
+    address = env.get("PSERVER_ADDRESS") or None
+    worker, workers = 0, 1
+    raw = env.get("TF_CONFIG")
+    tf: dict[str, Any] = {}
+    if raw:
+        try:
+            tf = json.loads(raw)
+        except ValueError as exc:
+            raise ValueError(f"TF_CONFIG is not JSON: {exc}") from None
+    cluster, task = tf.get("cluster", {}), tf.get("task", {})
+    if address is None and cluster.get("ps"):
+        ps = str(cluster["ps"][0])
+        address = ps if "://" in ps else f"tcp://{ps}"
+    if cluster.get("worker") or cluster.get("chief"):
+        chiefs = len(cluster.get("chief", []))
+        workers = chiefs + len(cluster.get("worker", []))
+        kind, index = task.get("type"), int(task.get("index", 0))
+        worker = index if kind == "chief" else chiefs + index
+    elif "RANK" in env and "WORLD_SIZE" in env:
+        worker, workers = int(env["RANK"]), int(env["WORLD_SIZE"])
+    return address, worker, workers
