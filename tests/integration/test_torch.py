@@ -145,3 +145,75 @@ def test_ps_embedding_pulls_rows_and_pushes_their_gradients(cluster_factory: Any
         out.sum().backward()  # d/d row = 1 per use; id 3 is used twice
         rows = client.pull_rows("items", np.array([3, 9, 2**40, 5], np.uint64))
         np.testing.assert_array_equal(rows[:, 0], [-1.0, -0.5, -0.5, 0.0])
+
+
+def _train_server_side(address: str, mode: str, staleness: int | None = None,
+                       stop_worker_1_at: int | None = None) -> float:
+    """Two workers on halves of each batch, the server's SGD applying every push
+    (async), within ``staleness`` steps of each other (ssp), or the mean (sync)."""
+    xtr, ytr, xte, yte = digits()
+    plan = batches(len(xtr))
+    models: dict[int, torch.nn.Module] = {}
+
+    def worker(rank: int) -> None:
+        c = pserver.connect(address, worker_id=rank, num_workers=2, timeout=60)
+        try:
+            model = mlp()
+            opt = DistributedOptimizer(None, model.named_parameters(), client=c, mode=mode,
+                                       staleness=staleness,
+                                       server_optimizer={"name": "sgd", "lr": LR / 2})
+            for step, idx in enumerate(plan):
+                if rank == 1 and step == stop_worker_1_at:
+                    return  # this worker dies: no more pushes, no more heartbeats
+                half = idx[rank * BATCH // 2:(rank + 1) * BATCH // 2]
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(xtr[half]), ytr[half]).backward()
+                opt.step()
+            models[rank] = model
+        finally:
+            c.close()
+
+    run_workers(worker, 2, 300)
+    return accuracy(models[0], xte, yte)
+
+
+@pytest.mark.parametrize(("mode", "staleness"), [("ssp", 2), ("async", None)])
+def test_ssp_and_async_training_converge_on_digits(cluster_factory: Any, mode: str,
+                                                   staleness: int | None) -> None:
+    c = cluster_factory("--shards", "2", "--replicas", "3")
+    assert _train_server_side(c.address, mode, staleness) > 0.85
+
+
+def test_a_dead_worker_does_not_stop_sync_training_past_the_worker_timeout(
+        cluster_factory: Any) -> None:
+    c = cluster_factory("--shards", "2", "--replicas", "3", "--workers", "2",
+                        "--worker-timeout", "2")
+    assert _train_server_side(c.address, "sync", stop_worker_1_at=20) > 0.85
+
+
+def test_an_exported_safetensors_file_restores_the_model_in_plain_torch(
+        cluster_factory: Any, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    c = cluster_factory("--shards", "2")
+    xtr, ytr, _, _ = digits()
+    model = mlp()
+    with pserver.connect(c.address) as client:
+        opt = DistributedOptimizer(None, model.named_parameters(), client=client,
+                                   server_optimizer={"name": "adam", "lr": 1e-2})
+        for idx in batches(len(xtr))[:20]:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+            opt.step()
+    out = tmp_path / "model.safetensors"
+    subprocess.run([sys.executable, "-m", "pserver", "export", "--address", c.address,
+                    "--format", "safetensors", str(out)], check=True, timeout=60)
+    fresh = mlp()
+    for p in fresh.parameters():
+        torch.nn.init.zeros_(p)
+    state = {k: v.reshape(fresh.state_dict()[k].shape) for k, v in load_file(out).items()}
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(xtr), model(xtr), rtol=0, atol=0)
