@@ -214,3 +214,55 @@ class PSEmbedding(torch.nn.Module):
 
 def _numpy(p: torch.Tensor) -> np.ndarray[Any, Any]:
     return p.detach().cpu().contiguous().numpy().copy()
+
+
+class _DDPHookState:
+    """What the DDP communication hook needs: the client and each parameter's key."""
+
+    def __init__(self, client: Client, names: dict[int, str]) -> None:
+        self.client = client
+        self.names = names
+
+
+def register_ddp_hook(ddp: torch.nn.parallel.DistributedDataParallel,
+                      client: Client) -> None:
+    """Make ``ddp`` average its gradients through the parameter server instead of an
+    all-reduce: every bucket's gradients are pushed (keys are parameter names, sync
+    ``sum`` keys) and the mean of all workers' gradients comes back as the bucket.
+    Worker 0 creates the keys; call before the first backward, on every worker."""
+    named = [(n, p) for n, p in ddp.module.named_parameters() if p.requires_grad]
+    if client.worker_id == 0:
+        client.init({n: np.zeros(tuple(p.shape), np.float32) for n, p in named},
+                    optimizer={"name": "sum"}, mode="sync")
+    client.barrier()
+    import torch.distributed as dist
+
+    # DDP compares the hook's annotations with these objects; this module's are strings
+    _ddp_hook.__annotations__.update(bucket=dist.GradBucket,  # type: ignore[attr-defined]
+                                     **{"return": torch.futures.Future[torch.Tensor]})
+    ddp.register_comm_hook(_DDPHookState(client, {id(p): n for n, p in named}), _ddp_hook)
+
+
+def _ddp_hook(state: _DDPHookState, bucket: Any) -> torch.futures.Future[torch.Tensor]:
+    """Push one bucket's gradients; its future resolves to the bucket of means."""
+    buffer = bucket.buffer()
+    base = buffer.storage_offset()
+    parts = [(state.names[id(p)], g) for p, g in zip(bucket.parameters(), bucket.gradients(),
+                                                     strict=True)]
+    pushed = state.client.push_pull_async(
+        {n: g.detach().contiguous().numpy() for n, g in parts})
+    out: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+
+    def done(fut: Future[dict[str, np.ndarray[Any, Any]]]) -> None:
+        try:
+            means = fut.result()
+            result = torch.empty_like(buffer)
+            for n, g in parts:
+                start = g.storage_offset() - base
+                result[start:start + g.numel()] = torch.from_numpy(means[n]).reshape(-1)
+            out.set_result(result)
+        except BaseException as exc:
+            out.set_exception(exc)  # type: ignore[arg-type]
+
+    pushed.add_done_callback(done)
+    return out

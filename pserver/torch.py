@@ -1,7 +1,14 @@
 """``pserver.torch``: the PyTorch shim (``DistributedOptimizer``, ``PSEmbedding``,
-``state_dict_from_server``), defined in ``pserver.clients.torch``. Importing it
-imports torch; importing ``pserver`` does not."""
+``register_ddp_hook``, ``state_dict_from_server``), defined in
+``pserver.clients.torch``. Importing it imports torch; importing ``pserver``
+does not."""
 
-from pserver.clients.torch import DistributedOptimizer, PSEmbedding, state_dict_from_server
+from pserver.clients.torch import (
+    DistributedOptimizer,
+    PSEmbedding,
+    register_ddp_hook,
+    state_dict_from_server,
+)
 
-__all__ = ["DistributedOptimizer", "PSEmbedding", "state_dict_from_server"]
+__all__ = ["DistributedOptimizer", "PSEmbedding", "register_ddp_hook",
+           "state_dict_from_server"]

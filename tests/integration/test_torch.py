@@ -217,3 +217,58 @@ def test_an_exported_safetensors_file_restores_the_model_in_plain_torch(
     state = {k: v.reshape(fresh.state_dict()[k].shape) for k, v in load_file(out).items()}
     fresh.load_state_dict(state)
     torch.testing.assert_close(fresh(xtr), model(xtr), rtol=0, atol=0)
+
+
+def _ddp_worker(rank: int, address: str, port: int, out: Any) -> None:
+    """One process of a 2-process DDP job (gloo) whose gradients the server averages."""
+    import torch.distributed as dist
+
+    from pserver.torch import register_ddp_hook
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        xtr, ytr, _, _ = digits()
+        ddp = torch.nn.parallel.DistributedDataParallel(mlp())
+        with pserver.connect(address, worker_id=rank, num_workers=2, timeout=60) as client:
+            register_ddp_hook(ddp, client)
+            opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+            for idx in batches(len(xtr))[:25]:
+                half = idx[rank * BATCH // 2:(rank + 1) * BATCH // 2]
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(ddp(xtr[half]), ytr[half]).backward()
+                opt.step()
+        out.put((rank, {n: p.detach().numpy().copy() for n, p in ddp.module.named_parameters()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_ddp_hook_averages_gradients_through_the_server(cluster_factory: Any) -> None:
+    """Two DDP processes whose all-reduce is replaced by the server: both end with
+    the model one process gets from the whole batches."""
+    import multiprocessing as mp
+    import socket
+
+    c = cluster_factory("--shards", "2", "--replicas", "3", "--workers", "2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, c.address, port, q)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict(q.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    xtr, ytr, _, _ = digits()
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for idx in batches(len(xtr))[:25]:
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        np.testing.assert_array_equal(got[0][name], got[1][name])
+        np.testing.assert_allclose(got[0][name], p.detach().numpy(), rtol=1e-4, atol=1e-5)
