@@ -212,6 +212,38 @@ class PSEmbedding(torch.nn.Module):
         return out.reshape(*ids.shape, self.embedding_dim)
 
 
+class PSEmbeddingBag(PSEmbedding):
+    """``torch.nn.EmbeddingBag`` on a server table: ``forward(ids, offsets)`` sums
+    (``mode="sum"``) or averages (``"mean"``) the rows of each bag; bags start at
+    ``offsets`` in the flat ``ids`` (or are the rows of a 2-D ``ids``)."""
+
+    def __init__(self, client: Client, table: str, embedding_dim: int, *,
+                 mode: str = "mean", optimizer: dict[str, Any] | None = None,
+                 init: tuple[Any, ...] = ("normal", 0.01)) -> None:
+        if mode not in ("sum", "mean"):
+            raise ValueError(f"mode must be 'sum' or 'mean', not {mode!r}")
+        super().__init__(client, table, embedding_dim, optimizer=optimizer, init=init)
+        self.mode = mode
+
+    def forward(self, ids: torch.Tensor,
+                offsets: torch.Tensor | None = None) -> torch.Tensor:
+        if offsets is None:
+            if ids.dim() != 2:
+                raise ValueError("give offsets, or ids as a 2-D tensor of equal bags")
+            offsets = torch.arange(0, ids.numel(), ids.shape[1])
+        flat = ids.reshape(-1)
+        rows = super().forward(flat)
+        bags = len(offsets)
+        # the bag of each id: the last offset at or before its position (empty bags ok)
+        bag = torch.searchsorted(offsets.to(torch.int64), torch.arange(len(flat)),
+                                 right=True) - 1
+        out = torch.zeros(bags, self.embedding_dim, dtype=rows.dtype).index_add(0, bag, rows)
+        if self.mode == "mean":
+            counts = torch.bincount(bag, minlength=bags).clamp(min=1).to(rows.dtype)
+            out = out / counts[:, None]
+        return out
+
+
 def _numpy(p: torch.Tensor) -> np.ndarray[Any, Any]:
     return p.detach().cpu().contiguous().numpy().copy()
 

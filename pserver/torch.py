@@ -6,9 +6,10 @@ does not."""
 from pserver.clients.torch import (
     DistributedOptimizer,
     PSEmbedding,
+    PSEmbeddingBag,
     register_ddp_hook,
     state_dict_from_server,
 )
 
-__all__ = ["DistributedOptimizer", "PSEmbedding", "register_ddp_hook",
+__all__ = ["DistributedOptimizer", "PSEmbedding", "PSEmbeddingBag", "register_ddp_hook",
            "state_dict_from_server"]

@@ -272,3 +272,24 @@ def test_a_ddp_hook_averages_gradients_through_the_server(cluster_factory: Any) 
     for name, p in model.named_parameters():
         np.testing.assert_array_equal(got[0][name], got[1][name])
         np.testing.assert_allclose(got[0][name], p.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_ps_embedding_bag_sums_or_averages_each_bag(cluster_factory: Any) -> None:
+    from pserver.torch import PSEmbeddingBag
+
+    c = cluster_factory("--shards", "2")
+    with pserver.connect(c.address) as client:
+        client.create_table("bags", 2, optimizer={"name": "sum"}, init=("zeros",))
+        client.push_rows("bags", np.array([1, 2, 3], np.uint64),
+                         np.array([[1, 1], [2, 2], [4, 4]], np.float32))  # rows 1, 2, 4
+        for mode, want in (("sum", [[3, 3], [4, 4], [0, 0]]), ("mean", [[1.5, 1.5], [4, 4],
+                                                                          [0, 0]])):
+            bag = PSEmbeddingBag(client, "bags", 2, mode=mode, optimizer={"name": "sum"},
+                                 init=("zeros",))
+            out = bag(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3]))
+            torch.testing.assert_close(out, torch.tensor(want, dtype=torch.float32))
+        sums = PSEmbeddingBag(client, "grads", 2, mode="sum", optimizer={"name": "sgd", "lr": 1},
+                              init=("zeros",))
+        sums(torch.tensor([[5, 6], [5, 7]])).sum().backward()
+        rows = client.pull_rows("grads", np.array([5, 6, 7], np.uint64))
+        np.testing.assert_array_equal(rows[:, 0], [-2.0, -1.0, -1.0])
