@@ -408,24 +408,26 @@ class ReplicaServer(ShardServer):
 
     # -- status ---------------------------------------------------------------
 
-    def ping_info(self) -> dict[str, Any]:
+    @property
+    def role(self) -> str:
+        """leader, follower or candidate (a PreVote campaign counts as candidate)."""
         role = self.core.role.value
+        return "candidate" if role == "pre-candidate" else role
+
+    def ping_info(self) -> dict[str, Any]:
         return {"shard": self.shard_id, "pid": os.getpid(), "replica": self.replica_id,
-                "role": "candidate" if role == "pre-candidate" else role,
-                "leader_hint": self.leader_hint}
+                "role": self.role, "leader_hint": self.leader_hint}
 
     def status(self) -> dict[str, Any]:
         out = super().status()
         core = self.core
         out.update(
-            replica=self.replica_id, role=core.role.value, term=core.term,
+            replica=self.replica_id, role=self.role, term=core.term,
             commit_index=core.commit, applied_index=core.applied, leader=core.lead - 1,
             last_index=core.last_index, snapshot_index=core.snap_index,
             digest=self.state.digest(), wal_syncs=self.log.wal.syncs,
             peer_sends_dropped=self._peers.dropped,
         )
-        if out["role"] in ("pre-candidate",):
-            out["role"] = "candidate"
         return out
 
 
