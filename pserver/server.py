@@ -9,7 +9,8 @@ malformed message gets an error reply while other clients keep being served.
 A mutation seen before (same client id and sequence number) is answered from
 the session table instead of being applied again. With a data dir, the shard
 saves its whole state on a clean stop and loads it at start (``snapshot.py``).
-The replicated log goes between ``check_*`` and ``apply_*``.
+A replicated shard (``replica.py``) reuses this class and puts the Raft log
+between the check and the apply of ``apply.mutate``.
 """
 
 from __future__ import annotations
