@@ -227,13 +227,9 @@ class ReplicaServer(ShardServer):
         for incoming, header, expires in held:
             if expires < now:  # its client gave up long ago
                 continue
-            try:
-                # It may have been applied meanwhile (its first copy was in the log of
-                # the previous leader): then it is a duplicate, answered from the table.
-                if not self._answer_duplicate(incoming, header):
-                    self._mutation(incoming, header)
-            except PServerError as exc:
-                self._error(incoming, header, exc)
+            # Through the whole dispatch again: it may have been applied meanwhile (its
+            # first copy was in the previous leader's log), then the table answers it.
+            self._redispatch(incoming, header)
             if self._held and self._held[-1][0] is incoming:
                 self._held[-1] = (incoming, header, expires)  # still held: keep its deadline
 
@@ -337,14 +333,20 @@ class ReplicaServer(ShardServer):
                 keep.append((index, reads))
                 continue
             for incoming, header in reads:
-                try:
-                    self._dispatch(incoming, header)
-                except PServerError as exc:
-                    self._error(incoming, header, exc)
-                except Exception as exc:
-                    log.exception("shard %d: internal error on a read", self.shard_id)
-                    self._error(incoming, header, InternalError(f"{type(exc).__name__}: {exc}"))
+                self._redispatch(incoming, header)
         self._reads_ready = keep
+
+    def _redispatch(self, incoming: Incoming, header: Header) -> None:
+        """Dispatch a request held back (a read waiting for its ReadIndex, a push for
+        its leader's first entry); an error is answered, never raised."""
+        try:
+            self._dispatch(incoming, header)
+        except PServerError as exc:
+            self._error(incoming, header, exc)
+        except Exception as exc:
+            log.exception("shard %d: internal error on a held %s", self.shard_id,
+                          header.kind.name)
+            self._error(incoming, header, InternalError(f"{type(exc).__name__}: {exc}"))
 
     # -- leadership -----------------------------------------------------------
 

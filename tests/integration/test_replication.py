@@ -99,6 +99,7 @@ class Writers:
         self.stop.set()
         for t in self.threads:
             t.join(120)
+        assert not any(t.is_alive() for t in self.threads), "a writer thread hung"
 
     def done(self) -> int:
         with self.lock:

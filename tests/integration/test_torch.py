@@ -9,7 +9,9 @@ the server; exported and pulled state dicts restore the model."""
 from __future__ import annotations
 
 import os
+import queue
 import signal
+import time
 from typing import Any
 
 import numpy as np
@@ -260,7 +262,16 @@ def test_a_ddp_hook_averages_gradients_through_the_server(cluster_factory: Any) 
     procs = [ctx.Process(target=_ddp_worker, args=(r, c.address, port, q)) for r in (0, 1)]
     for p in procs:
         p.start()
-    got = dict(q.get(timeout=240) for _ in procs)
+    got: dict[int, Any] = {}
+    deadline = time.monotonic() + 240
+    while len(got) < len(procs):  # fail as soon as a worker dies, not at the deadline
+        try:
+            rank, params = q.get(timeout=0.5)
+            got[rank] = params
+        except queue.Empty:
+            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            assert not failed, f"a DDP worker failed (exit codes {failed})"
+            assert time.monotonic() < deadline, "the DDP workers gave no result in 240 s"
     for p in procs:
         p.join(60)
         assert p.exitcode == 0

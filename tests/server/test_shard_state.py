@@ -408,13 +408,19 @@ def test_a_write_during_an_active_lease_goes_to_a_copy() -> None:
     np.testing.assert_array_equal(slot.value, np.full(4, 2, np.float32))
 
 
-def test_topk_pushes_are_checked_whole_before_any_part_changes() -> None:
+def _topk_key() -> tuple[ShardStateMachine, TensorMeta, TensorMeta]:
+    """A state with a 6-element ``sum`` key "w" taking top-k pushes, and descriptors
+    of 2 values and their 2 positions."""
     sm = ShardStateMachine(0, ShardMap.uniform(1))
     t = TensorMeta("w", 0, "float32", (6,), 0, 6, 1)
     spec, mode = sm.check_init([t], {"optimizer": {"name": "sum"}})
     sm.apply_init([t], [_frames(np.zeros(6, np.float32))], spec, mode, ("topk", 0.5))
-    vals = TensorMeta("w", 0, "float32", (2,), 0, 2, 1)
-    pos = TensorMeta("w", 0, "int64", (2,), 0, 2, 1)
+    return (sm, TensorMeta("w", 0, "float32", (2,), 0, 2, 1),
+            TensorMeta("w", 0, "int64", (2,), 0, 2, 1))
+
+
+def test_topk_pushes_are_checked_whole_before_any_part_changes() -> None:
+    sm, vals, pos = _topk_key()
     topk = {"encoding": "topk"}
     sm.check_push([vals, pos], topk)
     sm.apply_push([vals, pos], [_frames(np.array([1.5, -2.0], np.float32)),
@@ -430,12 +436,7 @@ def test_topk_pushes_are_checked_whole_before_any_part_changes() -> None:
 
 
 def test_topk_positions_must_be_distinct_and_carry_data() -> None:
-    sm = ShardStateMachine(0, ShardMap.uniform(1))
-    t = TensorMeta("w", 0, "float32", (6,), 0, 6, 1)
-    spec, mode = sm.check_init([t], {"optimizer": {"name": "sum"}})
-    sm.apply_init([t], [_frames(np.zeros(6, np.float32))], spec, mode, ("topk", 0.5))
-    vals = TensorMeta("w", 0, "float32", (2,), 0, 2, 1)
-    pos = TensorMeta("w", 0, "int64", (2,), 0, 2, 1)
+    sm, vals, pos = _topk_key()
     with pytest.raises(InvalidArgument):
         sm.apply_push([vals, pos], [_frames(np.ones(2, np.float32)),
                                     _frames(np.array([3, 3], np.int64))], {"encoding": "topk"})
