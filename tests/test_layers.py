@@ -73,6 +73,7 @@ def test_module_respects_the_layers(path: Path) -> None:
     elif module in SERVER_MODULES[:-1]:
         forbidden += ("pserver.clients",)
     if module not in ("pserver.protocol.transport", "pserver.benchmark.baselines",
+                      "pserver.benchmark.plainps",
                       "pserver.benchmark.scenarios"):
         forbidden += ("zmq",)
     assert not _hits(imports, forbidden), f"{module} imports {sorted(_hits(imports, forbidden))}"

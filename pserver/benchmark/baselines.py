@@ -67,21 +67,8 @@ class EchoServer:
     """
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:0", start_timeout: float = 30.0) -> None:
-        self.proc: subprocess.Popen[str] = subprocess.Popen(
-            [sys.executable, "-m", "pserver.benchmark.baselines", endpoint],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = ""
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            if sel.select(start_timeout):
-                line = self.proc.stdout.readline().strip()
-        if not line:
-            self._reap()
-            raise RuntimeError(f"echo server for {endpoint} did not start")
-        self.endpoint: str = line
+        self.proc, self.endpoint = spawn_server("pserver.benchmark.baselines", endpoint,
+                                                start_timeout, "echo server")
         self.ctx: zmq.Context[Any] = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -159,19 +146,42 @@ class EchoServer:
         self.ctx.term()
 
     def _reap(self) -> None:
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        reap(self.proc)
 
     def __enter__(self) -> EchoServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def spawn_server(module: str, endpoint: str, timeout: float,
+                 what: str) -> tuple[subprocess.Popen[str], str]:
+    """Run ``python -m module endpoint`` and read the endpoint it prints once bound."""
+    proc = subprocess.Popen([sys.executable, "-m", module, endpoint], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    line = ""
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if sel.select(timeout):
+            line = proc.stdout.readline().strip()
+    if not line:
+        proc.kill()
+        reap(proc)
+        raise RuntimeError(f"{what} for {endpoint} did not start")
+    return proc, line
+
+
+def reap(proc: subprocess.Popen[str], timeout: float = 5.0) -> None:
+    """Wait for ``proc`` (SIGKILL after ``timeout`` s) and close its stdout."""
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def memory_bandwidth(nbytes: int = 64 << 20, repeats: int = 5) -> float:

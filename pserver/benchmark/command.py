@@ -18,6 +18,8 @@ from typing import Any
 
 import click
 
+from .distributed import DistSettings, distributed_report, format_distributed
+from .failover import failover_section, failover_targets
 from .kernels import KernelSettings, format_kernels, kernel_report
 from .scenarios import TRANSPORTS, LocalCluster, RunInfo, Settings, format_table, parse_size, run
 from .sparse import SparseSettings, format_sparse, sparse_report
@@ -59,7 +61,7 @@ def _sizes(
     callback=_sizes,
     default=None,
     help="dense tensor sizes, comma-separated (e.g. 4K,64K,1M,16M,64M) "
-    "[4K,64K,1M,16M,64M; --quick: 4K,1M,64M]",
+    "[4K,64K,1M,16M,64M,256M; --quick: 4K,1M,64M]",
 )
 @click.option(
     "--rounds",
@@ -96,7 +98,51 @@ def _sizes(
     help="pull_rows/push_rows of 100k rows x 64 float32 (sum and adagrad tables) against "
     "a raw echo of the same bytes, over tcp unless --transport says [7 rounds; --quick: 3]",
 )
+@click.option(
+    "--distributed/--no-distributed",
+    "with_distributed",
+    default=True,
+    show_default=True,
+    help="multi-worker scenarios in worker processes: sync step of a 64 MiB model with 2 "
+    "workers (R=1 and R=3, tcp/ipc, float32/bfloat16) against gloo all_reduce and the "
+    "transport bound; async scaling by shards (1, 2, 4), workers (1, 2, 4) and replicas; "
+    "the plain single-process pyzmq server by size, many keys and latency",
+)
+@click.option(
+    "--failover-kills",
+    type=click.IntRange(min=0),
+    default=None,
+    help="SIGKILLs of a 3-replica shard leader under load, timed to the first push the new "
+    "leader acknowledges; 0 skips [20; --quick: 3]",
+)
 @click.option("--quick", is_flag=True, help="fewer sizes and rounds: the whole run under 60 s")
+@click.option(
+    "--report",
+    "with_report",
+    is_flag=True,
+    help="keep the JSON in --results-dir (unless --out names a file) and write "
+    "--docs-dir/benchmarks.md with PNG plots from this run",
+)
+@click.option(
+    "--report-from",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="write the markdown report and plots from this JSON file and run nothing",
+)
+@click.option(
+    "--results-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("bench/results"),
+    show_default=True,
+    help="where --report keeps the run's JSON",
+)
+@click.option(
+    "--docs-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("docs"),
+    show_default=True,
+    help="where --report writes benchmarks.md and img/bench-*.png",
+)
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of tables")
 @click.option(
     "--out",
@@ -119,7 +165,13 @@ def bench(
     transports: tuple[str, ...],
     with_kernels: bool,
     with_sparse: bool,
+    with_distributed: bool,
+    failover_kills: int | None,
     quick: bool,
+    with_report: bool,
+    report_from: Path | None,
+    results_dir: Path,
+    docs_dir: Path,
     as_json: bool,
     out: Path | None,
     progress: bool | None,
@@ -134,7 +186,22 @@ def bench(
     and adagrad on 64 MiB float32 against numpy a += b, and the row index against
     a Python dict loop. With --sparse (the default): pull_rows/push_rows of 100k
     rows of dim 64 through the cluster against a raw echo of the same bytes.
+    With --distributed (the default): the multi-worker scenarios (sync step
+    against gloo, scaling, the plain server). --failover-kills: leader kills.
+    --report: docs/benchmarks.md and plots from the run.
     """
+    if report_from is not None:
+        from .report import write_report
+
+        try:
+            saved = json.loads(report_from.read_text())
+            paths = write_report(saved, docs_dir, str(report_from))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise click.ClickException(f"{report_from} is not a pserver bench report: "
+                                       f"{exc!r}") from None
+        for p in paths:
+            click.echo(f"wrote {p}")
+        return
     t_start = time.monotonic()
     overrides: dict[str, Any] = {}
     if sizes:
@@ -150,13 +217,17 @@ def bench(
     sparse_over: dict[str, Any] = {"transports": overrides["transports"]} if transports else {}
     sset = (SparseSettings.quick_settings(**sparse_over) if quick
             else SparseSettings(**sparse_over))
+    dset = DistSettings.quick_settings() if quick else DistSettings()
+    kills = failover_kills if failover_kills is not None else (3 if quick else 20)
 
     from tqdm import tqdm
 
     bar = tqdm(
         total=settings.steps()
         + (kset.steps() if with_kernels else 0)
-        + (sset.steps() if with_sparse else 0),
+        + (sset.steps() if with_sparse else 0)
+        + (dset.steps() if with_distributed else 0)
+        + kills,
         file=sys.stderr,
         unit="step",
         leave=False,
@@ -171,6 +242,8 @@ def bench(
     cluster: LocalCluster | None = None
     kernels_section: dict[str, Any] | None = None
     sparse_section: dict[str, Any] | None = None
+    dist: dict[str, Any] = {"sync": None, "scaling": None, "plain": None, "targets": []}
+    failover: dict[str, Any] | None = None
     try:
         if with_kernels:  # first: no cluster processes competing for memory bandwidth
             try:
@@ -188,22 +261,49 @@ def bench(
             report = run(address, settings, RunInfo(self_started=cluster is not None), step)
             if with_sparse:
                 sparse_section = sparse_report(address, sset, step, report["notes"])
-        except (RuntimeError, OSError) as exc:
+            if with_distributed:
+                dist = distributed_report(address, dset, report["notes"], step)
+        except (RuntimeError, OSError, TimeoutError) as exc:
             raise click.ClickException(f"benchmark failed: {exc}") from None
+        finally:
+            if cluster is not None:  # before the failover cluster: two fewer CPUs' load
+                code = cluster.stop()
+                cluster = None
+                if code not in (0, None):
+                    click.echo(f"warning: the self-started cluster exited with {code}",
+                               err=True)
+        if kills:
+            try:
+                failover = failover_section(kills, step)
+            except (RuntimeError, OSError, TimeoutError) as exc:
+                raise click.ClickException(f"failover benchmark failed: {exc}") from None
     finally:
         bar.close()
         if cluster is not None:
-            code = cluster.stop()
-            if code not in (0, None):
-                click.echo(f"warning: the self-started cluster exited with {code}", err=True)
+            cluster.stop()
 
     add_sections(report, kernels_section, sparse_section)
+    for name in ("sync", "scaling", "plain"):
+        report[name] = dist[name]
+    report["targets"].extend(dist["targets"])
+    report["failover"] = failover
+    if failover is not None:
+        report["targets"].extend(failover_targets(failover))
+    report["optional_baselines"] = optional_baselines()
     report["duration_s"] = round(time.monotonic() - t_start, 2)
     text = json.dumps(report, indent=None if as_json else 2)
+    if with_report and out is None:
+        stamp = report["started_at"][:10]
+        out = results_dir / f"{stamp}-{(report['git_commit'] or 'nogit')[:10]}.json"
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
     click.echo(text if as_json else format_report(report))
+    if with_report:
+        from .report import write_report
+
+        for p in write_report(report, docs_dir, str(out)):
+            click.echo(f"wrote {p}", err=as_json)
 
 
 def add_sections(report: dict[str, Any], kernels_section: dict[str, Any] | None,
@@ -222,11 +322,29 @@ def add_sections(report: dict[str, Any], kernels_section: dict[str, Any] | None,
             report["notes"].extend(f"{label}: {n}" for n in section["notes"])
 
 
+def optional_baselines() -> dict[str, str]:
+    """The optional extras of the issue and why this run has no figure for them."""
+    import importlib.util
+    import shutil
+
+    out = {}
+    if importlib.util.find_spec("ray") is None:
+        out["Ray actor parameter server"] = "skipped: ray is not installed (pip install ray)"
+    else:
+        out["Ray actor parameter server"] = "not measured: pserver bench has no Ray baseline yet"
+    if shutil.which("redis-server") is None:
+        out["Redis SET/GET"] = "skipped: no redis-server on PATH"
+    else:
+        out["Redis SET/GET"] = "not measured: pserver bench has no Redis baseline yet"
+    return out
+
+
 def format_report(report: dict[str, Any]) -> str:
     """``format_table``'s text with the kernel and sparse tables before the targets."""
     text = format_table(report)
     extra = [format_kernels(report["kernels"]) if report.get("kernels") else "",
-             format_sparse(report["sparse"]) if report.get("sparse") else ""]
+             format_sparse(report["sparse"]) if report.get("sparse") else "",
+             format_distributed(report)]
     extra = [e for e in extra if e]
     if not extra:
         return text

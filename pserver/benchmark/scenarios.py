@@ -54,7 +54,7 @@ GB = 1e9
 TRANSPORTS = ("tcp", "ipc")
 KEY_PREFIX = "pserver-bench"
 
-DEFAULT_SIZES = (4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 64 * MiB)
+DEFAULT_SIZES = (4 * KiB, 64 * KiB, 1 * MiB, 16 * MiB, 64 * MiB, 256 * MiB)
 QUICK_SIZES = (4 * KiB, 1 * MiB, 64 * MiB)
 ECHO_WINDOW = 4  # chunks in flight in the echo baseline
 LATENCY_BYTES = 4 * KiB
