@@ -30,7 +30,7 @@ soak: $(STAMP)
 	RAFT_SEEDS=5000 SIM_SEEDS=5000 $(BIN)/python -m pytest -q tests/raft
 
 bench: $(STAMP)
-	$(BIN)/pserver bench
+	$(BIN)/pserver bench --report
 
 typecheck: $(STAMP)
 	rm -rf build/typecheck && mkdir -p build/typecheck/pserver

@@ -15,9 +15,11 @@ Two ways to update, chosen by ``server_optimizer``:
   ``sync`` mode): each step pushes the gradients, takes the mean gradient of all
   workers from the server as ``.grad`` and lets the local optimizer step.
 
-Pushes start during backward (a post-accumulate-grad hook per parameter starts
-its ``push_pull_async``), so they overlap with the rest of backward; ``step``
-waits for them. Worker 0 creates the keys from its parameters; every worker then
+Pushes start during backward, so they overlap with the rest of it: a
+post-accumulate-grad hook per parameter puts its gradient in a bucket, and each
+bucket of ``bucket_bytes`` (4 MiB) starts one ``push_pull_async``, as DDP buckets
+its all-reduces; ``step`` pushes the last bucket and waits for them all. Worker 0
+creates the keys from its parameters; every worker then
 starts from the server's values.
 """
 
@@ -33,6 +35,7 @@ import torch
 from .client import Client
 
 INIT_PREFIX = "init/"  # sum mode: the starting parameters, read once by every worker
+BUCKET_BYTES = 4 << 20  # gradients pushed during backward go in buckets of about this size
 
 
 class DistributedOptimizer(torch.optim.Optimizer):
@@ -42,7 +45,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  named_parameters: Iterable[tuple[str, torch.nn.Parameter]], *,
                  client: Client, mode: str | None = None,
                  server_optimizer: dict[str, Any] | None = None,
-                 staleness: int | None = None, overlap: bool = True) -> None:
+                 staleness: int | None = None, overlap: bool = True,
+                 bucket_bytes: int = BUCKET_BYTES) -> None:
         self.client = client
         self.local = optimizer
         self.named = [(n, p) for n, p in named_parameters if p.requires_grad]
@@ -67,6 +71,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._optimizer_step_pre_hooks = {}
         self._optimizer_step_post_hooks = {}
         self._futures: dict[str, Future[dict[str, np.ndarray[Any, Any]]]] = {}
+        self._bucket: dict[str, np.ndarray[Any, Any]] = {}
+        self._bucket_nbytes = 0
+        self.bucket_bytes = bucket_bytes
         self._hooks: list[Any] = []
         self.steps = 0
         self._start()
@@ -97,10 +104,19 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 p.copy_(torch.from_numpy(pulled[k]).reshape(p.shape))
 
     def _pusher(self, name: str) -> Callable[[torch.Tensor], None]:
+        """The hook of one parameter: its gradient joins the bucket, and a bucket of
+        ``bucket_bytes`` or more starts its push (one request per shard for the
+        whole bucket, not one per parameter)."""
         def hook(param: torch.Tensor) -> None:
-            if param.grad is not None:
-                grad = param.grad.detach().contiguous().numpy()
-                self._futures[name] = self.client.push_pull_async({name: grad})
+            if param.grad is None:
+                return
+            grad = param.grad.detach().contiguous().numpy()
+            self._bucket[name] = grad
+            self._bucket_nbytes += grad.nbytes
+            if self._bucket_nbytes >= self.bucket_bytes:
+                future = self.client.push_pull_async(self._bucket)
+                self._futures.update(dict.fromkeys(self._bucket, future))
+                self._bucket, self._bucket_nbytes = {}, 0
         return hook
 
     # -- the Optimizer interface ------------------------------------------------------
@@ -113,12 +129,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._bucket, self._bucket_nbytes = {}, 0  # pushed below with the rest
         missing = {n: p.grad.detach().contiguous().numpy() for n, p in self.named
                    if p.grad is not None and n not in self._futures}
         results: dict[str, np.ndarray[Any, Any]] = {}
         if missing:
             results.update(self.client.push_pull(missing))
-        for fut in self._futures.values():
+        for fut in {id(f): f for f in self._futures.values()}.values():
             results.update(fut.result())
         self._futures.clear()
         for name, p in self.named:

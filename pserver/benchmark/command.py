@@ -242,7 +242,8 @@ def bench(
     cluster: LocalCluster | None = None
     kernels_section: dict[str, Any] | None = None
     sparse_section: dict[str, Any] | None = None
-    dist: dict[str, Any] = {"sync": None, "scaling": None, "plain": None, "targets": []}
+    dist: dict[str, Any] = {"sync": None, "scaling": None, "plain": None, "overlap": None,
+                            "targets": []}
     failover: dict[str, Any] | None = None
     try:
         if with_kernels:  # first: no cluster processes competing for memory bandwidth
@@ -283,7 +284,7 @@ def bench(
             cluster.stop()
 
     add_sections(report, kernels_section, sparse_section)
-    for name in ("sync", "scaling", "plain"):
+    for name in ("sync", "scaling", "plain", "overlap"):
         report[name] = dist[name]
     report["targets"].extend(dist["targets"])
     report["failover"] = failover

@@ -27,7 +27,7 @@ import importlib.util
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ import numpy as np
 import pserver
 
 from .baselines import EchoServer
+from .overlap import OverlapSettings, overlap_section, overlap_targets
 from .plainps import PlainClient, PlainServer
 from .scenarios import KEY_PREFIX, LocalCluster, dense_tensor, percentiles_us, pserver_roundtrips
 from .workers import WorkerPool, aggregate_gbps, free_port
@@ -75,6 +76,7 @@ class DistSettings:
     many_keys: int = 200
     many_key_bytes: int = 16 * KiB
     latency_count: int = 1000
+    overlap: OverlapSettings = field(default_factory=OverlapSettings)
     quick: bool = False
 
     @classmethod
@@ -86,6 +88,7 @@ class DistSettings:
             "scaling_replicas": 0, "scaling_bytes": 4 * MiB, "scaling_steps": 5,
             "plain_sizes": (4 * KiB, 1 * MiB, 16 * MiB), "plain_rounds": 3,
             "many_keys": 50, "latency_count": 300, "quick": True,
+            "overlap": OverlapSettings.quick_settings(),
         }
         base.update(overrides)
         return cls(**base)
@@ -98,7 +101,7 @@ class DistSettings:
         sync = len(self.sync_replicas) * len(self.sync_variants) + 2  # + gloo, echo
         clusters = len(self.scaling_shards) + (1 if self.scaling_replicas > 1 else 0) + 1
         plain = len(self.plain_sizes) + 2
-        return sync + clusters * len(self.scaling_workers) + plain
+        return sync + clusters * len(self.scaling_workers) + plain + self.overlap.rounds
 
 
 # -- sync step ---------------------------------------------------------------------------
@@ -357,10 +360,11 @@ def plain_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
 
 def distributed_report(address: str, settings: DistSettings, notes: list[str],
                        progress: Progress | None = None,
-                       sections: Sequence[str] = ("sync", "scaling", "plain")
+                       sections: Sequence[str] = ("sync", "scaling", "plain", "overlap")
                        ) -> dict[str, Any]:
-    """The multi-worker sections; ``address`` is the main run's cluster (plain)."""
-    out: dict[str, Any] = {"sync": None, "scaling": None, "plain": None, "targets": []}
+    """The multi-worker sections; ``address`` is the main run's cluster (plain, overlap)."""
+    out: dict[str, Any] = {"sync": None, "scaling": None, "plain": None, "overlap": None,
+                           "targets": []}
     with WorkerPool(settings.pool_size()) as pool:
         if "sync" in sections:
             out["sync"] = sync_section(pool, settings, notes, progress)
@@ -371,6 +375,12 @@ def distributed_report(address: str, settings: DistSettings, notes: list[str],
     if "plain" in sections:
         out["plain"] = plain_section(address, settings, progress)
         out["targets"] += plain_targets(out["plain"])
+    if "overlap" in sections:
+        if importlib.util.find_spec("torch") is None:
+            notes.append("torch overlap skipped: torch is not installed (pip install torch)")
+        else:
+            out["overlap"] = overlap_section(address, settings.overlap, progress)
+            out["targets"] += overlap_targets(out["overlap"])
     return out
 
 
@@ -410,6 +420,12 @@ def format_distributed(report: dict[str, Any]) -> str:
                   f" ms, plain {mk['plain_best_ms']:.1f} ms, ratio {mk['ratio_best']:.2f}",
                   f"  4 KiB p50: pserver {lat['pserver_p50_us']:.0f} µs, plain "
                   f"{lat['plain_p50_us']:.0f} µs", ""]
+    ov = report.get("overlap")
+    if ov:
+        lines += [f"PyTorch overlap: {ov['layers']} layers of {ov['width']}x{ov['width']}, batch "
+                  f"{ov['batch']}: step {ov['step_ms_hooks']:.1f} ms with hooks, "
+                  f"{ov['step_ms_no_hooks']:.1f} ms without (x{ov['speedup']:.2f}); compute "
+                  f"alone {ov['compute_ms']:.1f} ms, push_pull alone {ov['comm_ms']:.1f} ms", ""]
     f = report.get("failover")
     if f:
         lines.append(f"Failover over {f['kills']} leader kills: p50 {f['p50_ms']:.0f} ms, p90 "

@@ -138,6 +138,42 @@ def test_a_server_optimizer_follows_torch_optim(cluster_factory: Any) -> None:
         torch.testing.assert_close(restored(xtr[:50]), remote(xtr[:50]))
 
 
+@pytest.mark.parametrize("bucket_bytes", [1, 1 << 30], ids=["per-parameter", "one-bucket"])
+def test_backward_hooks_push_in_buckets_and_follow_torch_optim(cluster_factory: Any,
+                                                               bucket_bytes: int) -> None:
+    """A bucket of one byte starts one push per parameter during backward; a bucket
+    larger than the model leaves everything to ``step``; both train the same."""
+    c = cluster_factory("--shards", "2")
+    xtr, ytr, _, _ = digits()
+    local, remote = mlp(), mlp()
+    ref = torch.optim.SGD(local.parameters(), lr=LR)
+    with pserver.connect(c.address) as client:
+        opt = DistributedOptimizer(None, remote.named_parameters(), client=client,
+                                   server_optimizer={"name": "sgd", "lr": LR},
+                                   bucket_bytes=bucket_bytes)
+        during_backward: list[int] = []
+        in_backward = False
+        push_pull_async = client.push_pull_async
+
+        def counted(grads: dict[str, Any]) -> Any:
+            if in_backward:
+                during_backward.append(len(grads))
+            return push_pull_async(grads)
+
+        client.push_pull_async = counted  # type: ignore[method-assign]
+        for idx in batches(len(xtr))[:10]:
+            for model, o in ((local, ref), (remote, opt)):
+                o.zero_grad()
+                in_backward = model is remote
+                torch.nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+                in_backward = False
+                o.step()
+        n_params = len(list(remote.parameters()))
+        assert during_backward == ([1] * n_params * 10 if bucket_bytes == 1 else [])
+        for (name, a), b in zip(local.named_parameters(), remote.parameters(), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_ps_embedding_pulls_rows_and_pushes_their_gradients(cluster_factory: Any) -> None:
     c = cluster_factory("--shards", "2")
     with pserver.connect(c.address) as client:
