@@ -9,12 +9,24 @@ LLVM does fuse ``a + b * c`` into one FMA, so a result may differ from the
 numpy reference in the last bit (one rounding instead of two). Scalars arrive
 already cast to the parameter's dtype, so a float32 update computes in
 float32. Must not import ``numba.cuda``.
+
+Importing this module sets ``OMP_WAIT_POLICY=PASSIVE`` unless the environment
+already says otherwise: numba's default threading layer is OpenMP, whose idle
+threads otherwise spin for a while after every parallel loop. A shard runs a
+loop per update with gaps between them, so each gap burned a whole core; on a
+2-core host that core was taken from the shard's own I/O, the other shards and
+the clients (``bench/profile_request.py``: 7.3 ms of server CPU per 1 MiB
+push_pull spinning, 0.8 ms passive). OpenMP reads the setting when numba
+starts its thread pool, at the first parallel loop, after this import.
 """
 
 from __future__ import annotations
 
+import os
 import types
 from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 from numba import njit, prange
