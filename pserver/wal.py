@@ -73,12 +73,18 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def _crc(kind: int, payload: bytes) -> int:
-    return google_crc32c.extend(google_crc32c.value(bytes([kind])), payload)  # type: ignore[no-any-return]
+def _crc(kind: int, *parts: bytes) -> int:
+    """crc32c of the kind byte and the payload, given as consecutive parts."""
+    crc = google_crc32c.value(bytes([kind]))
+    for part in parts:
+        crc = google_crc32c.extend(crc, part)
+    return crc  # type: ignore[no-any-return]
 
 
-def encode_record(kind: int, payload: bytes) -> bytes:
-    return _HEADER.pack(len(payload), _crc(kind, payload), kind) + payload
+def record_parts(kind: int, *payload: bytes) -> list[bytes]:
+    """One record as the pieces to write one after the other: its header, then the
+    payload's parts, never joined (an entry's tensors are not copied again)."""
+    return [_HEADER.pack(sum(len(p) for p in payload), _crc(kind, *payload), kind), *payload]
 
 
 @dataclass
@@ -132,15 +138,18 @@ class WAL:
         if self._failed is not None:
             raise WALError(f"the log stopped after a failed write: {self._failed}")
 
-    def _write(self, record: bytes) -> None:
+    def _write(self, parts: Sequence[bytes]) -> None:
+        """Append one record given as ``record_parts``."""
         self._check()
+        size = sum(len(p) for p in parts)
         try:
-            if self._size + len(record) > self.segment_bytes and self._size:
+            if self._size + size > self.segment_bytes and self._size:
                 self._rotate()
-            self._fh.write(record)
+            for p in parts:
+                self._fh.write(p)
         except OSError as exc:
             self._fail(exc)
-        self._size += len(record)
+        self._size += size
         self._dirty = True
 
     def _rotate(self) -> None:
@@ -165,10 +174,10 @@ class WAL:
         for e in entries:
             if len(e.data) > MAX_RECORD:
                 raise WALError(f"entry {e.index} of {len(e.data)} bytes is too large")
-            self._write(encode_record(ENTRY, _ENTRY.pack(e.term, e.index) + e.data))
+            self._write(record_parts(ENTRY, _ENTRY.pack(e.term, e.index), e.data))
         if hard_state is not None:
             hs = hard_state
-            self._write(encode_record(STATE, _STATE.pack(hs.term, hs.vote, hs.commit)))
+            self._write(record_parts(STATE, _STATE.pack(hs.term, hs.vote, hs.commit)))
 
     def sync(self) -> None:
         """fsync what ``append`` buffered: after it returns, the records survive a crash."""
@@ -194,7 +203,7 @@ class WAL:
         try:
             if self._size:
                 self._rotate()
-            self._write(encode_record(BASE, _BASE.pack(index, term)))
+            self._write(record_parts(BASE, _BASE.pack(index, term)))
             self.append(keep, hard_state)
             self.sync()
             # Newest first: a crash part way leaves a prefix of the old segments,
