@@ -1,7 +1,7 @@
-"""``pserver.keras``: the Keras 3 shim (``PSOptimizer``, ``PServerCallback``),
-defined in ``pserver.clients.keras``. Importing it imports keras; importing
-``pserver`` does not."""
+"""``pserver.keras``: the Keras 3 shim (``PSOptimizer``, ``PSEmbedding``,
+``PServerCallback``), defined in ``pserver.clients.keras``. Importing it imports
+keras; importing ``pserver`` does not."""
 
-from pserver.clients.keras import PServerCallback, PSOptimizer
+from pserver.clients.keras import PSEmbedding, PServerCallback, PSOptimizer
 
-__all__ = ["PSOptimizer", "PServerCallback"]
+__all__ = ["PSEmbedding", "PSOptimizer", "PServerCallback"]
