@@ -95,8 +95,9 @@ def _sizes(
     "with_sparse",
     default=True,
     show_default=True,
-    help="pull_rows/push_rows of 100k rows x 64 float32 (sum and adagrad tables) against "
-    "a raw echo of the same bytes, over tcp unless --transport says [7 rounds; --quick: 3]",
+    help="pull_rows/push_rows by batch and dim (1k, 10k, 100k rows; dim 16, 64, 256) of sum "
+    "and adagrad tables against a raw echo of the same bytes, over tcp unless --transport "
+    "says [7 rounds; --quick: 100k x 64, 3 rounds]",
 )
 @click.option(
     "--distributed/--no-distributed",
@@ -185,7 +186,8 @@ def bench(
     default): aggregate, adam (fused, numpy reference, torch when installed), sgd
     and adagrad on 64 MiB float32 against numpy a += b, and the row index against
     a Python dict loop. With --sparse (the default): pull_rows/push_rows of 100k
-    rows of dim 64 through the cluster against a raw echo of the same bytes.
+    rows of dim 64 (and other batches and dims) through the cluster against a raw
+    echo of the same bytes.
     With --distributed (the default): the multi-worker scenarios (sync step
     against gloo, scaling, the plain server). --failover-kills: leader kills.
     --report: docs/benchmarks.md and plots from the run.
