@@ -25,13 +25,14 @@ from pserver.protocol.schema import Limits
 from . import commands, snapshot
 from .apply import Outcome, apply_command
 from .commands import Command
-from .raft import Config, Entry, HardState, Message, RaftCore, Snapshot
+from .raft import Config, Entry, HardState, Message, MsgType, RaftCore, Role, Snapshot
 from .shard import ShardStateMachine
 from .wal import WAL, WALError, atomic_write
 
 log = logging.getLogger(__name__)
 
 RAFT_SNAPSHOT = "raft.snap"
+_LEADER_EARLY = (MsgType.APP, MsgType.HEARTBEAT, MsgType.SNAP)
 _SNAP_MAGIC = b"PSRAFT1\n"
 _SNAP_HEAD = struct.Struct("<QQ")  # index, term
 
@@ -122,6 +123,17 @@ class ReplicatedLog:
         reads: list[tuple[bytes, int]] = []
         while core.has_ready():
             rd = core.ready()
+            # A leader's appends go out before its own fsync, so the followers write
+            # while it writes (thesis §10.2.1): it counts itself in the quorum only
+            # once its entries are on disk (``advance``), and no acknowledgement is
+            # read before this loop returns. Every other message waits for the disk.
+            leading = core.role == Role.LEADER and rd.snapshot is None
+            later = []
+            for m in rd.messages:
+                if leading and m.type in _LEADER_EARLY:
+                    send(m)
+                else:
+                    later.append(m)
             if rd.snapshot is not None:
                 self._install(rd.snapshot, rd.hard_state or HardState(core.term, core.vote,
                                                                       core.commit))
@@ -131,7 +143,7 @@ class ReplicatedLog:
                     self.before_sync()
                 self.wal.sync()
                 self.log_bytes += sum(len(e.data) for e in rd.entries)
-            for m in rd.messages:
+            for m in later:
                 send(m)
             for e in rd.committed:
                 if e.data:
@@ -157,8 +169,12 @@ class ReplicatedLog:
                  "(%d bytes)", self.shard_id, self.core.id - 1, snap.index, len(snap.data))
 
     def maybe_compact(self) -> None:
+        """Compact once the log holds ``snapshot_log_bytes``; otherwise delete one
+        segment an earlier compaction left dead (one per call: see ``WAL.tidy``)."""
         if self.log_bytes > self.snapshot_log_bytes and self.core.applied > self.core.snap_index:
             self.compact()
+        else:
+            self.wal.tidy()
 
     def compact(self) -> None:
         """Snapshot the state machine at the applied index; drop the log up to there."""

@@ -114,6 +114,7 @@ class WAL:
         self.synced_size = self._size  # bytes of the current segment known durable
         self._dirty = False
         self._failed: BaseException | None = None
+        self._stale: list[Path] = []  # segments a compaction left dead (``tidy``)
         self.syncs = 0
 
     @classmethod
@@ -206,15 +207,28 @@ class WAL:
             self._write(record_parts(BASE, _BASE.pack(index, term)))
             self.append(keep, hard_state)
             self.sync()
-            # Newest first: a crash part way leaves a prefix of the old segments,
-            # which replays (the new segment's BASE then resets the log).
-            stale = [p for p in self.dir.iterdir() if p.suffix == ".wal"
-                     and int(p.stem, 16) <= old and int(p.stem, 16) != self.seq]
-            for p in sorted(stale, reverse=True):
-                p.unlink()
-            fsync_dir(self.dir)
         except OSError as exc:
             self._fail(exc)
+        # The old segments are dead now; ``tidy`` deletes them, one per call (an
+        # unlink of a 64 MiB segment takes ~20 ms, and a replica's loop must keep
+        # its heartbeats going). Newest first: a crash part way leaves a prefix of
+        # them, which replays (the new segment's BASE then resets the log).
+        self._stale = sorted((p for p in self.dir.iterdir() if p.suffix == ".wal"
+                              and int(p.stem, 16) <= old and int(p.stem, 16) != self.seq),
+                             reverse=True)
+
+    def tidy(self) -> bool:
+        """Delete the newest segment a compaction left dead; False when none is left."""
+        if not self._stale:
+            return False
+        try:
+            self._stale.pop(0).unlink(missing_ok=True)
+            if not self._stale:
+                fsync_dir(self.dir)
+        except OSError as exc:
+            log.warning("%s: deleting a compacted log segment failed: %s", self.dir, exc)
+            self._stale.clear()
+        return True
 
     def close(self) -> None:
         if not self._fh.closed:

@@ -161,6 +161,13 @@ def test_compaction_keeps_only_the_entries_after_the_snapshot(tmp_path: Path) ->
     wal.compact(20, 1, _entries(10, start=21), HardState(1, 1, 30))
     wal.append(_entries(2, term=2, start=31))
     wal.sync()
+    assert before <= set(tmp_path.glob("*.wal"))  # dead, deleted by tidy, one per call
+    assert _recover(tmp_path).entries == _entries(10, start=21) + _entries(2, term=2, start=31)
+    deleted = 0
+    while wal.tidy():
+        deleted += 1
+        assert len(before & set(tmp_path.glob("*.wal"))) == len(before) - deleted
+    assert deleted == len(before)
     wal.close()
     assert not before & set(tmp_path.glob("*.wal"))  # the old segments are gone
     rec = _recover(tmp_path)
