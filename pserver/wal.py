@@ -73,11 +73,21 @@ def atomic_write(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+_CRC_PIECE = 1 << 20
+
+
 def _crc(kind: int, *parts: bytes) -> int:
-    """crc32c of the kind byte and the payload, given as consecutive parts."""
+    """crc32c of the kind byte and the payload, given as consecutive parts. google-crc32c
+    takes only ``bytes``: another buffer (an entry kept as a view of the message it came
+    in) goes through in 1 MiB pieces copied to ``bytes`` in cache, not as one copy."""
     crc = google_crc32c.value(bytes([kind]))
     for part in parts:
-        crc = google_crc32c.extend(crc, part)
+        if isinstance(part, bytes):
+            crc = google_crc32c.extend(crc, part)
+            continue
+        view = memoryview(part).cast("B")
+        for i in range(0, len(view), _CRC_PIECE):
+            crc = google_crc32c.extend(crc, bytes(view[i:i + _CRC_PIECE]))
     return crc  # type: ignore[no-any-return]
 
 

@@ -51,9 +51,17 @@ def _wire(m: Message, frame_bytes: int = 1 << 20) -> Message:
     return peers.decode(back, [memoryview(bytes(f)) for f in fs])
 
 
-def test_raft_messages_round_trip_with_entries_cut_into_frames() -> None:
+def test_raft_messages_round_trip_with_entries_whole_or_cut_into_frames(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     entries = (Entry(2, 5, b""), Entry(2, 6, bytes(range(256)) * 40), Entry(3, 7, b"x"))
     m = Message(MsgType.APP, 1, 2, 3, log_term=2, index=4, entries=entries, commit=4)
+    _header, fs = peers.encode(m, frame_bytes=4096)
+    assert len(fs) == 2  # each entry whole, below ENTRY_FRAME_BYTES: kept as received
+    back = _wire(m, 4096)
+    assert back == m
+    data = back.entries[1].data
+    assert isinstance(data, memoryview) and data.readonly  # crc32c needs read-only
+    monkeypatch.setattr(peers, "ENTRY_FRAME_BYTES", 4096)  # a larger entry is cut
     _header, fs = peers.encode(m, frame_bytes=4096)
     assert all(memoryview(f).nbytes <= 4096 for f in fs) and len(fs) == 4
     assert _wire(m, 4096) == m

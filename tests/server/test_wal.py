@@ -200,3 +200,17 @@ def test_an_entry_at_or_below_the_base_refuses_to_open(tmp_path: Path) -> None:
     wal.close()
     with pytest.raises(WALError, match="does not follow"):
         _recover(tmp_path)
+
+
+def test_an_entry_held_as_a_view_of_its_message_is_logged_and_recovered(
+        tmp_path: Path) -> None:
+    """Followers keep an entry as a view of the frame it arrived in (no copy): a
+    writable buffer of several CRC pieces is logged and reads back byte for byte."""
+    received = bytearray(range(256)) * ((3 << 20) // 256 + 7)  # > 3 pieces, odd end
+    entry = Entry(1, 1, memoryview(received).toreadonly())  # type: ignore[arg-type]
+    wal, _ = WAL.open(tmp_path)
+    wal.append([entry, Entry(1, 2, b"small")], HardState(1, 1, 2))
+    wal.sync()
+    wal.close()
+    rec = _recover(tmp_path)
+    assert [bytes(e.data) for e in rec.entries] == [bytes(received), b"small"]
