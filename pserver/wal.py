@@ -76,7 +76,7 @@ def atomic_write(path: Path, data: bytes) -> None:
 _CRC_PIECE = 1 << 20
 
 
-def _crc(kind: int, *parts: bytes) -> int:
+def _crc(kind: int, *parts: bytes | memoryview) -> int:
     """crc32c of the kind byte and the payload, given as consecutive parts. google-crc32c
     takes only ``bytes``: another buffer (an entry kept as a view of the message it came
     in) goes through in 1 MiB pieces copied to ``bytes`` in cache, not as one copy."""
@@ -91,7 +91,7 @@ def _crc(kind: int, *parts: bytes) -> int:
     return crc  # type: ignore[no-any-return]
 
 
-def record_parts(kind: int, *payload: bytes) -> list[bytes]:
+def record_parts(kind: int, *payload: bytes | memoryview) -> list[bytes | memoryview]:
     """One record as the pieces to write one after the other: its header, then the
     payload's parts, never joined (an entry's tensors are not copied again)."""
     return [_HEADER.pack(sum(len(p) for p in payload), _crc(kind, *payload), kind), *payload]
@@ -149,7 +149,7 @@ class WAL:
         if self._failed is not None:
             raise WALError(f"the log stopped after a failed write: {self._failed}")
 
-    def _write(self, parts: Sequence[bytes]) -> None:
+    def _write(self, parts: Sequence[bytes | memoryview]) -> None:
         """Append one record given as ``record_parts``."""
         self._check()
         size = sum(len(p) for p in parts)
