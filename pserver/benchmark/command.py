@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from .distributed import DistSettings, distributed_report, format_distributed
+from .extras import ray_section, redis_section
 from .failover import failover_section, failover_targets
 from .kernels import KernelSettings, format_kernels, kernel_report
 from .scenarios import TRANSPORTS, LocalCluster, RunInfo, Settings, format_table, parse_size, run
@@ -110,6 +111,15 @@ def _sizes(
     "the plain single-process pyzmq server by size, many keys and latency",
 )
 @click.option(
+    "--extras/--no-extras",
+    "with_extras",
+    default=True,
+    show_default=True,
+    help="optional baselines where installed, skipped with a note otherwise: Redis SET/GET "
+    "of the same bytes (redis-server on PATH and the redis module) and a Ray actor "
+    "parameter server (ray)",
+)
+@click.option(
     "--failover-kills",
     type=click.IntRange(min=0),
     default=None,
@@ -167,6 +177,7 @@ def bench(
     with_kernels: bool,
     with_sparse: bool,
     with_distributed: bool,
+    with_extras: bool,
     failover_kills: int | None,
     quick: bool,
     with_report: bool,
@@ -229,6 +240,7 @@ def bench(
         + (kset.steps() if with_kernels else 0)
         + (sset.steps() if with_sparse else 0)
         + (dset.steps() if with_distributed else 0)
+        + (2 * len(settings.sizes) if with_extras else 0)
         + kills,
         file=sys.stderr,
         unit="step",
@@ -247,6 +259,7 @@ def bench(
     dist: dict[str, Any] = {"sync": None, "scaling": None, "plain": None, "overlap": None,
                             "targets": []}
     failover: dict[str, Any] | None = None
+    extras_section: dict[str, Any] = {}
     try:
         if with_kernels:  # first: no cluster processes competing for memory bandwidth
             try:
@@ -275,6 +288,12 @@ def bench(
                 if code not in (0, None):
                     click.echo(f"warning: the self-started cluster exited with {code}",
                                err=True)
+        if with_extras:
+            rounds_x = min(settings.rounds, 5)
+            extras_section = {
+                "Redis SET/GET": redis_section(settings.sizes, rounds_x, step),
+                "Ray actor parameter server": ray_section(settings.sizes, rounds_x, step),
+            }
         if kills:
             try:
                 failover = failover_section(kills, step)
@@ -292,7 +311,7 @@ def bench(
     report["failover"] = failover
     if failover is not None:
         report["targets"].extend(failover_targets(failover))
-    report["optional_baselines"] = optional_baselines()
+    report["optional_baselines"] = extras_section
     report["duration_s"] = round(time.monotonic() - t_start, 2)
     text = json.dumps(report, indent=None if as_json else 2)
     if with_report and out is None:
@@ -323,23 +342,6 @@ def add_sections(report: dict[str, Any], kernels_section: dict[str, Any] | None,
         report["targets"].extend(section["targets"])
         if label:  # the sparse notes went to the report's notes as they came
             report["notes"].extend(f"{label}: {n}" for n in section["notes"])
-
-
-def optional_baselines() -> dict[str, str]:
-    """The optional extras of the issue and why this run has no figure for them."""
-    import importlib.util
-    import shutil
-
-    out = {}
-    if importlib.util.find_spec("ray") is None:
-        out["Ray actor parameter server"] = "skipped: ray is not installed (pip install ray)"
-    else:
-        out["Ray actor parameter server"] = "not measured: pserver bench has no Ray baseline yet"
-    if shutil.which("redis-server") is None:
-        out["Redis SET/GET"] = "skipped: no redis-server on PATH"
-    else:
-        out["Redis SET/GET"] = "not measured: pserver bench has no Redis baseline yet"
-    return out
 
 
 def format_report(report: dict[str, Any]) -> str:

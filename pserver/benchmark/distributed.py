@@ -426,6 +426,12 @@ def format_distributed(report: dict[str, Any]) -> str:
                   f"{ov['batch']}: step {ov['step_ms_hooks']:.1f} ms with hooks, "
                   f"{ov['step_ms_no_hooks']:.1f} ms without (x{ov['speedup']:.2f}); compute "
                   f"alone {ov['compute_ms']:.1f} ms, push_pull alone {ov['comm_ms']:.1f} ms", ""]
+    for name, x in (report.get("optional_baselines") or {}).items():
+        if x.get("status") != "measured":
+            lines.append(f"{name}: {x.get('status')}")
+            continue
+        lines.append(f"{name} {x.get('version', '')}: " + ", ".join(
+            f"{r['size_bytes']} B {r['best_gbps']:.3f} GB/s" for r in x["rows"]))
     f = report.get("failover")
     if f:
         lines.append(f"Failover over {f['kills']} leader kills: p50 {f['p50_ms']:.0f} ms, p90 "

@@ -217,7 +217,21 @@ def _optional(report: dict[str, Any]) -> list[str]:
     extras = report.get("optional_baselines") or {}
     if not extras:
         return []
-    return ["## Optional baselines", ""] + [f"- {k}: {v}" for k, v in extras.items()] + [""]
+    ps = {r["size_bytes"]: r["pserver_best_gbps"] for r in report["dense"]
+          if r["transport"] == "tcp"}
+    out = ["## Optional baselines", ""]
+    for name, section in extras.items():
+        if section.get("status") != "measured":
+            out += [f"- {name}: {section.get('status')}", ""]
+            continue
+        out += [f"{name} {section.get('version', '')}: {section['what']}; ratio = pserver "
+                "tcp GB/s / this GB/s (above 1: pserver is faster).", ""]
+        out += _table(["size", "GB/s", "ms", "pserver tcp GB/s", "ratio"],
+                      [(format_size(r["size_bytes"]), r["best_gbps"], r["best_ms"],
+                        ps.get(r["size_bytes"]),
+                        ps[r["size_bytes"]] / r["best_gbps"] if r["size_bytes"] in ps
+                        else None) for r in section["rows"]])
+    return out
 
 
 # -- plots ---------------------------------------------------------------------------------
