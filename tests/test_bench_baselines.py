@@ -40,3 +40,17 @@ def test_worker_pool_reports_a_failing_task() -> None:
 
 def test_aggregate_throughput_counts_every_worker_over_the_slowest() -> None:
     assert aggregate_gbps([[1.0], [2.0]], 4_000_000_000) == pytest.approx(4.0)
+
+
+def test_an_optional_baseline_that_fails_or_is_missing_is_a_note(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from pserver.benchmark import extras
+
+    def broken(*_: object) -> dict[str, object]:
+        raise RuntimeError("no object store")
+
+    assert extras.optional(broken) == {
+        "status": "skipped: failed with RuntimeError: no object store"}
+    monkeypatch.setattr(extras.shutil, "which", lambda _name: None)
+    status = extras.redis_section([4096], 1)["status"]
+    assert status.startswith("skipped: no redis-server on PATH")

@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from .distributed import DistSettings, distributed_report, format_distributed
-from .extras import ray_section, redis_section
+from .extras import optional, ray_section, redis_section
 from .failover import failover_section, failover_targets
 from .kernels import KernelSettings, format_kernels, kernel_report
 from .scenarios import TRANSPORTS, LocalCluster, RunInfo, Settings, format_table, parse_size, run
@@ -282,7 +282,7 @@ def bench(
         except (RuntimeError, OSError, TimeoutError) as exc:
             raise click.ClickException(f"benchmark failed: {exc}") from None
         finally:
-            if cluster is not None:  # before the failover cluster: two fewer CPUs' load
+            if cluster is not None:  # stopped first: the later clusters get the CPUs
                 code = cluster.stop()
                 cluster = None
                 if code not in (0, None):
@@ -291,8 +291,9 @@ def bench(
         if with_extras:
             rounds_x = min(settings.rounds, 5)
             extras_section = {
-                "Redis SET/GET": redis_section(settings.sizes, rounds_x, step),
-                "Ray actor parameter server": ray_section(settings.sizes, rounds_x, step),
+                "Redis SET/GET": optional(redis_section, settings.sizes, rounds_x, step),
+                "Ray actor parameter server": optional(ray_section, settings.sizes, rounds_x,
+                                                       step),
             }
         if kills:
             try:

@@ -17,6 +17,8 @@ its baseline in the same run:
   (``plainps``): what many workers on one key reach.
 - ``plain_section``: one worker, pserver against the plain server: ``push_pull``
   by tensor size, a model of many small keys, and 4 KiB round-trip latency.
+- ``distributed_report`` runs them (and ``overlap.overlap_section``) as the
+  ``--distributed`` part of ``pserver bench``.
 
 Figures: milliseconds per step, GB/s = 1e9 bytes/s of pushed + pulled bytes.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -148,8 +151,6 @@ def gloo_ms(pool: WorkerPool, settings: DistSettings) -> list[float]:
 
 def sync_section(pool: WorkerPool, settings: DistSettings, notes: list[str],
                  progress: Progress | None = None) -> dict[str, Any]:
-    import tempfile
-
     s = settings
     tick = progress or (lambda _label: None)
     with tempfile.TemporaryDirectory(prefix="pserver-bench-sync-") as scratch:
@@ -385,7 +386,8 @@ def distributed_report(address: str, settings: DistSettings, notes: list[str],
 
 
 def format_distributed(report: dict[str, Any]) -> str:
-    """The sync, scaling, plain and failover sections of ``report`` as text ('' if none)."""
+    """The sync, scaling, plain, overlap, optional-baseline and failover sections of
+    ``report`` as text ('' if none)."""
     lines: list[str] = []
     sync = report.get("sync")
     if sync:

@@ -20,6 +20,7 @@ same run as pserver's dense rows.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import shutil
 import socket
 import subprocess
@@ -30,9 +31,20 @@ from typing import Any
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 Progress = Callable[[str], None]
 REDIS_MAX_BYTES = 512 << 20  # a Redis string holds at most 512 MB
 LR = 0.01
+
+
+def optional(section: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """Run an optional baseline; its failure is a note in the report, not the run's."""
+    try:
+        return section(*args)
+    except Exception as exc:  # a third-party part failed: say so, measure the rest
+        log.warning("optional baseline %s failed: %r", section.__name__, exc)
+        return {"status": f"skipped: failed with {type(exc).__name__}: {exc}"}
 
 
 def _free_port() -> int:

@@ -12,7 +12,7 @@ runs on), and the task functions those processes run:
 - ``gloo_task``: ``torch.distributed`` gloo ``all_reduce`` of the same tensors
   with the same number of processes (torch imported in the worker only).
 - ``plain_task``: the plain single-process parameter server's client
-  (``baselines.PlainClient``) pushing and pulling one key, for the many-workers
+  (``plainps.PlainClient``) pushing and pulling one key, for the many-workers
   comparison.
 
 Each task returns a list of seconds (one per timed step) to the parent.
@@ -172,7 +172,6 @@ class WorkerPool:
 
     def __post_init__(self) -> None:
         ctx = mp.get_context("spawn")
-        self._ctx = ctx
         self._tasks = [ctx.Queue() for _ in range(self.size)]
         self._results: Any = ctx.Queue()
         self._start: Any = ctx.Event()
