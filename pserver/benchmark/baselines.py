@@ -34,18 +34,25 @@ HWM = 100_000
 STOP = b"stop"
 
 
-def _echo_main(endpoint: str) -> None:
-    """The echo server process: bind ``endpoint``, print it, echo until ``stop``."""
+def bound_router(endpoint: str, hwm: int = 1000) -> tuple[zmq.Context[Any], Any, str]:
+    """A ROUTER of a baseline server bound to ``endpoint`` (``tcp://HOST:0`` picks a
+    free port), and the endpoint it is bound to."""
     ctx: zmq.Context[Any] = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, HWM)
-    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.SNDHWM, hwm)
+    sock.setsockopt(zmq.RCVHWM, hwm)
     if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
         base = endpoint.rsplit(":", 1)[0]
         endpoint = f"{base}:{sock.bind_to_random_port(base)}"
     else:
         sock.bind(endpoint)
+    return ctx, sock, endpoint
+
+
+def _echo_main(endpoint: str) -> None:
+    """The echo server process: bind ``endpoint``, print it, echo until ``stop``."""
+    ctx, sock, endpoint = bound_router(endpoint, HWM)
     print(endpoint, flush=True)
     while True:
         parts = sock.recv_multipart(copy=False)

@@ -23,7 +23,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from .baselines import reap, spawn_server
+from .baselines import bound_router, reap, spawn_server
 
 Array = np.ndarray[Any, Any]
 
@@ -33,14 +33,7 @@ STOP = b"stop"
 
 
 def _serve(endpoint: str) -> None:
-    ctx: zmq.Context[Any] = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if endpoint.endswith(":0"):
-        base = endpoint.rsplit(":", 1)[0]
-        endpoint = f"{base}:{sock.bind_to_random_port(base)}"
-    else:
-        sock.bind(endpoint)
+    ctx, sock, endpoint = bound_router(endpoint)
     print(endpoint, flush=True)
     params: dict[str, Array] = {}
     while True:
