@@ -79,7 +79,8 @@ def main(log_level: str) -> None:
 @click.option("--election-timeout-ms", type=int,
               help="replicas elect a new leader after 1x-2x this without one [300]")
 @click.option("--snapshot-log-bytes", type=int,
-              help="a replica compacts its log into a snapshot beyond this [256 MiB]")
+              help="a replica compacts its log into a snapshot beyond 1x-1.5x this (each "
+                   "replica at its own point) [256 MiB]")
 @click.option("--restore", "restore_file", type=click.Path(exists=True, dir_okay=False),
               help="start with the keys of a file `pserver export` wrote")
 def serve(config_file: str | None, no_ipc: bool | None, restore_file: str | None,
