@@ -31,7 +31,8 @@ import pserver
 from pserver.benchmark.distributed import SYNC_VARIANTS
 from pserver.benchmark.plainps import PlainClient, PlainServer
 from pserver.benchmark.scenarios import KEY_PREFIX, LocalCluster, dense_tensor
-from pserver.benchmark.workers import WorkerPool, free_port
+from pserver.benchmark.workers import WorkerPool, aggregate_gbps, step_times
+from pserver.supervisor import free_ports
 
 MiB = 1 << 20
 MODEL = 64 * MiB
@@ -60,7 +61,7 @@ def plain() -> Iterator[PlainServer]:
 
 
 def _steps_ms(res: list[list[float]]) -> list[float]:
-    return [max(ts) * 1e3 for ts in zip(*res, strict=True)]
+    return [t * 1e3 for t in step_times(res)]
 
 
 @pytest.mark.parametrize(("transport", "wire"), SYNC_VARIANTS,
@@ -88,7 +89,7 @@ def test_gloo_allreduce(benchmark: Any, pool: WorkerPool) -> None:
     steps: list[float] = []
 
     def run() -> None:
-        res = pool.run("gloo", 2, port=free_port(), workers=2, model_bytes=MODEL,
+        res = pool.run("gloo", 2, port=free_ports("127.0.0.1", 1)[0], workers=2, model_bytes=MODEL,
                        tensors=TENSORS, steps=STEPS, warmup=1)
         steps.extend(_steps_ms(res))
 
@@ -110,7 +111,7 @@ def test_async_scaling(benchmark: Any, pool: WorkerPool, cluster_address: str,
         res = pool.run("async" if server == "pserver" else "plain", workers, workers=workers,
                        key=f"{KEY_PREFIX}/bench-scale-{server}-{workers}",
                        size=SCALING_BYTES, steps=STEPS, **where)
-        gbps.append(workers * 2 * SCALING_BYTES * STEPS / max(t[0] for t in res) / 1e9)
+        gbps.append(aggregate_gbps(res, 2 * SCALING_BYTES * STEPS))
 
     benchmark.group = f"async push_pull 16 MiB, {workers} workers"
     benchmark.pedantic(run, rounds=3, iterations=1)

@@ -81,7 +81,6 @@ class ReplicatedLog:
         self.limits = limits
         self.workers, self.staleness = workers, staleness
         self.shard_id = shard_id
-        self.snapshot_log_bytes = snapshot_log_bytes
         self.snap_path = self.dir / RAFT_SNAPSHOT
         self.before_sync: Callable[[], None] | None = None  # the simulation's crash point
         self.on_apply: Callable[[Entry], None] | None = None  # sees every applied entry

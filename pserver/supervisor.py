@@ -38,7 +38,7 @@ STARTUP_TIMEOUT = 60.0
 READY_PREFIX = "pserver ready: "
 
 
-def _free_ports(host: str, n: int) -> list[int]:
+def free_ports(host: str, n: int) -> list[int]:
     """``n`` distinct ports free on ``host`` now (held open together while picked)."""
     import socket
 
@@ -125,7 +125,7 @@ class Supervisor:
         self.address = ""
         # Replicas of a replicated shard must know each other's addresses before they
         # start, so their ports are picked here; an unreplicated shard binds port 0.
-        ports = _free_ports(config.host, config.shards * config.replicas) \
+        ports = free_ports(config.host, config.shards * config.replicas) \
             if config.replicas > 1 else [0] * config.shards
         self.replicas = [
             Replica(

@@ -36,12 +36,20 @@ from typing import Any
 import numpy as np
 
 import pserver
+from pserver.supervisor import free_ports
 
 from .baselines import EchoServer
 from .overlap import OverlapSettings, overlap_section, overlap_targets
 from .plainps import PlainClient, PlainServer
-from .scenarios import KEY_PREFIX, LocalCluster, dense_tensor, percentiles_us, pserver_roundtrips
-from .workers import WorkerPool, aggregate_gbps, free_port
+from .scenarios import (
+    KEY_PREFIX,
+    LocalCluster,
+    dense_tensor,
+    percentiles_us,
+    pserver_roundtrips,
+    timed_calls,
+)
+from .workers import WorkerPool, aggregate_gbps, step_times
 
 Progress = Callable[[str], None]
 MiB = 1 << 20
@@ -141,12 +149,11 @@ def _echo_ms(model_bytes: int, transport: str, rounds: int, scratch: str) -> flo
 
 def gloo_ms(pool: WorkerPool, settings: DistSettings) -> list[float]:
     """Seconds per step of gloo all_reduce of the model, every step of every rank."""
-    res = pool.run("gloo", settings.sync_workers, port=free_port(),
+    res = pool.run("gloo", settings.sync_workers, port=free_ports("127.0.0.1", 1)[0],
                    workers=settings.sync_workers, model_bytes=settings.sync_model_bytes,
                    tensors=settings.sync_tensors, steps=settings.sync_steps,
                    warmup=settings.sync_warmup)
-    # a step ends for everyone when the slowest rank is done
-    return [max(ts) for ts in zip(*res, strict=True)]
+    return step_times(res)
 
 
 def sync_section(pool: WorkerPool, settings: DistSettings, notes: list[str],
@@ -174,7 +181,7 @@ def sync_section(pool: WorkerPool, settings: DistSettings, notes: list[str],
                                model_bytes=s.sync_model_bytes, tensors=s.sync_tensors,
                                steps=s.sync_steps, warmup=s.sync_warmup,
                                ipc=transport == "ipc", compression=wire)
-                steps = [max(ts) * 1e3 for ts in zip(*res, strict=True)]
+                steps = [t * 1e3 for t in step_times(res)]
                 push = s.sync_model_bytes // (2 if wire else 1)
                 moved = s.sync_workers * (push + s.sync_model_bytes)
                 bound = echo[transport] * moved / (2 * s.sync_model_bytes)
@@ -337,11 +344,7 @@ def plain_section(address: str, settings: DistSettings,
         c.init({key: grad})
         p.init(key, grad)
         ps_lat = pserver_roundtrips(c, key, grad, s.latency_count)
-        pl_lat: list[float] = []
-        for _ in range(s.latency_count):
-            t0 = time.perf_counter()
-            p.push_pull(key, grad, out)
-            pl_lat.append(time.perf_counter() - t0)
+        pl_lat = timed_calls(lambda: p.push_pull(key, grad, out), s.latency_count)
         latency = {"pserver_p50_us": percentiles_us(ps_lat)[0],
                    "plain_p50_us": percentiles_us(pl_lat)[0]}
         tick("plain latency")

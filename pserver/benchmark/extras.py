@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -30,6 +29,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+
+from pserver.supervisor import free_ports
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,6 @@ def optional(section: Callable[..., dict[str, Any]], *args: Any) -> dict[str, An
     except Exception as exc:  # a third-party part failed: say so, measure the rest
         log.warning("optional baseline %s failed: %r", section.__name__, exc)
         return {"status": f"skipped: failed with {type(exc).__name__}: {exc}"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rows(sizes: Sequence[int], rounds: int, once: Callable[[np.ndarray[Any, Any]], None],
@@ -80,7 +75,7 @@ def redis_section(sizes: Sequence[int], rounds: int,
         return {"status": f"skipped: {missing} (apt install redis-server; pip install redis)"}
     import redis
 
-    port = _free_port()
+    port = free_ports("127.0.0.1", 1)[0]
     workdir = tempfile.mkdtemp(prefix="pserver-bench-redis-")
     proc = subprocess.Popen(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",

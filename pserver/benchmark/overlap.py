@@ -79,13 +79,14 @@ def overlap_section(address: str, settings: OverlapSettings,
                 m(x).square().mean().backward()
             return (time.perf_counter() - t0) / s.steps
 
-        grads = {f"{prefix}-True/{n}": p.detach().numpy().copy()
-                 for n, p in models[True].named_parameters()}
+        # one step's bytes: the parameter values stand in for gradients of the same shapes
+        payload = {f"{prefix}-True/{n}": p.detach().numpy().copy()
+                   for n, p in models[True].named_parameters()}
 
         def comm() -> float:
             t0 = time.perf_counter()
             for _ in range(s.steps):
-                client.push_pull(grads)
+                client.push_pull(payload)
             return (time.perf_counter() - t0) / s.steps
 
         times: dict[str, list[float]] = {"hooks": [], "no_hooks": [], "compute": [],

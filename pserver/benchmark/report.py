@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .failover import TARGET_P50_MS, TARGET_P99_MS
 from .scenarios import format_size
 
 ANALYSIS = "benchmarks-analysis.md"
@@ -247,7 +248,15 @@ def plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}
 
-    def save(fig: Any, name: str, key: str) -> None:
+    def save(fig: Any, ax: Any, labels: tuple[str, str, str], name: str, key: str,
+             grid: bool = True) -> None:
+        """Label the axes (x, y, title), add the legend, write ``name``."""
+        ax.set_xlabel(labels[0])
+        ax.set_ylabel(labels[1])
+        ax.set_title(labels[2])
+        if grid:
+            ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=110)
         plt.close(fig)
@@ -266,12 +275,8 @@ def plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
         ax.plot([r["size_bytes"] for r in plain], [r["plain_best_gbps"] for r in plain],
                 linestyle=":", marker="x", color="grey", label="plain server tcp")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("tensor size (bytes)")
-    ax.set_ylabel("GB/s (pushed + pulled)")
-    ax.set_title("Dense push_pull, one worker")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    save(fig, "bench-throughput.png", "throughput")
+    save(fig, ax, ("tensor size (bytes)", "GB/s (pushed + pulled)",
+                   "Dense push_pull, one worker"), "bench-throughput.png", "throughput")
 
     scaling = report.get("scaling")
     if scaling:
@@ -280,12 +285,9 @@ def plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
             rows = [r for r in scaling["rows"] if r["label"] == label]
             ax.plot([r["workers"] for r in rows], [r["gbps"] for r in rows], marker="o",
                     label=label, linestyle=":" if label == "plain" else "-")
-        ax.set_xlabel("workers")
-        ax.set_ylabel("aggregate GB/s")
-        ax.set_title(f"async push_pull of {format_size(scaling['size_bytes'])}")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        save(fig, "bench-scaling.png", "scaling")
+        save(fig, ax, ("workers", "aggregate GB/s",
+                       f"async push_pull of {format_size(scaling['size_bytes'])}"),
+             "bench-scaling.png", "scaling")
 
     sync = report.get("sync")
     if sync:
@@ -300,25 +302,21 @@ def plots(report: dict[str, Any], out_dir: Path) -> dict[str, str]:
             ax.axhline(sync["gloo_ms_median"], color="tab:red", linestyle="--",
                        label="gloo all_reduce float32")
         ax.set_xticks(range(len(rows)), labels, fontsize=7)
-        ax.set_ylabel("ms per step")
-        ax.set_title(f"sync step, {format_size(sync['model_bytes'])} model, "
-                     f"{sync['workers']} workers")
-        ax.legend(fontsize=8)
-        save(fig, "bench-sync.png", "sync")
+        save(fig, ax, ("", "ms per step", f"sync step, {format_size(sync['model_bytes'])} "
+                       f"model, {sync['workers']} workers"), "bench-sync.png", "sync",
+             grid=False)
 
     failover = report.get("failover")
     if failover and failover["all_ms"]:
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.hist(failover["all_ms"], bins=min(30, max(5, len(failover["all_ms"]) // 2)),
                 color="tab:blue")
-        for v, style, label in ((500, "--", "target p50 500 ms"), (1000, ":",
-                                                                   "target p99 1000 ms")):
-            ax.axvline(v, color="tab:red", linestyle=style, label=label)
-        ax.set_xlabel("kill to first acknowledged push (ms)")
-        ax.set_ylabel("kills")
-        ax.set_title(f"failover over {failover['kills']} leader kills")
-        ax.legend(fontsize=8)
-        save(fig, "bench-failover.png", "failover")
+        for v, style, label in ((TARGET_P50_MS, "--", "target p50"),
+                                (TARGET_P99_MS, ":", "target p99")):
+            ax.axvline(v, color="tab:red", linestyle=style, label=f"{label} {v:.0f} ms")
+        save(fig, ax, ("kill to first acknowledged push (ms)", "kills",
+                       f"failover over {failover['kills']} leader kills"),
+             "bench-failover.png", "failover", grid=False)
     return written
 
 

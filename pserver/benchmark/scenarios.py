@@ -383,16 +383,21 @@ def percentiles_us(seconds: Sequence[float]) -> tuple[float, float, float]:
     return float(p[0]), float(p[1]), float(p[2])
 
 
-def pserver_roundtrips(client: Client, key: str, grad: Array, count: int) -> list[float]:
-    """Seconds of each of ``count`` lockstep ``push_pull`` calls."""
-    grads = {key: grad}
+def timed_calls(call: Callable[[], object], count: int) -> list[float]:
+    """Seconds of each of ``count`` lockstep calls of ``call``."""
     clock = time.perf_counter
     times: list[float] = []
     for _ in range(count):
         t0 = clock()
-        client.push_pull(grads)
+        call()
         times.append(clock() - t0)
     return times
+
+
+def pserver_roundtrips(client: Client, key: str, grad: Array, count: int) -> list[float]:
+    """Seconds of each of ``count`` lockstep ``push_pull`` calls."""
+    grads = {key: grad}
+    return timed_calls(lambda: client.push_pull(grads), count)
 
 
 def small_latency(

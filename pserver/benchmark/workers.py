@@ -245,12 +245,10 @@ class WorkerPool:
         self.close()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def step_times(per_rank: Sequence[list[float]]) -> list[float]:
+    """Seconds per step of ranks that stepped together: a step ends for everyone when
+    the slowest rank is done with it."""
+    return [max(ts) for ts in zip(*per_rank, strict=True)]
 
 
 def aggregate_gbps(per_worker: Sequence[list[float]], moved_per_worker: int) -> float:
