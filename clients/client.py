@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import threading
 from collections import defaultdict
@@ -74,7 +75,7 @@ class KeyMeta:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -87,6 +88,17 @@ class _Piece:
     count: int
     shard: int
     data: Array | None = None  # flat slice to send (push/init)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a call on a fixed list of uncompressed keys is cut into messages,
+    computed once per list: per key its (shape, dtype), and per message its shard,
+    its tensor descriptors and, per data frame, (key index, first byte, end byte)
+    of that key's flat bytes. Repeated calls only check the arrays and slice."""
+
+    keys: tuple[tuple[tuple[int, ...], np.dtype[Any]], ...]
+    messages: tuple[tuple[int, tuple[TensorMeta, ...], tuple[tuple[int, int, int], ...]], ...]
 
 
 class _Op:
@@ -199,6 +211,7 @@ class Client:
             self.endpoints[shard["id"]] = addrs
         self._meta: dict[str, KeyMeta] = {}
         self._plans: dict[KeyMeta, tuple[tuple[int, int, int, int], ...]] = {}
+        self._layouts: dict[tuple[str, ...], _Layout | None] = {}
         self._tables: dict[str, tuple[int, np.dtype[Any]]] = {}
         self._residuals: dict[tuple[str, int], Array] = {}  # top-k error feedback per part
         self._barrier_gen = 0
@@ -306,6 +319,55 @@ class Client:
             tensors, frames = self._encode_topk(batch)
             messages.append((shard, self._header(kind, tensors, opts={"encoding": "topk"}), frames))
         return messages
+
+    def _layout(self, names: tuple[str, ...]) -> _Layout | None:
+        """The cached ``_Layout`` of a call on ``names``; None when a key is compressed
+        on the wire (those take the general path)."""
+        try:
+            return self._layouts[names]
+        except KeyError:
+            pass
+        metas = self._ensure_meta(names)
+        layout = None
+        if len(metas) == len(names) and all(
+                metas[k].compression == ("none",) for k in names):
+            index = {k: i for i, k in enumerate(names)}
+            messages = []
+            for shard, batch in self._batches(
+                    p for k in names for p in self._pieces(metas[k])):
+                tensors: list[TensorMeta] = []
+                spans: list[tuple[int, int, int]] = []
+                for p in batch:
+                    itemsize = p.meta.np_dtype.itemsize
+                    per = max(1, self.frame_bytes // itemsize) * itemsize
+                    start, end = p.offset * itemsize, (p.offset + p.count) * itemsize
+                    cuts = list(range(start, end, per)) or [start]
+                    spans.extend((index[p.meta.key], a, min(a + per, end)) for a in cuts)
+                    tensors.append(TensorMeta(p.meta.key, p.part, p.meta.dtype, p.meta.shape,
+                                              p.offset, p.count, len(cuts)))
+                messages.append((shard, tuple(tensors), tuple(spans)))
+            layout = _Layout(tuple((metas[k].shape, metas[k].np_dtype) for k in names),
+                             tuple(messages))
+        with self._meta_lock:
+            self._layouts[names] = layout
+        return layout
+
+    def _dense_messages(self, kind: Kind, grads: Mapping[str, Array]) -> list[
+            tuple[int, Header, list[Any]]] | None:
+        """The messages of a PUSH or PUSH_PULL of uncompressed keys whose arrays are
+        C-contiguous and of the keys' exact shape and dtype, cut by the cached
+        layout; None for anything else (the general path checks and converts)."""
+        layout = self._layout(tuple(grads))
+        if layout is None:
+            return None
+        data = []
+        for (shape, dtype), g in zip(layout.keys, grads.values(), strict=True):
+            if type(g) is not np.ndarray or g.shape != shape or g.dtype != dtype \
+                    or not g.flags.c_contiguous:
+                return None
+            data.append(memoryview(g.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
+        return [(shard, self._header(kind, tensors), [data[i][a:b] for i, a, b in spans])
+                for shard, tensors, spans in layout.messages]
 
     def _encode_topk(self, batch: Sequence[_Piece]) -> tuple[tuple[TensorMeta, ...], list[Any]]:
         """Per part: add the gradient to the part's error-feedback residual, send its
@@ -559,7 +621,9 @@ class Client:
     def push_async(self, grads: Mapping[str, Array]) -> Future[None]:
         """``push`` returning a Future. The gradient arrays are sent without a copy:
         the caller must not change them until the Future is done."""
-        messages = self._gradient_messages(Kind.PUSH, self._grad_pieces(grads))
+        messages = self._dense_messages(Kind.PUSH, grads)
+        if messages is None:
+            messages = self._gradient_messages(Kind.PUSH, self._grad_pieces(grads))
         return self._run(messages, lambda *_: None, lambda: None)
 
     def push(self, grads: Mapping[str, Array]) -> None:
@@ -570,14 +634,28 @@ class Client:
         """
         self._wait(lambda: self.push_async(grads))
 
-    def _collect(self, out: dict[str, Array]) -> Callable[[int, Header, Incoming], None]:
-        """A reply handler copying returned parts into the flat views of ``out``."""
+    def _collect(self, out: dict[str, Array], make: Mapping[str, KeyMeta] | None = None,
+                 ) -> Callable[[int, Header, Incoming], None]:
+        """A reply handler copying returned parts into the flat views of ``out``. Keys
+        in ``make`` get their result array here: a key whose whole value arrives in
+        one frame becomes a view of that frame (no copy; the array keeps the received
+        message alive), any other a new array filled part by part."""
         flats = {k: v.reshape(-1) for k, v in out.items()}
 
         def on_reply(_: int, h: Header, inc: Incoming) -> None:
             i = 0
             for t in h.tensors:
                 dest = flats.get(t.key)
+                if dest is None and make is not None and t.key in make:
+                    m = make[t.key]
+                    if t.nframes == 1 and t.offset == 0 and t.count == m.size \
+                            and t.np_dtype == m.np_dtype:
+                        out[t.key] = np.frombuffer(inc.frames[i], m.np_dtype).reshape(m.shape)
+                        flats[t.key] = out[t.key].reshape(-1)
+                        i += 1
+                        continue
+                    dest = flats[t.key] = np.empty(m.size, m.np_dtype)
+                    out[t.key] = dest.reshape(m.shape)
                 if dest is None or t.np_dtype != dest.dtype or t.offset + t.count > dest.size:
                     raise PServerError(f"unexpected part {t.key!r}/{t.part} in reply")
                 pos = t.offset
@@ -589,6 +667,16 @@ class Client:
 
         return on_reply
 
+    def _pull(self, metas: Mapping[str, KeyMeta], out: dict[str, Array],
+              make: Mapping[str, KeyMeta] | None = None) -> Future[dict[str, Array]]:
+        pieces = [p for m in metas.values() for p in self._pieces(m)]
+        messages: list[tuple[int, Header, list[Any]]] = []
+        for shard, batch in self._batches(pieces):
+            refs = tuple(KeyRef(p.meta.key, p.part) for p in batch)
+            messages.append((shard, self._header(Kind.PULL, refs=refs), []))
+        return self._run(messages, self._collect(out, make),
+                         lambda: {k: out[k] for k in metas})  # in the order asked
+
     def pull_into_async(self, out: Mapping[str, Array]) -> Future[dict[str, Array]]:
         """Zero-allocation ``pull``: writes each key's value into the caller's array
         ``out[key]`` (C-contiguous, the key's shape and dtype). The caller owns the
@@ -596,13 +684,7 @@ class Client:
         read or written until then."""
         metas = self._ensure_meta(out.keys())
         self._check_outputs(out, metas)
-        pieces = [p for m in metas.values() for p in self._pieces(m)]
-        messages: list[tuple[int, Header, list[Any]]] = []
-        for shard, batch in self._batches(pieces):
-            refs = tuple(KeyRef(p.meta.key, p.part) for p in batch)
-            messages.append((shard, self._header(Kind.PULL, refs=refs), []))
-        result = dict(out)
-        return self._run(messages, self._collect(result), lambda: result)
+        return self._pull(metas, dict(out))
 
     def pull_into(self, out: Mapping[str, Array]) -> dict[str, Array]:
         """See ``pull_into_async``."""
@@ -611,8 +693,7 @@ class Client:
     def pull_async(self, keys: Sequence[str]) -> Future[dict[str, Array]]:
         """``pull`` returning a Future."""
         metas = self._ensure_meta(keys)
-        out = {k: np.empty(m.shape, dtype=m.np_dtype) for k, m in metas.items()}
-        return self.pull_into_async(out)
+        return self._pull(metas, {}, metas)
 
     def pull(self, keys: Sequence[str]) -> dict[str, Array]:
         """The current value of each key, as new arrays the caller owns."""
@@ -644,9 +725,12 @@ class Client:
         ``grads``, until the Future is done."""
         if set(out) != set(grads):
             raise InvalidArgument("push_pull_into needs exactly one output per pushed key")
-        pieces = self._grad_pieces(grads)
+        messages = self._dense_messages(Kind.PUSH_PULL, grads)
+        if messages is None:
+            messages = self._gradient_messages(Kind.PUSH_PULL, self._grad_pieces(grads))
         self._check_outputs(out, self._ensure_meta(out.keys()))
-        return self._push_pull_messages(pieces, dict(out))
+        result = dict(out)
+        return self._run(messages, self._collect(result), lambda: result)
 
     def push_pull_into(
         self, grads: Mapping[str, Array], out: Mapping[str, Array]
@@ -657,15 +741,12 @@ class Client:
     def push_pull_async(self, grads: Mapping[str, Array]) -> Future[dict[str, Array]]:
         """``push_pull`` returning a Future; the gradients must stay unchanged until
         it is done."""
-        pieces = self._grad_pieces(grads)
-        out = {k: np.empty(g.shape, dtype=g.dtype) for k, g in grads.items()}
-        return self._push_pull_messages(pieces, out)
-
-    def _push_pull_messages(
-        self, pieces: list[_Piece], out: dict[str, Array]
-    ) -> Future[dict[str, Array]]:
-        messages = self._gradient_messages(Kind.PUSH_PULL, pieces)
-        return self._run(messages, self._collect(out), lambda: out)
+        messages = self._dense_messages(Kind.PUSH_PULL, grads)
+        if messages is None:
+            messages = self._gradient_messages(Kind.PUSH_PULL, self._grad_pieces(grads))
+        out: dict[str, Array] = {}
+        return self._run(messages, self._collect(out, self._ensure_meta(grads.keys())),
+                         lambda: {k: out[k] for k in grads})
 
     def push_pull(self, grads: Mapping[str, Array]) -> dict[str, Array]:
         """Push, then return each key's value right after this push was applied,

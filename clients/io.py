@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import itertools
 import logging
 import os
@@ -211,11 +210,12 @@ class IOEngine:
             os.write(self._wfd, b"\0")  # a full pipe means a wake-up is already pending
 
     def _drive_once(self, max_wait: float) -> None:
-        self._send_queued()
+        if self._queue or self._later:
+            self._send_queued()
         now = time.monotonic()
-        wait = min([min(r.deadline, r.attempt) for r in self._pending.values()]
-                   + [t for t, _ in self._later], default=now + max_wait)
-        timeout = max(0.0, min(wait - now, max_wait))
+        due = min([min(r.deadline, r.attempt) for r in self._pending.values()]
+                  + [t for t, _ in self._later], default=now + max_wait)
+        timeout = max(0.0, min(due - now, max_wait))
         self._polling = True
         try:
             ready = self._poller.poll(timeout * 1000) if not self._queue else set()
@@ -225,7 +225,8 @@ class IOEngine:
             with contextlib.suppress(BlockingIOError, OSError):
                 while os.read(self._rfd, 4096):
                     pass
-        self._send_queued()
+        if self._queue or self._later:
+            self._send_queued()
         for sock in ready:
             if sock in self._by_sock:
                 self._receive(*self._by_sock[sock])
@@ -233,7 +234,8 @@ class IOEngine:
                 shard, replica, mon = self._monitors[sock]
                 if mon.disconnected():
                     self._lost(shard, replica)
-        self._expire()
+        if self._probes or time.monotonic() >= due:  # nothing can expire before ``due``
+            self._expire()
 
     def _send_queued(self) -> None:
         if self._later:
@@ -253,7 +255,7 @@ class IOEngine:
                 # the same header, hence the same number, and the shard's session
                 # table applies each number once (in whatever order they arrive).
                 self._seqs[req.shard] = self._seqs.get(req.shard, 0) + 1
-                req.header = dataclasses.replace(req.header, seq=self._seqs[req.shard])
+                req.header.seq = self._seqs[req.shard]
             self._send(req)
 
     def _send(self, req: _Request) -> None:

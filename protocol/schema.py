@@ -92,11 +92,12 @@ class Limits:
         return cls(**known)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TensorMeta:
     """One tensor part in a message: elements [offset, offset+count) of ``key``'s
     flattened array, whose full shape and dtype are given, carried in ``nframes``
-    consecutive frames (0 when the message carries no data for it)."""
+    consecutive frames (0 when the message carries no data for it). Treat as
+    immutable (not frozen for speed, like ``Header``)."""
 
     key: str
     part: int
@@ -137,10 +138,13 @@ class KeyRef:
         return [self.key, self.part]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Header:
     """A decoded message header. ``tensors`` describe the data frames in order;
-    ``refs`` name parts without data; ``opts`` holds kind-specific fields."""
+    ``refs`` name parts without data; ``opts`` holds kind-specific fields.
+    Treat it as immutable once sent; only the client's I/O engine fills in
+    ``seq`` of a mutation before its first send (not frozen: a frozen dataclass
+    costs a microsecond more per message on both sides)."""
 
     kind: Kind
     request_id: int

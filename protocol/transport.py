@@ -25,6 +25,15 @@ log = logging.getLogger(__name__)
 COPY_THRESHOLD = 64 * 1024
 SERVER_HWM = 2048
 POLLIN = zmq.POLLIN
+# The data path calls the compiled socket methods with plain int flags: pyzmq's
+# Python layer (send_multipart, recv_multipart, enum flags and options) costs
+# about 4 us a message on each side, a third of a raw round trip's CPU.
+_send = zmq.backend.Socket.send
+_recv = zmq.backend.Socket.recv
+_get = zmq.backend.Socket.get
+_set = zmq.backend.Socket.set
+_SNDMORE, _NOBLOCK = int(zmq.SNDMORE), int(zmq.NOBLOCK)
+_EVENTS, _POLLIN, _RCVTIMEO = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVTIMEO)
 
 
 @dataclass
@@ -69,6 +78,7 @@ class Endpoint:
         self.sock = sock
         self.router = router
         self.endpoints = list(endpoints)
+        self._rcvtimeo = -1  # the socket's RCVTIMEO (ms; -1 waits forever)
 
     @classmethod
     def router_bound(
@@ -116,13 +126,22 @@ class Endpoint:
     ) -> bool:
         """Send one message; False when the peer's queue is full (never blocks
         unless ``block``). A ROUTER silently drops messages to vanished peers."""
-        parts: list[Any] = [identity] if self.router else []
-        parts.append(encode_header(header))
-        parts.extend(frames)
-        try:
-            self.sock.send_multipart(parts, flags=0 if block else zmq.NOBLOCK, copy=False)
+        return self.send_raw(encode_header(header), frames, identity, block)
+
+    def send_raw(self, header: bytes, frames: Sequence[Any] = (), identity: bytes = b"",
+                 block: bool = False) -> bool:
+        """``send`` with the header already encoded."""
+        sock, flags = self.sock, 0 if block else _NOBLOCK
+        more = flags | _SNDMORE
+        try:  # a multipart message is queued whole or (Again on its first part) not at all
+            if self.router:
+                _send(sock, identity, more, False)
+            _send(sock, header, more if frames else flags, False)
         except zmq.Again:
             return False
+        last = len(frames) - 1
+        for i, f in enumerate(frames):
+            _send(sock, f, more if i < last else flags, False)
         return True
 
     def send_tracked(
@@ -133,8 +152,7 @@ class Endpoint:
         a small frame copied at once; None instead of the list when the peer's queue
         is full and nothing was sent. The caller must not change a tracked buffer
         until its tracker is done."""
-        parts: list[Any] = [identity] if self.router else []
-        parts.append(encode_header(header))
+        parts: list[Any] = []
         trackers: list[Any] = []
         for f in frames:
             if memoryview(f).nbytes >= COPY_THRESHOLD:
@@ -143,26 +161,38 @@ class Endpoint:
                 parts.append(frame)
             else:
                 trackers.append(None)
-                parts.append(bytes(f))
-        try:
-            self.sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            return None
-        return trackers
+                parts.append(f)  # copied by libzmq at once (below the copy threshold)
+        return trackers if self.send_raw(encode_header(header), parts, identity) else None
 
-    def wait_readable(self, timeout_ms: int) -> bool:
-        """Block up to ``timeout_ms`` until a message is waiting."""
-        return bool(self.sock.poll(timeout_ms, zmq.POLLIN))
+    def recv_within(self, timeout_ms: int) -> Incoming | None:
+        """The next message, waiting at most ``timeout_ms`` for one (None if none
+        came). A blocking receive: a server loop waiting this way wakes for a request
+        a little sooner and for less CPU than one that polls and then receives."""
+        if timeout_ms <= 0:
+            return self.recv()
+        if timeout_ms != self._rcvtimeo:
+            _set(self.sock, _RCVTIMEO, timeout_ms)
+            self._rcvtimeo = timeout_ms
+        return self._recv(0)
 
     def recv(self, block: bool = False) -> Incoming | None:
         """The next message, or None when nothing is waiting (non-blocking)."""
-        events: int = self.sock.getsockopt(zmq.EVENTS)  # type: ignore[assignment]
-        if not block and not events & zmq.POLLIN:
+        if not block and not _get(self.sock, _EVENTS) & _POLLIN:  # type: ignore[operator]
             return None
+        if block and self._rcvtimeo != -1:
+            _set(self.sock, _RCVTIMEO, -1)
+            self._rcvtimeo = -1
+        return self._recv(0 if block else _NOBLOCK)
+
+    def _recv(self, flags: int) -> Incoming | None:
+        sock = self.sock
         try:
-            parts = self.sock.recv_multipart(flags=0 if block else zmq.NOBLOCK, copy=False)
+            first = _recv(sock, flags, False)
         except zmq.Again:
             return None
+        parts = [first]
+        while parts[-1].more:  # the rest of a multipart message is there already
+            parts.append(_recv(sock, 0, False))
         identity = b""
         if self.router:
             identity = parts[0].bytes

@@ -120,28 +120,30 @@ class OptimizerSpec:
             return {"sum": np.full(count, hp["initial_accumulator_value"], dtype)}
         return {}
 
-    def apply(self, param: Array, grad: Array, state: Mapping[str, Array], step: int) -> None:
+    def apply(self, param: Array, grad: Array, state: Mapping[str, Array], step: int,
+              backend: str | None = None) -> None:
         """Apply update number ``step`` (from 1) of ``grad`` to ``param``; ``state``
-        holds the slot arrays sliced like ``param``."""
+        holds the slot arrays sliced like ``param``. ``backend`` as in ``kernels``
+        (None: chosen per call)."""
         hp, name = self.hp, self.name
         if name == "sum":
-            kernels.accumulate(param, grad)
+            kernels.accumulate(param, grad, backend=backend)
         elif name in ("sgd", "momentum"):
             kernels.sgd(param, grad, lr=hp["lr"], weight_decay=hp["weight_decay"],
                         momentum=hp["momentum"], dampening=hp["dampening"],
                         nesterov=hp["nesterov"], momentum_buffer=state.get("momentum_buffer"),
-                        first=step == 1, clip_value=hp["clip_value"])
+                        first=step == 1, clip_value=hp["clip_value"], backend=backend)
         elif name in ("adam", "adamw"):
             beta1, beta2 = hp["betas"]
             kernels.adam(param, grad, state["exp_avg"], state["exp_avg_sq"], step=step,
                          lr=hp["lr"], beta1=beta1, beta2=beta2, eps=hp["eps"],
                          weight_decay=hp["weight_decay"], decoupled=name == "adamw",
                          max_exp_avg_sq=state.get("max_exp_avg_sq"),
-                         clip_value=hp["clip_value"])
+                         clip_value=hp["clip_value"], backend=backend)
         else:
             kernels.adagrad(param, grad, state["sum"], step=step, lr=hp["lr"],
                             lr_decay=hp["lr_decay"], weight_decay=hp["weight_decay"],
-                            eps=hp["eps"], clip_value=hp["clip_value"])
+                            eps=hp["eps"], clip_value=hp["clip_value"], backend=backend)
 
 
 def warm_up(dtype: str = "float32") -> None:

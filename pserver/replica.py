@@ -103,16 +103,17 @@ class ReplicaServer(ShardServer):
         try:
             while not self._stop:
                 wait_ms = max(0, int((next_tick - time.monotonic()) * 1000))
-                if self.endpoint.wait_readable(wait_ms):
+                incoming = self.endpoint.recv_within(wait_ms)
+                if incoming is not None:
                     # Drain, but come back to the clock within half a heartbeat: a
                     # replica that stops ticking and answering peers looks dead.
                     until = time.monotonic() + self.heartbeat_s / 2
                     for _ in range(64):
-                        incoming = self.endpoint.recv()
-                        if incoming is None:
-                            break
                         self.handle(incoming)
                         if time.monotonic() > until:
+                            break
+                        incoming = self.endpoint.recv()
+                        if incoming is None:
                             break
                 now = time.monotonic()
                 if now >= next_tick:

@@ -100,12 +100,14 @@ class ShardServer:
         next_parent_check = time.monotonic() + 1.0
         try:
             while not self._stop:
-                if self.endpoint.wait_readable(200):
-                    for _ in range(DRAIN_BATCH):
-                        incoming = self.endpoint.recv()
-                        if incoming is None:
-                            break
-                        self.handle(incoming)
+                incoming = self.endpoint.recv_within(200)
+                handled = 0
+                while incoming is not None:
+                    self.handle(incoming)
+                    handled += 1
+                    if handled == DRAIN_BATCH:  # see to the workers now and then
+                        break
+                    incoming = self.endpoint.recv()
                 self._check_workers()
                 if self.parent_pid is not None and time.monotonic() >= next_parent_check:
                     next_parent_check = time.monotonic() + 1.0

@@ -164,6 +164,8 @@ class ShardStateMachine:
         device: str = "cpu",
     ) -> None:
         self.memory = kernels.Memory(device)  # BackendUnavailable for cuda without a GPU
+        # Chosen once (PSERVER_KERNELS is read at start, not per update).
+        self.backend = "cuda" if device == "cuda" else kernels.default_backend()
         self.shard_id = shard_id
         self.shard_map = shard_map
         self.chunk_bytes = chunk_bytes
@@ -345,8 +347,11 @@ class ShardStateMachine:
                     grad = grad.astype(value.dtype)
                 grad = self.memory.gradient(grad)
                 end = pos + grad.size
-                state = {k: v[pos:end] for k, v in slot.state.items()}
-                slot.optimizer.apply(value[pos:end], grad, state, slot.step)
+                if pos == 0 and end == value.size:  # the whole part in one frame
+                    slot.optimizer.apply(value, grad, slot.state, slot.step, self.backend)
+                else:
+                    state = {k: v[pos:end] for k, v in slot.state.items()}
+                    slot.optimizer.apply(value[pos:end], grad, state, slot.step, self.backend)
                 pos = end
         self.applied_index += 1
 
@@ -377,7 +382,7 @@ class ShardStateMachine:
             value[:] = self.memory.gradient(mean)
         else:
             slot.optimizer.apply(slot.writable(), self.memory.gradient(mean), slot.state,
-                                 slot.step)
+                                 slot.step, self.backend)
         slot.sync_step += 1
 
     def check_sync_step(self, key: str, part: int, step: int, workers: Sequence[int]) -> Slot:
@@ -443,7 +448,7 @@ class ShardStateMachine:
             dense[positions] = values
             slot.step += 1
             slot.optimizer.apply(slot.writable(), self.memory.gradient(dense), slot.state,
-                                 slot.step)
+                                 slot.step, self.backend)
         self.applied_index += 1
 
     # -- sparse tables -------------------------------------------------------------

@@ -500,3 +500,59 @@ def test_bad_compression_settings_are_refused(client: Any) -> None:
     with pytest.raises(pserver.InvalidArgument):
         client.init({"api/bad-comp-int": np.zeros(4, np.int32)}, optimizer={"name": "sum"},
                     compression="float16")
+
+
+def test_float16_gradients_in_push_pull_return_the_keys_float32_values(client: Any) -> None:
+    key = "api/half-grad-pp"
+    client.init({key: np.zeros(8, np.float32)}, optimizer={"name": "sgd", "lr": 0.5})
+    got = client.push_pull({key: np.ones(8, np.float16)})[key]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.full(8, -0.5, np.float32))
+
+
+def test_results_are_writeable_arrays_the_caller_owns_in_the_order_asked(
+        client: Any) -> None:
+    # Keys on different shards, one of them chunked (its value arrives in parts).
+    keys = [key_on_shard(client.shard_map, s, "own") for s in (3, 1, 2, 0)]
+    values = {k: np.full((4, 5), i, np.float32) for i, k in enumerate(keys)}
+    big = "own/chunked"
+    values[big] = np.arange(3 * MiB, dtype=np.float32)
+    client.init(values, optimizer=SUM)
+    order = [big, *keys[::-1]]
+    for got in (client.pull(order),
+                client.push_pull({k: np.zeros_like(values[k]) for k in order})):
+        assert list(got) == order
+        for k in order:
+            arr = got[k]
+            assert arr.flags.writeable and arr.shape == values[k].shape
+            assert_bits_equal(arr, values[k], k)
+            arr += 100  # the caller's array: changing it changes nothing elsewhere
+    again = client.pull(order)
+    for k in order:
+        assert_bits_equal(again[k], values[k], f"{k} after the caller changed its copies")
+
+
+def test_every_push_checks_its_arrays_not_only_the_first(client: Any) -> None:
+    key = "api/checked-each-time"
+    client.init({key: np.zeros((3, 4), np.float32)}, optimizer=SUM)
+    client.push({key: np.ones((3, 4), np.float32)})  # the call's layout is cached now
+    with pytest.raises(pserver.ShapeMismatch):
+        client.push({key: np.ones((4, 3), np.float32)})
+    with pytest.raises(pserver.ShapeMismatch):
+        client.push_pull({key: np.ones((3, 4), np.float64)})
+    with pytest.raises(pserver.InvalidArgument):
+        client.push({key: np.ones((3, 8), np.float32)[:, ::2]})  # not contiguous
+    with pytest.raises(pserver.InvalidArgument):
+        client.push({key: [[1.0] * 4] * 3})  # not an array
+    assert_bits_equal(client.pull([key])[key], np.ones((3, 4), np.float32))
+
+
+def test_300_pushes_in_flight_to_one_shard_are_each_applied_once(client: Any) -> None:
+    # More than one drain batch of the shard's loop waits at once.
+    key = "api/many-in-flight"
+    client.init({key: np.zeros(4, np.float64)}, optimizer=SUM)
+    one = np.ones(4, np.float64)
+    futures = [client.push_async({key: one}) for _ in range(300)]
+    for f in futures:
+        assert f.result(timeout=60) is None
+    assert_bits_equal(client.pull([key])[key], np.full(4, 300.0))
