@@ -127,13 +127,19 @@ class IOEngine:
         on_reply: ReplyCallback,
         on_error: ErrorCallback,
     ) -> None:
-        """Queue one request; it is sent by the next thread that drives."""
+        """Queue one request and send it now when no thread is driving (else the
+        driving thread sends it, woken if it is polling)."""
         if self._stopping.is_set():
             raise Unavailable("the client is closed", shard=shard)
         self._queue.append(
             _Request(shard, header, frames, time.monotonic() + timeout, timeout, on_reply, on_error)
         )
-        if self._polling:
+        if self._lock.acquire(blocking=False):  # nobody drives: send it now
+            try:
+                self._send_queued()
+            finally:
+                self._lock.release()
+        elif self._polling:
             self._wake()
         if self._waiters == 0:
             with self._cond:
