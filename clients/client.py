@@ -53,6 +53,7 @@ Array = np.ndarray[Any, Any]
 T = TypeVar("T")
 ENV_IPC = "PSERVER_IPC"
 HEARTBEAT_S = 1.0
+LAYOUTS_KEPT = 4096  # cached call layouts (one per distinct list of keys pushed)
 _HALF_DTYPES = (DTYPES["float16"], DTYPES["bfloat16"])
 # Replies can be larger than any request the server accepts: decode them generously.
 _REPLY_LIMITS = Limits(
@@ -329,8 +330,7 @@ class Client:
             pass
         metas = self._ensure_meta(names)
         layout = None
-        if len(metas) == len(names) and all(
-                metas[k].compression == ("none",) for k in names):
+        if all(metas[k].compression == ("none",) for k in names):
             index = {k: i for i, k in enumerate(names)}
             messages = []
             for shard, batch in self._batches(
@@ -349,6 +349,8 @@ class Client:
             layout = _Layout(tuple((metas[k].shape, metas[k].np_dtype) for k in names),
                              tuple(messages))
         with self._meta_lock:
+            if len(self._layouts) >= LAYOUTS_KEPT:  # calls on ever new key lists
+                self._layouts.clear()
             self._layouts[names] = layout
         return layout
 
