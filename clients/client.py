@@ -35,6 +35,7 @@ from pserver.protocol.errors import (
 )
 from pserver.protocol.frames import (
     frame_count,
+    frame_spans,
     join_frames,
     part_ranges,
     require_contiguous,
@@ -339,10 +340,9 @@ class Client:
                 spans: list[tuple[int, int, int]] = []
                 for p in batch:
                     itemsize = p.meta.np_dtype.itemsize
-                    per = max(1, self.frame_bytes // itemsize) * itemsize
-                    start, end = p.offset * itemsize, (p.offset + p.count) * itemsize
-                    cuts = list(range(start, end, per)) or [start]
-                    spans.extend((index[p.meta.key], a, min(a + per, end)) for a in cuts)
+                    start = p.offset * itemsize
+                    cuts = frame_spans(p.count * itemsize, itemsize, self.frame_bytes)
+                    spans.extend((index[p.meta.key], start + a, start + b) for a, b in cuts)
                     tensors.append(TensorMeta(p.meta.key, p.part, p.meta.dtype, p.meta.shape,
                                               p.offset, p.count, len(cuts)))
                 messages.append((shard, tuple(tensors), tuple(spans)))

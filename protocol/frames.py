@@ -71,16 +71,27 @@ def part_range(size: int, itemsize: int, chunk_bytes: int, part: int) -> tuple[i
     return offset, min(per, size - offset)
 
 
+def _frame_step(itemsize: int, frame_bytes: int) -> int:
+    """Bytes per full frame: the whole elements that fit in ``frame_bytes``, at least one."""
+    return max(1, frame_bytes // itemsize) * itemsize
+
+
+def frame_spans(nbytes: int, itemsize: int, frame_bytes: int) -> list[tuple[int, int]]:
+    """The (start, end) byte offsets of the frames ``split_frames`` cuts ``nbytes``
+    of data into; one empty frame for none."""
+    per = _frame_step(itemsize, frame_bytes)
+    return [(a, min(a + per, nbytes)) for a in range(0, nbytes, per)] or [(0, 0)]
+
+
 def split_frames(flat: np.ndarray[Any, Any], frame_bytes: int) -> list[memoryview]:
     """Zero-copy views of a 1-D contiguous array, each at most ``frame_bytes``
     (and at least one element), covering it in order. An empty array gives one
     empty frame."""
     # via a uint8 view: some dtypes (bfloat16) have no buffer-protocol format
     view = memoryview(flat.view(np.uint8))  # type: ignore[arg-type]
-    per = max(1, frame_bytes // flat.itemsize) * flat.itemsize
-    if len(view) <= per:
+    if len(view) <= _frame_step(flat.itemsize, frame_bytes):
         return [view]
-    return [view[i : i + per] for i in range(0, len(view), per)]
+    return [view[a:b] for a, b in frame_spans(len(view), flat.itemsize, frame_bytes)]
 
 
 def split_rows(rows: np.ndarray[Any, Any], frame_bytes: int) -> list[memoryview]:
@@ -97,7 +108,7 @@ def split_rows(rows: np.ndarray[Any, Any], frame_bytes: int) -> list[memoryview]
 
 def frame_count(nbytes: int, itemsize: int, frame_bytes: int) -> int:
     """How many frames ``split_frames`` makes for ``nbytes`` of data."""
-    per = max(1, frame_bytes // itemsize) * itemsize
+    per = _frame_step(itemsize, frame_bytes)
     return max(1, -(-nbytes // per))
 
 

@@ -78,7 +78,7 @@ class Endpoint:
         self.sock = sock
         self.router = router
         self.endpoints = list(endpoints)
-        self._rcvtimeo = -1  # the socket's RCVTIMEO (ms; -1 waits forever)
+        self._rcvtimeo = -1  # the socket's RCVTIMEO (ms; -1: none set yet)
 
     @classmethod
     def router_bound(
@@ -175,14 +175,11 @@ class Endpoint:
             self._rcvtimeo = timeout_ms
         return self._recv(0)
 
-    def recv(self, block: bool = False) -> Incoming | None:
-        """The next message, or None when nothing is waiting (non-blocking)."""
-        if not block and not _get(self.sock, _EVENTS) & _POLLIN:  # type: ignore[operator]
+    def recv(self) -> Incoming | None:
+        """The next message, or None when nothing is waiting (never blocks)."""
+        if not _get(self.sock, _EVENTS) & _POLLIN:  # type: ignore[operator]
             return None
-        if block and self._rcvtimeo != -1:
-            _set(self.sock, _RCVTIMEO, -1)
-            self._rcvtimeo = -1
-        return self._recv(0 if block else _NOBLOCK)
+        return self._recv(_NOBLOCK)
 
     def _recv(self, flags: int) -> Incoming | None:
         sock = self.sock

@@ -347,11 +347,9 @@ class ShardStateMachine:
                     grad = grad.astype(value.dtype)
                 grad = self.memory.gradient(grad)
                 end = pos + grad.size
-                if pos == 0 and end == value.size:  # the whole part in one frame
-                    slot.optimizer.apply(value, grad, slot.state, slot.step, self.backend)
-                else:
-                    state = {k: v[pos:end] for k, v in slot.state.items()}
-                    slot.optimizer.apply(value[pos:end], grad, state, slot.step, self.backend)
+                whole = pos == 0 and end == value.size  # one frame: no state slices
+                state = slot.state if whole else {k: v[pos:end] for k, v in slot.state.items()}
+                slot.optimizer.apply(value[pos:end], grad, state, slot.step, self.backend)
                 pos = end
         self.applied_index += 1
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pserver.protocol.errors import InvalidArgument
 from pserver.protocol.frames import (
     frame_count,
+    frame_spans,
     join_frames,
     part_ranges,
     require_contiguous,
@@ -46,6 +47,15 @@ def test_split_frames_covers_the_array_in_order(size: int, dtype: np.dtype[Any],
             assert f.nbytes > 0
     # every frame but the last is full
     assert len({f.nbytes for f in frames[:-1]}) <= 1
+
+
+@given(size=sizes, dtype=dtypes, frame_bytes=frame_sizes)
+def test_frame_spans_are_where_split_frames_cuts(size: int, dtype: np.dtype[Any],
+                                                 frame_bytes: int) -> None:
+    arr = _array(size, dtype)
+    spans = frame_spans(arr.nbytes, dtype.itemsize, frame_bytes)
+    raw = arr.tobytes()
+    assert [raw[a:b] for a, b in spans] == [bytes(f) for f in split_frames(arr, frame_bytes)]
 
 
 @given(size=sizes, dtype=dtypes, frame_bytes=frame_sizes)
