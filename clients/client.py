@@ -26,7 +26,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from pserver.kernels import partition_by_shard
+from pserver.kernels import gather_rows, partition_by_shard, scatter_rows
+from pserver.protocol.allocator import ENV_KEEP_FREED, keep_freed_buffers
 from pserver.protocol.errors import (
     InvalidArgument,
     PServerError,
@@ -185,6 +186,8 @@ class Client:
         self.num_workers = num_workers
         self.timeout = timeout
         self.client_id = os.urandom(16)
+        if os.environ.get(ENV_KEEP_FREED, "1") != "0":
+            keep_freed_buffers()  # received messages and row gathers reuse heap memory
         self._ctx = new_context()
         try:
             cmap = _bootstrap(self._ctx, address, Kind.MAP, timeout)
@@ -856,7 +859,7 @@ class Client:
             at = 0  # frames of whole rows: scatter each straight into place
             for f in inc.frames:
                 k = f.nbytes // row_bytes
-                out[pos[at:at + k]] = np.frombuffer(f, dtype).reshape(k, dim)
+                scatter_rows(out, pos[at:at + k], np.frombuffer(f, dtype).reshape(k, dim))
                 at += k
 
         return self._wait(lambda: self._run(messages, on_reply, lambda: out))
@@ -871,13 +874,14 @@ class Client:
             raise ShapeMismatch(f"row gradients must be {dtype}[{ids.size}, {dim}], not "
                                 f"{getattr(grads, 'dtype', type(grads).__name__)}"
                                 f"{list(getattr(grads, 'shape', ()))}", key=name)
+        grads = np.ascontiguousarray(grads)
         batches = self._row_batches(ids, dim, dtype.itemsize)
 
         def messages() -> Iterator[tuple[int, Header, list[Any]]]:
             for shard, pos in batches:  # made one by one: a shard starts on its rows
                 id_frames = split_frames(ids[pos], self.frame_bytes)  # while the next
-                # batch is gathered (np.take copies rows ~1.6x faster than grads[pos])
-                grad_frames = split_frames(np.take(grads, pos, axis=0).reshape(-1),
+                # batch is gathered (one memcpy per row: ~2x np.take, ~3x grads[pos])
+                grad_frames = split_frames(gather_rows(grads, pos).reshape(-1),
                                            self.frame_bytes)
                 metas = (TensorMeta(name, 0, "uint64", (pos.size,), 0, pos.size,
                                     len(id_frames)),

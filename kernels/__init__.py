@@ -1,4 +1,4 @@
-"""pserver.kernels: the numeric core (update kernels and row-id hashing).
+"""pserver.kernels: the numeric core (update kernels, row-id hashing, row copies).
 
 Exports the dispatch functions only. A leaf package: it imports neither
 ``pserver.protocol`` nor the server or client modules.
@@ -13,8 +13,10 @@ from .dispatch import (
     aggregate,
     dedup_ids,
     default_backend,
+    gather_rows,
     new_row_index,
     partition_by_shard,
+    scatter_rows,
     segment_sum,
     sgd,
     shard_of_ids,
@@ -30,7 +32,9 @@ __all__ = [
     "adam",
     "aggregate",
     "default_backend",
+    "gather_rows",
     "partition_by_shard",
+    "scatter_rows",
     "sgd",
     "shard_of_ids",
     "RowIndex",

@@ -12,3 +12,9 @@ def partition_by_shard(
     order: npt.NDArray[np.int64],
     offsets: npt.NDArray[np.int64],
 ) -> None: ...
+def gather_rows(
+    src: npt.NDArray[np.uint8], pos: npt.NDArray[np.int64], out: npt.NDArray[np.uint8]
+) -> None: ...
+def scatter_rows(
+    out: npt.NDArray[np.uint8], pos: npt.NDArray[np.int64], src: npt.NDArray[np.uint8]
+) -> None: ...

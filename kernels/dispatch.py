@@ -388,6 +388,49 @@ def partition_by_shard(ids: Array, seed: int, num_shards: int) -> tuple[Array, A
     return order, offsets
 
 
+def _row_bytes(name: str, a: Array, writeable: bool = False) -> Array:
+    """``a`` (2-D, C-contiguous) viewed as rows of bytes."""
+    if not isinstance(a, np.ndarray) or a.ndim != 2 or not a.flags.c_contiguous:
+        raise KernelError(f"{name} must be a 2-D C-contiguous array")
+    if writeable and not a.flags.writeable:
+        raise KernelError(f"{name} must be writeable")
+    return a.view(np.uint8).reshape(a.shape[0], a.shape[1] * a.itemsize)
+
+
+def _positions(pos: Array) -> Array:
+    if not isinstance(pos, np.ndarray) or pos.dtype != np.int64 or pos.ndim != 1:
+        raise KernelError("positions must be a 1-D int64 array")
+    return np.ascontiguousarray(pos)
+
+
+def gather_rows(src: Array, pos: Array, out: Array | None = None) -> Array:
+    """``out[j] = src[pos[j]]`` (``np.take(src, pos, axis=0)``) with one memcpy per
+    row, without the GIL; ``out`` (len(pos), src.shape[1]) of src's dtype is made
+    when not given. KernelError for a position outside ``src``."""
+    pos = _positions(pos)
+    if out is None:
+        out = np.empty((pos.shape[0], *src.shape[1:]), src.dtype)
+    if out.dtype != src.dtype or out.shape != (pos.shape[0], *src.shape[1:]):
+        raise KernelError(f"out must be {src.dtype}{[pos.shape[0], *src.shape[1:]]}")
+    try:
+        _hashing.gather_rows(_row_bytes("src", src), pos, _row_bytes("out", out, True))
+    except (IndexError, ValueError) as exc:
+        raise KernelError(str(exc)) from None
+    return out
+
+
+def scatter_rows(out: Array, pos: Array, src: Array) -> None:
+    """``out[pos[j]] = src[j]`` (``out[pos] = src`` for distinct positions) with one
+    memcpy per row, without the GIL. KernelError for a position outside ``out``."""
+    pos = _positions(pos)
+    if out.dtype != src.dtype or src.shape != (pos.shape[0], *out.shape[1:]):
+        raise KernelError(f"src must be {out.dtype}{[pos.shape[0], *out.shape[1:]]}")
+    try:
+        _hashing.scatter_rows(_row_bytes("out", out, True), pos, _row_bytes("src", src))
+    except (IndexError, ValueError) as exc:
+        raise KernelError(str(exc)) from None
+
+
 # --- row index, id dedup and segment sums (Cython, kernels/_rowindex.pyx) ---------------
 # Appended as one block; the import can join the others at the top when this settles.
 

@@ -215,7 +215,8 @@ def shard(
     """Run one shard replica process (used by `serve`, or by hand across hosts).
 
     Prints one JSON line with the bound endpoints once it serves."""
-    from .memory import keep_freed_buffers
+    from pserver.protocol.allocator import keep_freed_buffers
+
     from .replica import ReplicaServer
     from .server import ShardServer
     from .wal import WALError

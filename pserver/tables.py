@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from pserver.kernels import dedup_ids, new_row_index, segment_sum, sparse
+from pserver.kernels import dedup_ids, gather_rows, new_row_index, segment_sum, sparse
 from pserver.protocol.errors import InvalidArgument, ShapeMismatch
 
 from .optim import OptimizerSpec
@@ -132,7 +132,7 @@ class Table:
         out = np.empty((ids.shape[0], self.spec.dim), self.spec.np_dtype)
         present = slots >= 0
         if present.all():
-            np.take(self.values, slots, axis=0, out=out)
+            gather_rows(self.values, slots, out)
         else:
             out[present] = self.values[slots[present]]
             missing = ~present

@@ -17,7 +17,7 @@ PACKAGES = {"pserver": "pserver", "kernels": "pserver.kernels", "protocol": "pse
             "clients": "pserver.clients"}
 SERVER_MODULES = ("pserver.config", "pserver.optim", "pserver.tables", "pserver.wal",
                   "pserver.sessions", "pserver.snapshot", "pserver.shard", "pserver.server",
-                  "pserver.supervisor", "pserver.memory", "pserver.export", "pserver.replica",
+                  "pserver.supervisor", "pserver.export", "pserver.replica",
                   "pserver.replog", "pserver.apply", "pserver.aggregate", "pserver.commands",
                   "pserver.peers", "pserver.cli")
 
