@@ -41,6 +41,7 @@ from pserver.protocol.frames import (
     part_ranges,
     require_contiguous,
     split_frames,
+    split_rows,
     wire_dtype,
 )
 from pserver.protocol.schema import DTYPES, Header, KeyRef, Kind, Limits, TensorMeta, dtype_name
@@ -881,8 +882,7 @@ class Client:
             for shard, pos in batches:  # made one by one: a shard starts on its rows
                 id_frames = split_frames(ids[pos], self.frame_bytes)  # while the next
                 # batch is gathered (one memcpy per row: ~2x np.take, ~3x grads[pos])
-                grad_frames = split_frames(gather_rows(grads, pos).reshape(-1),
-                                           self.frame_bytes)
+                grad_frames = split_rows(gather_rows(grads, pos), self.frame_bytes)
                 metas = (TensorMeta(name, 0, "uint64", (pos.size,), 0, pos.size,
                                     len(id_frames)),
                          TensorMeta(name, 0, dtype.name, (pos.size, dim), 0, pos.size * dim,

@@ -1,10 +1,15 @@
 """numba CPU kernels: fused, parallel, deterministic element-wise updates.
 
 Owns the compiled loops behind ``dispatch``. Every kernel is
-``@njit(parallel=True, nogil=True, cache=True)``, writes in place into arrays
-the caller owns, allocates nothing, and is element-wise (no reductions), so the
-result does not depend on how the loop is split over threads: the same inputs
-give the same bits in every process, whatever the thread count. No fastmath;
+``@njit(parallel=True, nogil=True, cache=True, error_model="numpy")``, writes in
+place into arrays the caller owns, allocates nothing, and is element-wise (no
+reductions), so the result does not depend on how the loop is split over
+threads: the same inputs give the same bits in every process, whatever the
+thread count. ``error_model="numpy"``: a division by zero gives inf/nan as in
+numpy instead of raising, and without that per-element check LLVM vectorizes
+the loops (sqrt and division eight floats at a time: rows_adagrad of 1.6M
+float32 went from 6.1 to 1.2 ms); IEEE sqrt and division are correctly rounded
+either way, so the bits do not change. No fastmath;
 LLVM does fuse ``a + b * c`` into one FMA, so a result may differ from the
 numpy reference in the last bit (one rounding instead of two). Scalars arrive
 already cast to the parameter's dtype, so a float32 update computes in
@@ -31,7 +36,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 from numba import njit, prange
 
-_opts: dict[str, Any] = {"parallel": True, "nogil": True, "cache": True}
+_opts: dict[str, Any] = {"parallel": True, "nogil": True, "cache": True,
+                         "error_model": "numpy"}
 
 
 @njit(**_opts)
@@ -74,6 +80,16 @@ def sgd_momentum(p, g, buf, neg_lr, wd, momentum, keep, nesterov, first, clip): 
         p[i] = p[i] + neg_lr * d
 
 
+@njit(inline="always")
+def _moments(gi, mi, vi, w1, b2, w2):  # type: ignore[no-untyped-def]
+    """Adam's new first and second moments of one element."""
+    if w1 < 0.5:  # torch's lerp: exp_avg.lerp_(grad, 1 - beta1)
+        mi = mi + w1 * (gi - mi)
+    else:
+        mi = gi - (gi - mi) * (1 - w1)
+    return mi, vi * b2 + w2 * gi * gi
+
+
 @njit(**_opts)
 def adam(p, g, m, v, vmax, neg_step_size, bc2_sqrt, w1, b2, w2, eps, wd, decay, amsgrad, clip):  # type: ignore[no-untyped-def]
     for i in prange(p.size):
@@ -81,12 +97,7 @@ def adam(p, g, m, v, vmax, neg_step_size, bc2_sqrt, w1, b2, w2, eps, wd, decay, 
         pi = p[i] * decay  # decay is 1 - lr * weight_decay for AdamW, else 1
         if wd != 0:
             gi = gi + wd * pi
-        mi = m[i]
-        if w1 < 0.5:  # torch's lerp: exp_avg.lerp_(grad, 1 - beta1)
-            mi = mi + w1 * (gi - mi)
-        else:
-            mi = gi - (gi - mi) * (1 - w1)
-        vi = v[i] * b2 + w2 * gi * gi
+        mi, vi = _moments(gi, m[i], v[i], w1, b2, w2)
         m[i] = mi
         v[i] = vi
         if amsgrad:
@@ -94,6 +105,18 @@ def adam(p, g, m, v, vmax, neg_step_size, bc2_sqrt, w1, b2, w2, eps, wd, decay, 
             vmax[i] = vi
         denom = np.sqrt(vi) / bc2_sqrt + eps
         p[i] = pi + neg_step_size * (mi / denom)
+
+
+@njit(**_opts)
+def adam_plain(p, g, m, v, neg_step_size, bc2_sqrt, w1, b2, w2, eps):  # type: ignore[no-untyped-def]
+    """``adam`` without weight decay, amsgrad or clipping (the usual case): the
+    same arithmetic with no per-element branches, so the same bits, ~20% faster."""
+    for i in prange(p.size):
+        mi, vi = _moments(g[i], m[i], v[i], w1, b2, w2)
+        m[i] = mi
+        v[i] = vi
+        denom = np.sqrt(vi) / bc2_sqrt + eps
+        p[i] = p[i] + neg_step_size * (mi / denom)
 
 
 @njit(**_opts)
@@ -148,12 +171,7 @@ def rows_adam(  # type: ignore[no-untyped-def]
             pi = values[r, k] * decay
             if wd != 0:
                 gi = gi + wd * pi
-            mi = m[r, k]
-            if w1 < 0.5:
-                mi = mi + w1 * (gi - mi)
-            else:
-                mi = gi - (gi - mi) * (1 - w1)
-            vi = v[r, k] * b2 + w2 * gi * gi
+            mi, vi = _moments(gi, m[r, k], v[r, k], w1, b2, w2)
             m[r, k] = mi
             v[r, k] = vi
             if amsgrad:
@@ -197,11 +215,12 @@ def _serial_twin(kernel: Any) -> Any:
     twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
                               fn.__defaults__, fn.__closure__)
     twin.__qualname__ = fn.__qualname__ + "_serial"  # its own on-disk cache entry
-    return njit(nogil=True, cache=True)(twin)
+    return njit(nogil=True, cache=True, error_model="numpy")(twin)
 
 
 SERIAL = types.SimpleNamespace(**{
     name: _serial_twin(globals()[name])
-    for name in ("add", "sgd", "sgd_momentum", "adam", "adagrad", "sum_into", "rows_add",
+    for name in ("add", "sgd", "sgd_momentum", "adam", "adam_plain", "adagrad", "sum_into",
+                 "rows_add",
                  "rows_sgd", "rows_adam", "rows_adagrad")
 })

@@ -76,12 +76,11 @@ def mutate(state: ShardStateMachine, header: Header, data: list[list[memoryview]
         table_spec = state.check_create_table(header.opts)
         return {"created": state.apply_create_table(table_spec)} if apply else {}
     if kind == Kind.PUSH_ROWS:
-        name, ids, grads = rows_request(header, data, with_grads=True)
+        name, ids, blocks = rows_request(header, data, with_grads=True)
         table = state.check_rows(name, ids)
-        assert grads is not None
-        table.check_push(ids, grads)
+        table.check_push(ids, blocks)
         if apply:
-            state.apply_push_rows(table, ids, grads)
+            state.apply_push_rows(table, ids, blocks)
         return {}
     raise InvalidArgument(f"{kind.name} is not a mutation")
 
@@ -163,9 +162,12 @@ def _apply_sync_step(state: ShardStateMachine, cmd: Command, limits: Limits,
 
 
 def rows_request(header: Header, data: list[list[memoryview]], with_grads: bool) -> tuple[
-        Any, np.ndarray[Any, Any], np.ndarray[Any, Any] | None]:
-    """(table name, ids, grads) of a PULL_ROWS or PUSH_ROWS message: the first
-    tensor holds the uint64 ids, the second (push) the (n, dim) gradients."""
+        Any, np.ndarray[Any, Any], list[np.ndarray[Any, Any]]]:
+    """(table name, ids, gradient blocks) of a PULL_ROWS or PUSH_ROWS message: the
+    first tensor holds the uint64 ids, the second (push) the (n, dim) gradients,
+    returned as blocks of consecutive rows: one read-only view per frame where
+    every frame holds whole rows (as clients send them), else one joined copy.
+    A pull has no blocks."""
     want = 2 if with_grads else 1
     if len(header.tensors) != want:
         raise InvalidArgument(f"{header.kind.name} carries {want} tensor(s), "
@@ -175,12 +177,16 @@ def rows_request(header: Header, data: list[list[memoryview]], with_grads: bool)
             or ids_meta.count != ids_meta.shape[0] or not ids_meta.nframes:
         raise InvalidArgument("row ids must be one whole 1-D uint64 tensor with its data")
     ids = join_frames(data[0], ids_meta.np_dtype)
-    grads = None
-    if with_grads:
-        g = header.tensors[1]
-        if len(g.shape) != 2 or g.offset != 0 or g.count != g.shape[0] * g.shape[1] \
-                or g.shape[0] != ids.shape[0] or not g.nframes:
-            raise ShapeMismatch(f"row gradients {g.dtype}{list(g.shape)} do not match "
-                                f"{ids.shape[0]} ids", key=str(header.opts.get("table")))
-        grads = join_frames(data[1], g.np_dtype).reshape(g.shape)
-    return header.opts.get("table"), ids, grads
+    if not with_grads:
+        return header.opts.get("table"), ids, []
+    g = header.tensors[1]
+    if len(g.shape) != 2 or g.offset != 0 or g.count != g.shape[0] * g.shape[1] \
+            or g.shape[0] != ids.shape[0] or not g.nframes:
+        raise ShapeMismatch(f"row gradients {g.dtype}{list(g.shape)} do not match "
+                            f"{ids.shape[0]} ids", key=str(header.opts.get("table")))
+    dim, row_bytes = g.shape[1], g.shape[1] * g.np_dtype.itemsize
+    if row_bytes and all(f.nbytes % row_bytes == 0 for f in data[1]):
+        blocks = [np.frombuffer(f, g.np_dtype).reshape(-1, dim) for f in data[1]]
+    else:
+        blocks = [join_frames(data[1], g.np_dtype).reshape(g.shape)]
+    return header.opts.get("table"), ids, blocks

@@ -486,8 +486,9 @@ class ShardStateMachine:
         return table
 
     def apply_push_rows(self, table: Table, ids: np.ndarray[Any, Any],
-                        grads: np.ndarray[Any, Any]) -> None:
-        table.push(ids, grads)
+                        grads: np.ndarray[Any, Any] | Sequence[np.ndarray[Any, Any]]) -> None:
+        """Push rows: ``grads`` one (n, dim) array or blocks of consecutive rows."""
+        table.push_blocks(ids, [grads] if isinstance(grads, np.ndarray) else grads)
         self.applied_index += 1
 
     def digest(self) -> str:

@@ -11,6 +11,7 @@ ids in input order, then applies the table's row-sparse optimizer (default
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,20 +142,32 @@ class Table:
             out[missing] = fresh
         return out
 
-    def check_push(self, ids: Array, grads: Array) -> None:
-        if grads.shape != (ids.shape[0], self.spec.dim) or grads.dtype != self.spec.np_dtype:
+    def check_push(self, ids: Array, grads: Array | Sequence[Array]) -> None:
+        """ShapeMismatch unless ``grads`` (one array or blocks of consecutive rows)
+        holds one row of the table's dim and dtype per id."""
+        blocks = [grads] if isinstance(grads, np.ndarray) else grads
+        rows = sum(b.shape[0] for b in blocks)
+        if rows != ids.shape[0] or any(b.ndim != 2 or b.shape[1] != self.spec.dim
+                                       or b.dtype != self.spec.np_dtype for b in blocks):
+            got = ", ".join(f"{b.dtype}{list(b.shape)}" for b in blocks)
             raise ShapeMismatch(
-                f"push to table {self.spec.name!r}: gradients are {grads.dtype}"
-                f"{list(grads.shape)}, expected {self.spec.dtype}[{ids.shape[0]}, "
-                f"{self.spec.dim}]", key=self.spec.name)
+                f"push to table {self.spec.name!r}: gradients are {got}, expected "
+                f"{self.spec.dtype}[{ids.shape[0]}, {self.spec.dim}]", key=self.spec.name)
 
     def push(self, ids: Array, grads: Array) -> None:
         """Sum repeated ids (in input order), create absent rows with their initial
         value, then apply the optimizer to each pushed row once."""
+        self.push_blocks(ids, [grads])
+
+    def push_blocks(self, ids: Array, blocks: Sequence[Array]) -> None:
+        """``push`` with the gradients as blocks of consecutive rows (the frames of a
+        message, not joined): without repeated ids each block is applied where it
+        lies; repeated ids are summed over the joined gradients first."""
         unique, inverse = dedup_ids(ids)
         # unique keeps first-appearance order: without repeats it is ids itself
-        summed = grads if unique.shape[0] == ids.shape[0] else segment_sum(
-            grads, inverse, unique.shape[0])
+        if unique.shape[0] != ids.shape[0]:
+            joined = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+            blocks = [segment_sum(joined, inverse, unique.shape[0])]
         slots, created = self.index.lookup_or_insert(unique)
         self.reserve(self.index.num_slots)
         if created.size:
@@ -163,7 +176,10 @@ class Table:
             sparse.init_rows(fresh, unique[created], self.spec.init, self.spec.seed)
             self.values[new] = fresh
         self.steps[slots] += 1
-        self._apply(slots, summed)
+        at = 0
+        for block in blocks:
+            self._apply(slots[at:at + block.shape[0]], block)
+            at += block.shape[0]
 
     def _apply(self, slots: Array, grads: Array) -> None:
         opt, hp, v = self.spec.optimizer, self.spec.optimizer.hp, self.values

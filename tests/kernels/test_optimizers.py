@@ -258,3 +258,28 @@ def test_serial_and_parallel_kernels_give_the_same_bits(name: str) -> None:
             kern.adagrad(p, g, m, f32(-0.1), f32(0), f32(1e-10), f32(0))
         outs.append(p.tobytes() + m.tobytes())
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("beta1", [0.9, 0.3], ids=["lerp-from-m", "lerp-from-g"])
+def test_plain_adam_gives_the_bits_of_the_general_kernel(beta1: float) -> None:
+    """Adam without weight decay, amsgrad or clipping runs a branch-free kernel;
+    it must agree bit for bit with the general one over many steps."""
+    from pserver.kernels import _cpu
+
+    rng = np.random.default_rng(13)
+    n = 70_001
+    p0 = rng.standard_normal(n).astype(np.float32)
+    grads = [rng.standard_normal(n).astype(np.float32) for _ in range(5)]
+    f32 = np.float32
+    outs = []
+    for plain in (True, False):
+        p, m, v = p0.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)
+        for step, g in enumerate(grads, 1):
+            args = (f32(-0.01 / (1 - beta1**step)), f32(np.sqrt(1 - 0.999**step)),
+                    f32(1 - beta1), f32(0.999), f32(0.001), f32(1e-8))
+            if plain:
+                _cpu.adam_plain(p, g, m, v, *args)
+            else:
+                _cpu.adam(p, g, m, v, v, *args, f32(0), f32(1), False, f32(0))
+        outs.append(p.tobytes() + m.tobytes() + v.tobytes())
+    assert outs[0] == outs[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import numpy as np
@@ -102,3 +103,65 @@ def test_the_state_machine_creates_checks_and_owns_rows() -> None:
 def test_malformed_initializers_are_invalid_arguments(init: Any) -> None:
     with pytest.raises(InvalidArgument):
         TableSpec.parse({"table": "emb", "dim": 4, "init": init})
+
+
+@pytest.mark.parametrize("repeats", [False, True], ids=["distinct", "repeated-ids"])
+@pytest.mark.parametrize("optimizer", ["adagrad", "adam", "sum"])
+def test_a_push_in_blocks_of_rows_equals_the_push_of_the_joined_rows(
+        optimizer: str, repeats: bool) -> None:
+    """Frames of a message are applied where they lie (no join) unless ids repeat;
+    either way every row ends bit for bit as after one push of the whole array."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 50 if repeats else 2**63, 200).astype(np.uint64)
+    if not repeats:
+        ids = np.unique(ids)
+        rng.shuffle(ids)
+    grads = rng.standard_normal((ids.size, 4)).astype(np.float32)
+    whole, blocked = _table(optimizer={"name": optimizer}), _table(optimizer={"name": optimizer})
+    cuts = [0, 1, 60, 61, ids.size]
+    for _ in range(3):
+        whole.push(ids, grads)
+        blocked.push_blocks(ids, [grads[a:b] for a, b in itertools.pairwise(cuts)])
+    probe = np.unique(ids)
+    np.testing.assert_array_equal(blocked.pull(probe), whole.pull(probe))
+    np.testing.assert_array_equal(blocked.steps, whole.steps)
+
+
+def test_blocks_that_do_not_add_up_to_the_ids_are_refused() -> None:
+    t = _table()
+    ids = np.array([1, 2, 3], np.uint64)
+    for blocks in ([np.ones((2, 4), np.float32)],
+                   [np.ones((2, 4), np.float32), np.ones((1, 3), np.float32)],
+                   [np.ones((1, 4), np.float32), np.ones((2, 4), np.float64)]):
+        with pytest.raises(ShapeMismatch):
+            t.check_push(ids, blocks)
+    t.check_push(ids, [np.ones((1, 4), np.float32), np.ones((2, 4), np.float32)])
+
+
+def test_a_push_rows_message_gives_one_block_per_frame_of_whole_rows() -> None:
+    """The shard reads row gradients where the frames hold them (views, no copy);
+    frames cut inside a row are joined into one block."""
+    from pserver.apply import rows_request
+    from pserver.protocol.schema import Header, Kind, TensorMeta
+
+    ids = np.arange(5, dtype=np.uint64)
+    grads = np.arange(20, dtype=np.float32).reshape(5, 4)
+    raw = memoryview(grads.reshape(-1).view(np.uint8))
+
+    def request(frames: list[memoryview]) -> list[np.ndarray]:
+        header = Header(Kind.PUSH_ROWS, 1, tensors=(
+            TensorMeta("emb", 0, "uint64", (5,), 0, 5, 1),
+            TensorMeta("emb", 0, "float32", (5, 4), 0, 20, len(frames))), opts={"table": "emb"})
+        name, got_ids, blocks = rows_request(header, [[memoryview(ids.view(np.uint8))], frames],
+                                             with_grads=True)
+        assert name == "emb"
+        np.testing.assert_array_equal(got_ids, ids)
+        np.testing.assert_array_equal(np.concatenate(blocks), grads)
+        return blocks
+
+    whole_rows = request([raw[:32], raw[32:]])  # rows 0-1 and 2-4
+    assert [b.shape for b in whole_rows] == [(2, 4), (3, 4)]
+    assert all(np.shares_memory(b, grads) for b in whole_rows)
+    cut_in_a_row = request([raw[:24], raw[24:]])
+    assert [b.shape for b in cut_in_a_row] == [(5, 4)]
+    assert not np.shares_memory(cut_in_a_row[0], grads)
