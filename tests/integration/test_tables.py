@@ -73,3 +73,21 @@ def test_empty_id_lists_work(client: Any) -> None:
     client.create_table("t/empty", 3)
     assert client.pull_rows("t/empty", np.array([], np.uint64)).shape == (0, 3)
     client.push_rows("t/empty", np.array([], np.uint64), np.zeros((0, 3), np.float32))
+
+
+def test_pushes_of_many_wide_rows_apply_every_row_once(client: Any) -> None:
+    """12 MB of 400-byte rows: each shard's message holds several frames cut between
+    rows, applied where they lie; a later push repeats ids across its frames (summed
+    first). The result is exactly what numpy computes."""
+    client.create_table("t/wide", 100, optimizer={"name": "sgd", "lr": 1.0})
+    rng = np.random.default_rng(5)
+    ids = np.unique(rng.integers(0, 2**63, 30_000).astype(np.uint64))
+    g1 = rng.standard_normal((ids.size, 100)).astype(np.float32)
+    client.push_rows("t/wide", ids, g1)
+    want = -g1
+    np.testing.assert_array_equal(client.pull_rows("t/wide", ids), want)
+    again = np.concatenate([ids[:8000], ids[:8000]])  # each id twice, far apart
+    g2 = rng.standard_normal((again.size, 100)).astype(np.float32)
+    client.push_rows("t/wide", again, g2)
+    want[:8000] -= g2[:8000] + g2[8000:]
+    np.testing.assert_array_equal(client.pull_rows("t/wide", ids), want)
