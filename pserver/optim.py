@@ -154,7 +154,8 @@ def warm_up(dtype: str = "float32") -> None:
 
     for n in (16, SERIAL_BELOW + 16):
         grad = np.ones(n, dtype)
-        for name in ("sum", "sgd", "momentum", "adam", "adagrad"):
+        # adam takes the branch-free kernel, adamw (weight decay 0.01) the general one
+        for name in ("sum", "sgd", "momentum", "adam", "adamw", "adagrad"):
             spec = OptimizerSpec.parse({"name": name, "momentum": 0.9} if name == "momentum"
                                        else {"name": name})
             param = np.zeros(n, dtype)
