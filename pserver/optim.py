@@ -147,17 +147,25 @@ class OptimizerSpec:
 
 
 def warm_up(dtype: str = "float32") -> None:
-    """Run every optimizer (and the sync-step mean) once on small and large arrays,
-    so numba compiles or loads its kernels now rather than on a first update, where
-    a stall of seconds would look like a dead replica to its peers."""
+    """Run every optimizer (and the sync-step mean), dense and on table rows, once on
+    small and large arrays, so numba compiles or loads its kernels now rather than on
+    a first update, where a stall of seconds would look like a dead replica to its
+    peers."""
     from pserver.kernels.dispatch import SERIAL_BELOW
 
+    from .tables import Table, TableSpec  # tables imports this module
+
+    dim = 64
     for n in (16, SERIAL_BELOW + 16):
         grad = np.ones(n, dtype)
+        rows = -(-n // dim)
         # adam takes the branch-free kernel, adamw (weight decay 0.01) the general one
         for name in ("sum", "sgd", "momentum", "adam", "adamw", "adagrad"):
-            spec = OptimizerSpec.parse({"name": name, "momentum": 0.9} if name == "momentum"
-                                       else {"name": name})
+            raw = {"name": name, "momentum": 0.9} if name == "momentum" else {"name": name}
+            spec = OptimizerSpec.parse(raw)
             param = np.zeros(n, dtype)
             spec.apply(param, grad, spec.new_state(n, param.dtype), 1)
+            table = Table(TableSpec.parse({"table": "warm-up", "dim": dim, "dtype": dtype,
+                                           "optimizer": raw}))
+            table.push(np.arange(rows, dtype=np.uint64), np.ones((rows, dim), dtype))
         kernels.aggregate([grad, grad], np.empty(n, dtype), mean=True)
