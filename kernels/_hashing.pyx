@@ -93,25 +93,31 @@ cdef int _check_rows(const unsigned char[:, ::1] big, const int64_t[::1] pos,
     return 0
 
 
+cdef void _move_rows(unsigned char[:, ::1] dst, const unsigned char[:, ::1] src,
+                     const int64_t[::1] pos, bint scatter) noexcept nogil:
+    """Row j of ``src`` to row pos[j] of ``dst`` (scatter), or row pos[j] of ``src``
+    to row j of ``dst`` (gather); positions checked by the caller."""
+    cdef Py_ssize_t j, width = src.shape[1]
+    if width == 0:
+        return
+    for j in range(pos.shape[0]):
+        if scatter:
+            memcpy(&dst[pos[j], 0], &src[j, 0], width)
+        else:
+            memcpy(&dst[j, 0], &src[pos[j], 0], width)
+
+
 def gather_rows(const unsigned char[:, ::1] src, const int64_t[::1] pos,
                 unsigned char[:, ::1] out):
     """``out[j] = src[pos[j]]`` for every j; arrays viewed as rows of bytes."""
     _check_rows(src, pos, out, "gather_rows")
-    cdef Py_ssize_t j, n = pos.shape[0], width = src.shape[1]
-    if width == 0:
-        return
     with nogil:
-        for j in range(n):
-            memcpy(&out[j, 0], &src[pos[j], 0], width)
+        _move_rows(out, src, pos, False)
 
 
 def scatter_rows(unsigned char[:, ::1] out, const int64_t[::1] pos,
                  const unsigned char[:, ::1] src):
     """``out[pos[j]] = src[j]`` for every j; arrays viewed as rows of bytes."""
     _check_rows(out, pos, src, "scatter_rows")
-    cdef Py_ssize_t j, n = pos.shape[0], width = out.shape[1]
-    if width == 0:
-        return
     with nogil:
-        for j in range(n):
-            memcpy(&out[pos[j], 0], &src[j, 0], width)
+        _move_rows(out, src, pos, True)
