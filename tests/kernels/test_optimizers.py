@@ -213,19 +213,54 @@ def test_bad_arguments_raise_kernel_error(call: Any) -> None:
 _CHILD = """
 import hashlib, numpy as np
 from pserver import kernels
+from pserver.kernels import sparse
+from pserver.kernels.dispatch import SERIAL_BELOW
 rng = np.random.default_rng(11)
-p = rng.standard_normal(100_003).astype(np.float32)
-m, v = np.zeros_like(p), np.zeros_like(p)
-for step in range(1, 21):
-    kernels.adam(p, rng.standard_normal(p.size).astype(np.float32), m, v, step=step, lr=1e-3)
-print(hashlib.sha256(p.tobytes() + m.tobytes() + v.tobytes()).hexdigest())
+n = SERIAL_BELOW + 12_347  # the parallel kernels, split differently by 1 and 2 threads
+digest = hashlib.sha256()
+def add(*arrays):
+    for a in arrays:
+        digest.update(a.tobytes())
+p0 = rng.standard_normal(n).astype(np.float32)
+grads = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
+for hp in ({}, {"weight_decay": 0.01}, {"weight_decay": 0.01, "decoupled": True}):
+    p, m, v = p0.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    for step, g in enumerate(grads, 1):
+        kernels.adam(p, g, m, v, step=step, lr=1e-3, **hp)
+    add(p, m, v)
+p, buf = p0.copy(), np.zeros(n, np.float32)
+for step, g in enumerate(grads, 1):
+    kernels.sgd(p, g, lr=0.1, momentum=0.9, momentum_buffer=buf, first=step == 1,
+                weight_decay=0.01)
+add(p, buf)
+p, acc = p0.copy(), np.zeros(n, np.float32)
+for step, g in enumerate(grads, 1):
+    kernels.adagrad(p, g, acc, step=step, lr=0.1)
+add(p, acc)
+out = np.empty(n, np.float32)
+kernels.aggregate(grads, out, mean=True)
+add(out)
+rows = n // 64 + 1
+values = rng.standard_normal((rows, 64)).astype(np.float32)
+slots = rng.permutation(rows).astype(np.int64)
+g = rng.standard_normal((rows, 64)).astype(np.float32)
+steps = np.ones(rows, np.int64)
+v1, s1 = values.copy(), np.zeros_like(values)
+sparse.adagrad_rows(v1, slots, g, steps, s1, lr=0.1)
+v2, m2, q2 = values.copy(), np.zeros_like(values), np.zeros_like(values)
+sparse.adam_rows(v2, slots, g, steps, m2, q2, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                 weight_decay=0.01)
+add(v1, s1, v2, m2, q2)
+print(digest.hexdigest())
 """
 
 
 @pytest.mark.parametrize("threads", [("2", "2"), ("1", "2")], ids=["same", "1-vs-2-threads"])
 def test_processes_compute_the_same_bits(threads: tuple[str, str]) -> None:
     """Replicas apply the same updates in different processes and must agree,
-    however many threads each process gives numba."""
+    however many threads each process gives numba: every parallel kernel (dense
+    and rows, each vectorized with a scalar tail per thread's share) on an odd size
+    above the serial threshold."""
     runs = [
         subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True,
                        check=True, timeout=120,
