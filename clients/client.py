@@ -37,9 +37,9 @@ from pserver.protocol.errors import (
 from pserver.protocol.frames import (
     frame_count,
     frame_spans,
-    join_frames,
     part_ranges,
     require_contiguous,
+    row_blocks,
     split_frames,
     split_rows,
     wire_dtype,
@@ -853,15 +853,10 @@ class Client:
             (t,) = h.tensors
             if t.shape != (pos.size, dim) or t.np_dtype != dtype:
                 raise PServerError(f"unexpected rows {t.dtype}{list(t.shape)} in reply")
-            row_bytes = dim * dtype.itemsize
-            if row_bytes == 0 or any(f.nbytes % row_bytes for f in inc.frames):
-                out[pos] = join_frames(inc.frames, dtype).reshape(pos.size, dim)
-                return
-            at = 0  # frames of whole rows: scatter each straight into place
-            for f in inc.frames:
-                k = f.nbytes // row_bytes
-                scatter_rows(out, pos[at:at + k], np.frombuffer(f, dtype).reshape(k, dim))
-                at += k
+            at = 0  # frames of whole rows are scattered straight into place
+            for block in row_blocks(inc.frames, dtype, dim, pos.size):
+                scatter_rows(out, pos[at:at + block.shape[0]], block)
+                at += block.shape[0]
 
         return self._wait(lambda: self._run(messages, on_reply, lambda: out))
 

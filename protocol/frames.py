@@ -106,6 +106,17 @@ def split_rows(rows: np.ndarray[Any, Any], frame_bytes: int) -> list[memoryview]
             for i in range(0, rows.shape[0], per)]
 
 
+def row_blocks(frames: Sequence[Buffer], dtype: np.dtype[Any], dim: int,
+               rows: int) -> list[np.ndarray[Any, Any]]:
+    """Frames of a (rows, dim) array as blocks of consecutive rows: a read-only view
+    per frame where every frame holds whole rows (as ``split_rows`` cuts them), else
+    one joined copy of all of them."""
+    row_bytes = dim * dtype.itemsize
+    if row_bytes and all(memoryview(f).nbytes % row_bytes == 0 for f in frames):
+        return [np.frombuffer(f, dtype).reshape(-1, dim) for f in frames]
+    return [join_frames(frames, dtype).reshape(rows, dim)]
+
+
 def frame_count(nbytes: int, itemsize: int, frame_bytes: int) -> int:
     """How many frames ``split_frames`` makes for ``nbytes`` of data."""
     per = _frame_step(itemsize, frame_bytes)

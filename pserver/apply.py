@@ -24,7 +24,7 @@ from pserver.protocol.errors import (
     PServerError,
     ShapeMismatch,
 )
-from pserver.protocol.frames import join_frames
+from pserver.protocol.frames import join_frames, row_blocks
 from pserver.protocol.schema import Header, Kind, Limits
 
 from . import commands
@@ -184,9 +184,5 @@ def rows_request(header: Header, data: list[list[memoryview]], with_grads: bool)
             or g.shape[0] != ids.shape[0] or not g.nframes:
         raise ShapeMismatch(f"row gradients {g.dtype}{list(g.shape)} do not match "
                             f"{ids.shape[0]} ids", key=str(header.opts.get("table")))
-    dim, row_bytes = g.shape[1], g.shape[1] * g.np_dtype.itemsize
-    if row_bytes and all(f.nbytes % row_bytes == 0 for f in data[1]):
-        blocks = [np.frombuffer(f, g.np_dtype).reshape(-1, dim) for f in data[1]]
-    else:
-        blocks = [join_frames(data[1], g.np_dtype).reshape(g.shape)]
-    return header.opts.get("table"), ids, blocks
+    return header.opts.get("table"), ids, row_blocks(data[1], g.np_dtype, g.shape[1],
+                                                     g.shape[0])
