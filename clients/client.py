@@ -48,7 +48,7 @@ from pserver.protocol.schema import DTYPES, Header, KeyRef, Kind, Limits, Tensor
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Incoming, call, host_id, new_context
 
-from .io import IOEngine
+from .io import Completion, IOEngine
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +105,14 @@ class _Layout:
     messages: tuple[tuple[int, tuple[TensorMeta, ...], tuple[tuple[int, int, int], ...]], ...]
 
 
-class _Op:
-    """Joins the replies of one operation's messages into one Future. Its callbacks
+class _Op(Completion[Any]):
+    """Joins the replies of one operation's messages into one result. Its callbacks
     run on the thread driving I/O, one at a time (under the engine's lock)."""
 
+    __slots__ = ("_finish", "_left")
+
     def __init__(self, messages: int, finish: Callable[[], Any]) -> None:
-        self.future: Future[Any] = Future()
+        super().__init__()
         self._left = messages
         self._finish = finish
         if messages == 0:
@@ -120,18 +122,17 @@ class _Op:
         try:
             result = self._finish()
         except Exception as exc:
-            self.future.set_exception(exc)
+            self.set_exception(exc)
         else:
-            self.future.set_result(result)
+            self.set_result(result)
 
     def done_one(self) -> None:
         self._left -= 1
-        if self._left == 0 and not self.future.done():
+        if self._left == 0 and not self._done:
             self._complete()
 
     def fail(self, exc: PServerError) -> None:
-        if not self.future.done():
-            self.future.set_exception(exc)
+        self.set_exception(exc)
 
 
 def _compression(raw: Any) -> tuple[Any, ...]:
@@ -445,7 +446,7 @@ class Client:
         on_reply: Callable[[int, Header, Incoming], None],
         finish: Callable[[], Any],
         count: int | None = None,
-    ) -> Future[Any]:
+    ) -> _Op:
         """Send every message at once; ``finish`` builds the result after the last reply.
         ``messages`` may be a generator of exactly ``count`` messages: each is sent as
         soon as it is made, so the shards start on it while the next one is built."""
@@ -459,9 +460,9 @@ class Client:
                 op.done_one()
 
             self._io.submit(shard, header, frames, self.timeout, reply, op.fail)
-        return op.future
+        return op
 
-    def _wait(self, start: Callable[[], Future[T]]) -> T:
+    def _wait(self, start: Callable[[], Completion[T] | Future[T]]) -> T:
         """Start an operation and drive I/O on the calling thread until it is done:
         no thread hand-off, and the background I/O thread is not woken."""
         io = self._io
@@ -556,7 +557,7 @@ class Client:
                 for p, c in zip(batches[i][1], h.opts.get("created", []), strict=False):
                     created[p.meta.key] |= bool(c)
 
-            return self._run(messages, on_reply, finish)
+            return self._run(messages, on_reply, finish).as_future()
 
         def done() -> dict[str, bool]:
             with self._meta_lock:
@@ -630,6 +631,9 @@ class Client:
     def push_async(self, grads: Mapping[str, Array]) -> Future[None]:
         """``push`` returning a Future. The gradient arrays are sent without a copy:
         the caller must not change them until the Future is done."""
+        return self._push(grads).as_future()
+
+    def _push(self, grads: Mapping[str, Array]) -> _Op:
         messages = self._dense_messages(Kind.PUSH, grads)
         if messages is None:
             messages = self._gradient_messages(Kind.PUSH, self._grad_pieces(grads))
@@ -641,7 +645,7 @@ class Client:
         With ``{"name": "sgd", "lr": 0.5}`` a push of ``g`` changes the value by
         exactly ``-0.5 * g``; with ``sum`` it adds ``g``.
         """
-        self._wait(lambda: self.push_async(grads))
+        self._wait(lambda: self._push(grads))
 
     def _collect(self, out: dict[str, Array], make: Mapping[str, KeyMeta] | None = None,
                  ) -> Callable[[int, Header, Incoming], None]:
@@ -677,7 +681,7 @@ class Client:
         return on_reply
 
     def _pull(self, metas: Mapping[str, KeyMeta], out: dict[str, Array],
-              make: Mapping[str, KeyMeta] | None = None) -> Future[dict[str, Array]]:
+              make: Mapping[str, KeyMeta] | None = None) -> _Op:
         pieces = [p for m in metas.values() for p in self._pieces(m)]
         messages: list[tuple[int, Header, list[Any]]] = []
         for shard, batch in self._batches(pieces):
@@ -691,24 +695,28 @@ class Client:
         ``out[key]`` (C-contiguous, the key's shape and dtype). The caller owns the
         arrays; they hold the new values once the Future is done and must not be
         read or written until then."""
+        return self._pull_into(out).as_future()
+
+    def _pull_into(self, out: Mapping[str, Array]) -> _Op:
         metas = self._ensure_meta(out.keys())
         self._check_outputs(out, metas)
         return self._pull(metas, dict(out))
 
     def pull_into(self, out: Mapping[str, Array]) -> dict[str, Array]:
         """See ``pull_into_async``."""
-        return self._wait(lambda: self.pull_into_async(out))
+        return self._wait(lambda: self._pull_into(out))
 
     def pull_async(self, keys: Sequence[str]) -> Future[dict[str, Array]]:
         """``pull`` returning a Future."""
         metas = self._ensure_meta(keys)
-        return self._pull(metas, {}, metas)
+        return self._pull(metas, {}, metas).as_future()
 
     def pull(self, keys: Sequence[str]) -> dict[str, Array]:
         """The current value of each key, as new arrays the caller owns."""
         if isinstance(keys, str):
             raise TypeError("pull takes a list of keys, not a single string")
-        return self._wait(lambda: self.pull_async(keys))
+        metas = self._ensure_meta(keys)
+        return self._wait(lambda: self._pull(metas, {}, metas))
 
     def _check_outputs(self, out: Mapping[str, Array], metas: Mapping[str, KeyMeta]) -> None:
         for key, arr in out.items():
@@ -732,6 +740,9 @@ class Client:
         arrays ``out[key]`` (one per pushed key; C-contiguous, writeable, the key's
         shape and dtype). The caller owns ``out`` and must not touch it, nor change
         ``grads``, until the Future is done."""
+        return self._push_pull_into(grads, out).as_future()
+
+    def _push_pull_into(self, grads: Mapping[str, Array], out: Mapping[str, Array]) -> _Op:
         if set(out) != set(grads):
             raise InvalidArgument("push_pull_into needs exactly one output per pushed key")
         messages = self._dense_messages(Kind.PUSH_PULL, grads)
@@ -745,11 +756,14 @@ class Client:
         self, grads: Mapping[str, Array], out: Mapping[str, Array]
     ) -> dict[str, Array]:
         """See ``push_pull_into_async``; returns ``out``."""
-        return self._wait(lambda: self.push_pull_into_async(grads, out))
+        return self._wait(lambda: self._push_pull_into(grads, out))
 
     def push_pull_async(self, grads: Mapping[str, Array]) -> Future[dict[str, Array]]:
         """``push_pull`` returning a Future; the gradients must stay unchanged until
         it is done."""
+        return self._push_pull(grads).as_future()
+
+    def _push_pull(self, grads: Mapping[str, Array]) -> _Op:
         messages = self._dense_messages(Kind.PUSH_PULL, grads)
         if messages is None:
             messages = self._gradient_messages(Kind.PUSH_PULL, self._grad_pieces(grads))
@@ -760,7 +774,7 @@ class Client:
     def push_pull(self, grads: Mapping[str, Array]) -> dict[str, Array]:
         """Push, then return each key's value right after this push was applied,
         in one round trip."""
-        return self._wait(lambda: self.push_pull_async(grads))
+        return self._wait(lambda: self._push_pull(grads))
 
     # -- sparse tables ----------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pserver.protocol.codec import check_frames, decode_header
 from pserver.protocol.errors import ErrorCode, PServerError, Unavailable, error_from_code
@@ -54,6 +54,76 @@ ATTEMPT_S = 0.3  # unanswered this long: check that the replica still leads
 PROBE_S = 0.2  # a replica that does not answer a ping within this is taken for gone
 GONE_S = 0.5  # and its name in NotLeader hints is disregarded for this long
 RETRY_S = 0.03  # a NotLeader without a usable hint: wait this long before the next try
+
+
+class Completion(Generic[T]):
+    """The outcome of one operation, lighter than a ``concurrent.futures.Future``
+    (no Condition, no callbacks): a caller waiting on the engine (``IOEngine.wait``)
+    checks ``done()`` between its own rounds of I/O, and a caller waiting while
+    another thread drives blocks on a plain lock released at completion.
+    ``as_future`` gives a real Future for the ``*_async`` API. The first
+    ``set_result``/``set_exception`` wins; later ones are ignored."""
+
+    __slots__ = ("_done", "_error", "_future", "_guard", "_result", "_signal")
+
+    def __init__(self) -> None:
+        self._done = False
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._signal = threading.Lock()  # held until completion
+        self._signal.acquire()
+        self._guard = threading.Lock()
+        self._future: Future[T] | None = None
+
+    def done(self) -> bool:
+        return self._done
+
+    def result(self) -> T:
+        """The result; raises the operation's exception. Call once ``done()``."""
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[no-any-return]
+
+    def wait_done(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds for completion; True when done."""
+        if self._signal.acquire(timeout=timeout):
+            self._signal.release()
+            return True
+        return self._done
+
+    def set_result(self, result: T) -> None:
+        self._settle(result, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._settle(None, error)
+
+    def _settle(self, result: Any, error: BaseException | None) -> None:
+        with self._guard:
+            if self._done:
+                return
+            self._result, self._error, self._done = result, error, True
+            future = self._future
+        self._signal.release()
+        if future is not None:
+            self._copy_to(future)
+
+    def _copy_to(self, future: Future[T]) -> None:
+        if self._error is not None:
+            future.set_exception(self._error)
+        else:
+            future.set_result(self._result)
+
+    def as_future(self) -> Future[T]:
+        """A ``concurrent.futures.Future`` that completes with this (the same one on
+        every call)."""
+        with self._guard:
+            if self._future is not None:
+                return self._future
+            future = self._future = Future()
+            settled = self._done
+        if settled:  # _settle ran before the Future existed: complete it here
+            self._copy_to(future)
+        return future
 
 
 @dataclass
@@ -174,18 +244,20 @@ class IOEngine:
             with self._cond:  # async requests are left: hand them to the background
                 self._cond.notify()
 
-    def wait(self, future: Future[T]) -> T:
-        """Drive I/O on this thread until ``future`` is done; return its result.
+    def wait(self, op: Completion[T] | Future[T]) -> T:
+        """Drive I/O on this thread until ``op`` is done; return its result.
         Call between ``enter_wait`` and ``exit_wait``."""
-        while not future.done():
+        while not op.done():
             if self._lock.acquire(blocking=False):
                 try:
                     self._drive_once(MAX_POLL_S)
                 finally:
                     self._lock.release()
-            else:  # another thread drives and will complete our future too
-                wait_futures([future], timeout=0.001)
-        return future.result()
+            elif isinstance(op, Completion):  # another thread drives and completes it
+                op.wait_done(0.001)
+            else:
+                wait_futures([op], timeout=0.001)
+        return op.result()
 
     def close(self, timeout: float = 5.0) -> None:
         """Fail pending requests, stop the background thread, close the sockets."""

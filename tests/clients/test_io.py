@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import zmq
 
-from pserver.clients.io import IOEngine
+from pserver.clients.io import Completion, IOEngine
 from pserver.protocol.codec import decode_header, encode_header, reply_header
 from pserver.protocol.errors import Unavailable
 from pserver.protocol.schema import Header, Kind, Limits
@@ -155,3 +155,66 @@ def test_a_leader_that_answers_the_ping_keeps_the_request(two_replicas: Any) -> 
         assert fut.result(timeout=10).request_id == 11
     finally:
         engine.close()
+
+
+def test_a_completion_gives_its_result_once_and_the_same_future_every_time() -> None:
+    """The first outcome wins; a Future asked for before or after completion
+    completes with it."""
+    early: Completion[int] = Completion()
+    before = early.as_future()
+    assert not early.done() and not before.done()
+    early.set_result(7)
+    early.set_exception(RuntimeError("too late"))  # ignored: the result came first
+    assert early.done() and early.result() == 7
+    assert before.result(timeout=0) == 7 and early.as_future() is before
+
+    failed: Completion[int] = Completion()
+    failed.set_exception(Unavailable("gone", shard=3))
+    failed.set_result(1)  # ignored
+    with pytest.raises(Unavailable):
+        failed.result()
+    with pytest.raises(Unavailable):
+        failed.as_future().result(timeout=0)
+
+
+def test_a_completion_wakes_a_thread_waiting_on_it() -> None:
+    done: Completion[str] = Completion()
+    assert not done.wait_done(0.01)
+    seen: list[bool] = []
+    waiter = threading.Thread(target=lambda: seen.append(done.wait_done(30.0)))
+    waiter.start()
+    done.set_result("ok")
+    waiter.join(30.0)
+    assert seen == [True] and done.wait_done(0) and done.result() == "ok"
+
+
+def test_a_caller_whose_reply_another_thread_receives_gets_its_result(router: Any) -> None:
+    """Two threads wait on the engine at once: whichever drives receives both replies,
+    and each caller returns with its own."""
+    ctx, sock, address = router
+    engine = IOEngine(ctx, {0: [address]}, Limits())
+    results: dict[int, Any] = {}
+
+    def call(rid: int) -> None:
+        op: Completion[Header] = Completion()
+        engine.enter_wait()
+        try:
+            engine.submit(0, Header(Kind.PULL, rid), [], 30.0,
+                          lambda h, _: op.set_result(h), op.set_exception)
+            results[rid] = engine.wait(op).request_id
+        finally:
+            engine.exit_wait()
+
+    threads = [threading.Thread(target=call, args=(rid,)) for rid in (11, 12)]
+    for t in threads:
+        t.start()
+    waiting = []
+    for _ in range(2):
+        assert sock.poll(10_000)
+        waiting.append(sock.recv_multipart())
+    for identity, raw in waiting:  # both answered only once both were sent
+        sock.send_multipart([identity, encode_header(reply_header(decode_header(raw, Limits())))])
+    for t in threads:
+        t.join(30.0)
+    assert results == {11: 11, 12: 12}
+    engine.close()
