@@ -8,8 +8,11 @@ and data frames) with the proposer's token, so only the replica that received
 the request answers it; a sync step the leader aggregated (the mean gradient of
 each part and the headers of the pushes it answers, whose own data is not
 logged); or a change of the step quorum (a worker dropped after its heartbeats
-stopped, or back again). Decoding returns memoryviews into the
-entry's bytes, without copying the tensors. No sockets, threads or clocks.
+stopped, or back again). An encoded batch is a ``raft.Payload``: the length and
+description in one buffer, then the commands' frames themselves, never copied
+into one buffer. Decoding returns views of the frames (of the payload's parts, or
+of one contiguous buffer read back from the log), without copying the tensors.
+No sockets, threads or clocks.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+
+from .raft import EntryData, Payload
 
 _LEN = struct.Struct("<I")
 REQUEST, DROP_WORKER, REJOIN_WORKER, SYNC_STEP = "req", "drop", "rejoin", "step"
@@ -46,8 +51,9 @@ class Command:
     members: Sequence[tuple[tuple[int, int], bytes]] = ()
 
 
-def encode(commands: Sequence[Command]) -> bytes:
-    """One entry's data for ``commands`` (copies each frame once, into the entry)."""
+def encode(commands: Sequence[Command]) -> Payload:
+    """One entry's data for ``commands``: the frames are kept as they are (the entry
+    holds them alive; nobody may change them afterwards)."""
     desc: list[Any] = []
     blobs: list[Any] = []
     for c in commands:
@@ -63,24 +69,44 @@ def encode(commands: Sequence[Command]) -> bytes:
         else:
             desc.append([c.op, c.worker])
     head = msgpack.packb(desc, use_bin_type=True)
-    return b"".join([_LEN.pack(len(head)), head, *blobs])
+    return Payload([_LEN.pack(len(head)) + head, *blobs])
 
 
-def decode(data: bytes | memoryview) -> list[Command]:
-    """The commands of one entry; frames are views into ``data``."""
-    view = memoryview(data)
+def _frames_as_parts(payload: Payload) -> list[memoryview] | None:
+    """The parts after the description, when each is exactly one command frame (as
+    ``encode`` made them and a follower receives them); None otherwise."""
+    parts = payload.parts
+    if not parts or len(parts[0]) < _LEN.size:
+        return None
+    (n,) = _LEN.unpack_from(parts[0])
+    return list(parts[1:]) if len(parts[0]) == _LEN.size + n else None
+
+
+def decode(data: EntryData) -> list[Command]:
+    """The commands of one entry; frames are views into ``data`` (no copy)."""
+    parts = _frames_as_parts(data) if isinstance(data, Payload) else None
+    if isinstance(data, Payload) and parts is None:
+        data = bytes(data)  # parts cut elsewhere than at frames: one buffer
+    view = memoryview(data.parts[0] if isinstance(data, Payload) else data)
     try:
         (n,) = _LEN.unpack_from(view)
         desc = msgpack.unpackb(view[_LEN.size:_LEN.size + n], raw=False)
     except (struct.error, ValueError, msgpack.UnpackException) as exc:
         raise CommandError(f"unreadable command batch: {exc}") from exc
     pos = _LEN.size + n
+    taken = 0
     out: list[Command] = []
 
     def take(sizes: list[int]) -> list[memoryview]:
-        nonlocal pos
+        nonlocal pos, taken
         frames = []
         for size in sizes:
+            if parts is not None:
+                if taken >= len(parts) or len(parts[taken]) != size:
+                    raise CommandError("a command batch's parts do not match its frames")
+                frames.append(parts[taken])
+                taken += 1
+                continue
             frames.append(view[pos:pos + size])
             pos += size
         return frames
@@ -101,6 +127,8 @@ def decode(data: bytes | memoryview) -> list[Command]:
             out.append(Command(item[0], worker=int(item[1])))
         else:
             raise CommandError(f"unknown command {item[0]!r}")
-    if pos != len(view):
+    if parts is not None and taken != len(parts):
+        raise CommandError("a command batch carries frames its commands do not describe")
+    if parts is None and pos != len(view):
         raise CommandError(f"command batch holds {len(view)} bytes, its commands {pos}")
     return out

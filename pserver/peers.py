@@ -20,7 +20,7 @@ from pserver.protocol.frames import split_frames
 from pserver.protocol.schema import Header, Kind
 from pserver.protocol.transport import Endpoint
 
-from .raft.types import Entry, Message, MsgType, Snapshot
+from .raft.types import Entry, EntryData, Message, MsgType, Payload, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ PEER_HWM_MESSAGES = 256
 ENTRY_FRAME_BYTES = 32 << 20
 
 
-def _chunks(data: bytes, frame_bytes: int) -> list[Any]:
+def _chunks(data: bytes | memoryview, frame_bytes: int) -> list[Any]:
     if not data:
         return []
     import numpy as np
@@ -45,7 +45,10 @@ def encode(m: Message, frame_bytes: int = 1 << 20) -> tuple[Header, list[Any]]:
     frames: list[Any] = []
     entries = []
     for e in m.entries:
-        parts = _chunks(e.data, max(frame_bytes, ENTRY_FRAME_BYTES))
+        # A Payload goes as its parts (the clients' frames: under the frame cap, which
+        # the shard checked when they arrived), so the follower keeps the same parts.
+        parts = list(e.data.parts) if isinstance(e.data, Payload) else _chunks(
+            e.data, max(frame_bytes, ENTRY_FRAME_BYTES))
         entries.append([e.term, e.index, len(parts)])
         frames.extend(parts)
     opts: dict[str, Any] = {
@@ -81,28 +84,30 @@ def decode(header: Header, frames: Sequence[memoryview]) -> Message:
         raise ProtocolError(f"unknown raft message type {o.get('t')!r}") from exc
     pos = 0
 
-    def take(n: Any) -> bytes:
-        """The next ``n`` frames as one buffer: a single frame as a read-only view of
-        it (no copy; it keeps the received message alive), more frames joined."""
+    def take(n: Any) -> Sequence[memoryview]:
+        """The next ``n`` frames, as views of the received message (no copy)."""
         nonlocal pos
         if type(n) is not int or n < 0 or pos + n > len(frames):
             raise ProtocolError("raft message frames do not match its header")
-        data: Any = (memoryview(frames[pos]).toreadonly() if n == 1
-                     else b"".join(frames[pos:pos + n]))
         pos += n
-        return data  # type: ignore[no-any-return]
+        return frames[pos - n:pos]
 
     entries = []
     for item in o.get("e", ()):
         if not isinstance(item, list) or len(item) != 3:
             raise ProtocolError("malformed raft entry descriptor")
-        entries.append(Entry(int(item[0]), int(item[1]), take(item[2])))
+        got = take(item[2])  # one frame: a read-only view; more: a Payload of them
+        data: EntryData = (b"" if not got else memoryview(got[0]).toreadonly()
+                           if len(got) == 1 else Payload(got))
+        entries.append(Entry(int(item[0]), int(item[1]), data))
     snapshot = None
     if "s" in o:
         s = o["s"]
         if not isinstance(s, list) or len(s) != 3:
             raise ProtocolError("malformed raft snapshot descriptor")
-        snapshot = Snapshot(int(s[0]), int(s[1]), take(s[2]))
+        chunk = take(s[2])  # one frame: a read-only view of it; more: joined
+        snapshot = Snapshot(int(s[0]), int(s[1]), memoryview(chunk[0]).toreadonly()
+                            if len(chunk) == 1 else b"".join(chunk))
     if pos != len(frames):
         raise ProtocolError("raft message carries frames its header does not describe")
     ctx = o.get("ctx", b"")

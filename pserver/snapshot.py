@@ -126,8 +126,10 @@ def load(path: Path, sm: ShardStateMachine) -> None:
     decode(path.read_bytes(), sm, str(path))
 
 
-def decode(data: bytes, sm: ShardStateMachine, source: str = "snapshot") -> None:
+def decode(data: bytes | memoryview, sm: ShardStateMachine, source: str = "snapshot") -> None:
     """Replace ``sm``'s state with the snapshot ``data`` (checked first)."""
+    if not isinstance(data, bytes):
+        data = bytes(data)  # google-crc32c takes bytes
     if len(data) < len(MAGIC) + _LEN.size + _CRC.size or not data.startswith(MAGIC):
         raise SnapshotError(f"{source} is not a pserver snapshot")
     body, (crc,) = data[:-_CRC.size], _CRC.unpack(data[-_CRC.size:])

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import google_crc32c
 
-from pserver.raft.types import Entry, HardState
+from pserver.raft.types import Entry, HardState, data_parts
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class WAL:
         for e in entries:
             if len(e.data) > MAX_RECORD:
                 raise WALError(f"entry {e.index} of {len(e.data)} bytes is too large")
-            self._write(record_parts(ENTRY, _ENTRY.pack(e.term, e.index), e.data))
+            self._write(record_parts(ENTRY, _ENTRY.pack(e.term, e.index), *data_parts(e.data)))
         if hard_state is not None:
             hs = hard_state
             self._write(record_parts(STATE, _STATE.pack(hs.term, hs.vote, hs.commit)))

@@ -7,16 +7,30 @@ them. No sockets, clocks, threads or files; randomness is injected.
 """
 
 from .core import RaftCore, Role
-from .types import Config, Entry, HardState, Message, MsgType, Ready, Snapshot
+from .types import (
+    Config,
+    Entry,
+    EntryData,
+    HardState,
+    Message,
+    MsgType,
+    Payload,
+    Ready,
+    Snapshot,
+    data_parts,
+)
 
 __all__ = [
     "Config",
     "Entry",
+    "EntryData",
     "HardState",
     "Message",
     "MsgType",
+    "Payload",
     "RaftCore",
     "Ready",
     "Role",
     "Snapshot",
+    "data_parts",
 ]

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .types import Config, Entry, HardState, Message, MsgType, Ready, Snapshot
+from .types import Config, Entry, EntryData, HardState, Message, MsgType, Ready, Snapshot
 
 TRANSFER = -1  # reject_hint of a VOTE sent on TIMEOUT_NOW: disregard the leader lease
 
@@ -180,7 +180,7 @@ class RaftCore:
             for p in self._others():
                 self._send(MsgType.HEARTBEAT, p, commit=min(self.progress[p].match, self.commit))
 
-    def propose(self, data: bytes) -> int:
+    def propose(self, data: EntryData) -> int:
         """Append ``data`` to the log (leader only); returns its index."""
         if self.role != Role.LEADER or self.transferee:
             raise ProposalDropped(self.lead)
@@ -438,7 +438,7 @@ class RaftCore:
 
     # -- leader -----------------------------------------------------------------------------
 
-    def _append(self, data: bytes) -> None:
+    def _append(self, data: EntryData) -> None:
         self.log.append(Entry(self.term, self.last_index + 1, data))
 
     def _send_append(self, to: int) -> None:

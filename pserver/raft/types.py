@@ -1,12 +1,15 @@
 """Raft's value types: entries, messages, hard state, configuration, Ready.
 
-Frozen dataclasses and enums only; imports nothing but the standard library.
+Frozen dataclasses and enums, and ``Payload``; imports nothing but the standard
+library.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any
 
 
 class MsgType(IntEnum):
@@ -25,13 +28,55 @@ class MsgType(IntEnum):
     SNAP_RESP = 11  # how many bytes of the snapshot the follower holds
 
 
+class Payload:
+    """An entry's data kept as the buffers it was made of, never joined: the leader's
+    command batch (its description, then the clients' tensor frames) and a
+    follower's entry as its frames arrived. ``len`` is the total size; ``bytes()``
+    joins the parts (a copy, for whoever needs one buffer). The parts are read-only
+    views: an entry may be sent or applied again, so its bytes must never change."""
+
+    __slots__ = ("_len", "parts")
+
+    def __init__(self, parts: Iterable[Any]) -> None:
+        self.parts: tuple[memoryview, ...] = tuple(
+            memoryview(p).cast("B").toreadonly() for p in parts)
+        self._len = sum(p.nbytes for p in self.parts)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Payload):
+            return len(self) == len(other) and bytes(self) == bytes(other)
+        if isinstance(other, bytes | bytearray | memoryview):
+            return len(self) == memoryview(other).nbytes and bytes(self) == bytes(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(bytes(self))
+
+    def __repr__(self) -> str:
+        return f"Payload({len(self.parts)} parts, {self._len} bytes)"
+
+
+EntryData = bytes | memoryview | Payload
+
+
+def data_parts(data: EntryData) -> tuple[bytes | memoryview, ...]:
+    """An entry's data as consecutive buffers (one unless it is a ``Payload``)."""
+    return data.parts if isinstance(data, Payload) else (data,)
+
+
 @dataclass(frozen=True)
 class Entry:
     """One log entry; ``data`` empty is the leader's no-op of its term (§8)."""
 
     term: int
     index: int
-    data: bytes = b""
+    data: EntryData = b""
 
 
 @dataclass(frozen=True)
@@ -41,7 +86,7 @@ class Snapshot:
 
     index: int
     term: int
-    data: bytes = b""
+    data: bytes | memoryview = b""
 
 
 @dataclass(frozen=True)

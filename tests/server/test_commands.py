@@ -11,7 +11,7 @@ from pserver import commands, peers
 from pserver.protocol.codec import decode_header, encode_header
 from pserver.protocol.errors import ProtocolError
 from pserver.protocol.schema import Kind, Limits
-from pserver.raft.types import Entry, Message, MsgType, Snapshot
+from pserver.raft.types import Entry, Message, MsgType, Payload, Snapshot
 
 frames = st.lists(st.binary(max_size=300), max_size=4)
 
@@ -38,10 +38,69 @@ def test_a_command_batch_round_trips(items: list[tuple]) -> None:  # type: ignor
 
 
 @pytest.mark.parametrize("data", [b"", b"\x01", b"\x05\x00\x00\x00abc",
-                                  commands.encode([]) + b"extra"])
+                                  bytes(commands.encode([])) + b"extra"])
 def test_a_malformed_batch_raises_command_error(data: bytes) -> None:
     with pytest.raises(commands.CommandError):
         commands.decode(data)
+
+
+def _batch() -> tuple[list[commands.Command], list[bytearray]]:
+    grads = [bytearray(b"\x01" * 4096), bytearray(b"\x02" * 1000)]
+    return [commands.Command(commands.REQUEST, (1, 1), b"head-1", [memoryview(grads[0])]),
+            commands.Command(commands.DROP_WORKER, worker=3),
+            commands.Command(commands.REQUEST, (1, 2), b"head-2", [memoryview(grads[1]), b""])
+            ], grads
+
+
+def test_an_entry_keeps_the_clients_frames_without_copying_them() -> None:
+    """The leader's entry is the batch's description plus the frames themselves:
+    decoding hands back views of the same memory, and nobody can write through them."""
+    cmds, grads = _batch()
+    data = commands.encode(cmds)
+    assert isinstance(data, Payload) and len(data.parts) == 4
+    back = commands.decode(data)
+    frame = back[0].frames[0]
+    assert frame.readonly and bytes(frame) == bytes(grads[0])
+    grads[0][0] = 9  # the same memory, not a copy (the shard never does this)
+    assert frame[0] == 9
+    assert [bytes(f) for f in back[2].frames] == [bytes(grads[1]), b""]
+    with pytest.raises(TypeError):
+        frame[0] = 1
+
+
+def test_an_entry_decodes_the_same_from_its_parts_from_one_buffer_and_from_other_cuts() -> None:
+    """From the parts (leader, follower), from the WAL's one contiguous record, and
+    from parts cut elsewhere than at frames: the same commands."""
+    cmds, _ = _batch()
+    data = commands.encode(cmds)
+    whole = bytes(data)
+    cut = Payload([whole[:7], whole[7:5000], whole[5000:]])
+    for form in (data, whole, memoryview(whole), cut):
+        back = commands.decode(form)
+        assert [(c.op, c.token, bytes(c.header), [bytes(f) for f in c.frames], c.worker)
+                for c in back] == [(c.op, c.token, bytes(c.header),
+                                    [bytes(f) for f in c.frames], c.worker) for c in cmds]
+    assert data == whole and cut == data and hash(cut) == hash(data)
+    wrong = Payload([data.parts[0], data.parts[2], data.parts[1], data.parts[3]])
+    with pytest.raises(commands.CommandError):
+        commands.decode(wrong)  # the parts do not have the sizes the description gives
+    with pytest.raises(commands.CommandError):
+        commands.decode(Payload([*data.parts, b"stray"]))
+
+
+def test_a_payload_entry_reaches_a_follower_as_the_same_parts() -> None:
+    """Sent to a follower, an entry goes as its parts (no joining on either side) and
+    decodes there into views of the frames that arrived."""
+    cmds, _ = _batch()
+    m = Message(MsgType.APP, 1, 2, 3, log_term=2, index=4,
+                entries=(Entry(3, 5, commands.encode(cmds)),), commit=4)
+    _header, fs = peers.encode(m)
+    assert len(fs) == 4
+    back = _wire(m)
+    assert back == m
+    data = back.entries[0].data
+    assert isinstance(data, Payload) and [len(p) for p in data.parts] == [len(f) for f in fs]
+    assert [c.op for c in commands.decode(data)] == [c.op for c in cmds]
 
 
 def _wire(m: Message, frame_bytes: int = 1 << 20) -> Message:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from pserver.raft.types import Entry, HardState
+from pserver.raft.types import Entry, HardState, Payload
 from pserver.wal import WAL, WALError, WALFull, atomic_write
 
 
@@ -33,6 +33,20 @@ def test_entries_and_hard_state_survive_a_reopen(tmp_path: Path) -> None:
     rec = _recover(tmp_path)
     assert rec.entries == _entries(10)
     assert rec.hard_state == HardState(1, 2, 4)
+
+
+def test_an_entry_kept_as_parts_is_written_as_one_record(tmp_path: Path) -> None:
+    """A leader's entry (a Payload of the clients' frames) is logged part by part,
+    checksummed over all of them, and read back as one buffer with the same bytes."""
+    parts = [b"head", memoryview(bytearray(range(256)) * 8000), b"", b"tail" * 100]
+    entry = Entry(2, 1, Payload(parts))
+    wal, _ = WAL.open(tmp_path)
+    wal.append([entry, Entry(2, 2, b"after")])
+    wal.sync()
+    wal.close()
+    rec = _recover(tmp_path)
+    assert rec.entries == [entry, Entry(2, 2, b"after")]
+    assert bytes(rec.entries[0].data) == b"".join(bytes(p) for p in parts)
 
 
 def test_an_entry_at_or_below_the_last_index_replaces_the_log_from_there(tmp_path: Path) -> None:
