@@ -166,6 +166,51 @@ def decode_header(raw: bytes | memoryview, limits: Limits) -> Header:
 
 _KINDS = {int(k): k for k in Kind}
 _EMPTY: dict[str, Any] = {}
+_PLAIN_FIELDS = frozenset({"v", "k", "id", "cid", "seq", "t", "o"})
+_REPLY = int(Kind.REPLY)
+
+
+def plain_fields(raw: bytes | memoryview, limits: Limits,
+                 ) -> tuple[int, int, bytes, int, dict[str, Any], list[Any]] | None:
+    """(kind, request id, client id, seq, opts, raw tensor descriptors) of a header
+    that has only those fields, each of the right type and range, and no more
+    descriptors than ``limits.max_keys``; None for any other (``decode_header`` then
+    names the problem). No objects are made: a caller that can check the raw
+    descriptors itself (``ShardServer``'s whole pushes) skips ``decode_header``."""
+    if len(raw) > limits.max_header_bytes:
+        return None
+    try:
+        wire = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_ext_len=0,
+                               max_str_len=limits.max_header_bytes,
+                               max_bin_len=limits.max_header_bytes,
+                               max_array_len=limits.max_header_bytes,
+                               max_map_len=limits.max_header_bytes)
+    except Exception:  # decode_header reports it
+        return None
+    if type(wire) is not dict or not wire.keys() <= _PLAIN_FIELDS:
+        return None
+    version, kind, rid = wire.get("v"), wire.get("k"), wire.get("id")
+    cid, seq = wire.get("cid", b""), wire.get("seq", 0)
+    opts, tensors = wire.get("o", _EMPTY), wire.get("t", [])
+    if (type(version) is int and version in SUPPORTED_VERSIONS
+            and type(kind) is int and kind in _KINDS
+            and type(rid) is int and 0 <= rid <= _MAX_UINT64
+            and type(cid) is bytes and len(cid) <= 64
+            and type(seq) is int and 0 <= seq <= _MAX_UINT64
+            and type(opts) is dict and type(tensors) is list
+            and len(tensors) <= limits.max_keys):
+        return kind, rid, cid, seq, opts, tensors
+    return None
+
+
+def encode_plain_reply(request_id: int, tensors: list[Any] | None = None) -> bytes:
+    """What ``encode_header(reply_header(request, tensors=...))`` gives for a reply
+    without error or opts, made from the request id and the tensors' wire lists
+    (``TensorMeta.to_wire``)."""
+    wire: dict[str, Any] = {"v": PROTOCOL_VERSION, "k": _REPLY, "id": request_id}
+    if tensors:
+        wire["t"] = tensors
+    return msgpack.packb(wire, use_bin_type=True)
 
 
 def _decode_fields(wire: dict[Any, Any], limits: Limits) -> Header:

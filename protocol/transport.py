@@ -145,13 +145,13 @@ class Endpoint:
         return True
 
     def send_tracked(
-        self, header: Header, frames: Sequence[Any], identity: bytes = b""
+        self, header: Header | bytes, frames: Sequence[Any], identity: bytes = b""
     ) -> list[Any] | None:
         """Send without copying frames of COPY_THRESHOLD bytes or more. Returns, per
         frame, a tracker (``tracker.done`` once libzmq released the memory) or None for
         a small frame copied at once; None instead of the list when the peer's queue
         is full and nothing was sent. The caller must not change a tracked buffer
-        until its tracker is done."""
+        until its tracker is done. ``header`` may come encoded."""
         parts: list[Any] = []
         trackers: list[Any] = []
         for f in frames:
@@ -162,7 +162,8 @@ class Endpoint:
             else:
                 trackers.append(None)
                 parts.append(f)  # copied by libzmq at once (below the copy threshold)
-        return trackers if self.send_raw(encode_header(header), parts, identity) else None
+        raw = header if isinstance(header, bytes) else encode_header(header)
+        return trackers if self.send_raw(raw, parts, identity) else None
 
     def recv_within(self, timeout_ms: int) -> Incoming | None:
         """The next message, waiting at most ``timeout_ms`` for one (None if none

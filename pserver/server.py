@@ -23,7 +23,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pserver.protocol.codec import check_frames, decode_header, reply_header
+from pserver.protocol.codec import (
+    check_frames,
+    decode_header,
+    encode_plain_reply,
+    plain_fields,
+    reply_header,
+)
 from pserver.protocol.errors import (
     InternalError,
     InvalidArgument,
@@ -150,6 +156,10 @@ class ShardServer:
         if not self.endpoint.send(header, frames, identity=incoming.identity):
             log.warning("shard %d: reply to a client with a full queue dropped", self.shard_id)
 
+    def _reply_raw(self, incoming: Incoming, header: bytes) -> None:
+        if not self.endpoint.send_raw(header, (), identity=incoming.identity):
+            log.warning("shard %d: reply to a client with a full queue dropped", self.shard_id)
+
     def _error(self, incoming: Incoming, request: Header | None, exc: PServerError) -> None:
         self.errors += 1
         opts = {k: v for k, v in exc.details.items() if isinstance(v, str | int | float | None)}
@@ -167,6 +177,8 @@ class ShardServer:
 
     def handle(self, incoming: Incoming) -> None:
         self.requests += 1
+        if self._whole_pushes(incoming):
+            return
         header: Header | None = None
         try:
             header = decode_header(incoming.header, self.limits)
@@ -183,6 +195,54 @@ class ShardServer:
                 header.kind.name if header else "message",
             )
             self._error(incoming, header, InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def _whole_pushes(self, incoming: Incoming) -> bool:
+        """The common case of a training step, without making Header or TensorMeta
+        objects: a PUSH or PUSH_PULL of whole async parts held on the host, each in
+        one frame that matches ``Slot.whole_push`` exactly (so it needs no other
+        check), not seen before. Handled as ``_dispatch`` would; False (nothing
+        done) for anything else, which the general path takes and checks."""
+        fields = plain_fields(incoming.header, self.limits)
+        if fields is None:
+            return False
+        kind, rid, cid, seq, opts, tensors = fields
+        if kind not in _WHOLE_KINDS or not tensors or len(tensors) != len(incoming.frames) \
+                or self.state.memory.device != "cpu":
+            return False
+        worker = opts.get("worker", 0) if opts else 0
+        if (opts and opts.keys() != {"worker"}) or type(worker) is not int or worker < 0:
+            return False
+        slots: list[Slot] = []
+        for t, frame in zip(tensors, incoming.frames, strict=True):
+            try:
+                slot = self.state.slots.get((t[0], t[1]))
+            except (TypeError, IndexError, KeyError):  # not a list of a hashable key
+                return False
+            if slot is None or t != slot.whole_push() or frame.nbytes != slot.value.nbytes \
+                    or frame.nbytes > self.frame_bytes or any(s is slot for s in slots):
+                return False
+            slots.append(slot)
+        try:
+            if self.state.sessions.duplicate(cid, seq) is not None:
+                return False  # answered from the session table by the general path
+        except PServerError:  # too old to tell: the general path refuses it
+            return False
+        try:
+            if opts:
+                self._seen_worker(worker)
+            self.state.apply_whole_pushes(slots, incoming.frames, worker)
+            self.state.sessions.record(cid, seq, {})
+            if kind == Kind.PUSH_PULL:
+                self._send_values(incoming, None, slots, encode_plain_reply(rid, tensors))
+            else:
+                self._reply_raw(incoming, encode_plain_reply(rid))
+            if self._parked:
+                self._release_parked()
+        except Exception as exc:
+            log.exception("shard %d: internal error on %s", self.shard_id, Kind(kind).name)
+            self._error(incoming, Header(Kind(kind), rid),
+                        InternalError(f"{type(exc).__name__}: {exc}"))
+        return True
 
     def _dispatch(self, incoming: Incoming, header: Header) -> None:
         kind = header.kind
@@ -255,6 +315,9 @@ class ShardServer:
         worker = header.opts.get("worker")
         if type(worker) is not int or worker < 0:
             return
+        self._seen_worker(worker)
+
+    def _seen_worker(self, worker: int) -> None:
         self._last_seen[worker] = time.monotonic()
         if worker in self.state.dropped:
             log.warning("shard %d: worker %d is back; it resumes at the current step",
@@ -337,10 +400,12 @@ class ShardServer:
     def _data(header: Header, incoming: Incoming) -> list[list[memoryview]]:
         return split_by_tensor(header, incoming.frames)
 
-    def _send_values(self, incoming: Incoming, header: Header, slots: Sequence[Slot]) -> None:
+    def _send_values(self, incoming: Incoming, header: Header | None, slots: Sequence[Slot],
+                     encoded: bytes | None = None) -> None:
         """Reply with the current values, sent without copying. Each slot leases its
         memory to the send, so a push arriving before libzmq has sent the bytes
-        writes into a copy instead (copy-on-write)."""
+        writes into a copy instead (copy-on-write). ``encoded``: the reply header,
+        already made (then ``header`` is not used)."""
         metas: list[TensorMeta] = []
         frames: list[memoryview] = []
         owners: list[Slot] = []
@@ -348,12 +413,13 @@ class ShardServer:
         for s in slots:
             host = self.state.memory.read(s.value)  # a fresh host copy when on a GPU
             parts = split_frames(host, self.frame_bytes)
-            metas.append(s.meta(len(parts)))
+            if encoded is None:
+                metas.append(s.meta(len(parts)))
             frames.extend(parts)
             owners.extend([s] * len(parts) if on_host else [])
         trackers = self.endpoint.send_tracked(
-            reply_header(header, tensors=tuple(metas)), frames, identity=incoming.identity
-        )
+            encoded if encoded is not None else reply_header(header, tensors=tuple(metas)),
+            frames, identity=incoming.identity)
         if trackers is None:
             log.warning("shard %d: reply to a client with a full queue dropped", self.shard_id)
             return
@@ -389,6 +455,9 @@ class ShardServer:
             "uptime_s": round(time.time() - self.started, 3),
             "endpoints": self.endpoints,
         }
+
+
+_WHOLE_KINDS = (int(Kind.PUSH), int(Kind.PUSH_PULL))
 
 
 def _pushed_parts(header: Header) -> tuple[TensorMeta, ...]:

@@ -59,6 +59,17 @@ class Slot:
     # Readers still holding ``value``'s memory (objects with a ``done`` flag, e.g.
     # zero-copy sends in flight). Writing while one is not done copies first.
     leases: list[Any] = field(default_factory=list)
+    _whole: list[Any] | None = field(default=None, repr=False, compare=False)
+
+    def whole_push(self) -> list[Any] | None:
+        """The wire descriptor of a push of this whole part in one frame of its own
+        dtype, when such a push needs no check beyond matching it exactly: async mode,
+        no compression, an optimizer that updates this dtype. None otherwise."""
+        if self._whole is None and self.mode == "async" and self.compression == ("none",) \
+                and (self.optimizer.name == "sum" or self.dtype in ("float32", "float64")):
+            self._whole = [self.key, self.part, self.dtype, list(self.shape), self.offset,
+                           self.count, 1]
+        return self._whole
 
     def lease(self, reader: Any) -> None:
         """Record that ``reader`` uses ``value``'s memory until ``reader.done``."""
@@ -338,20 +349,34 @@ class ShardStateMachine:
             if slot.mode == "sync":
                 self._buffer(slot, step, worker, frames, t)
                 continue
-            value = slot.writable()
-            slot.step += 1
-            pos = 0
-            for frame in frames:
-                grad = np.frombuffer(frame, dtype=t.np_dtype)
-                if grad.dtype != value.dtype:  # a float16/bfloat16 gradient: widen it
-                    grad = grad.astype(value.dtype)
-                grad = self.memory.gradient(grad)
-                end = pos + grad.size
-                whole = pos == 0 and end == value.size  # one frame: no state slices
-                state = slot.state if whole else {k: v[pos:end] for k, v in slot.state.items()}
-                slot.optimizer.apply(value[pos:end], grad, state, slot.step, self.backend)
-                pos = end
+            self._update(slot, frames, t.np_dtype)
         self.applied_index += 1
+
+    def apply_whole_pushes(self, slots: Sequence[Slot], frames: Sequence[Any],
+                           worker: int) -> None:
+        """``apply_push`` of async parts, each pushed whole in one frame of its dtype
+        (the checks were done by matching ``Slot.whole_push``)."""
+        for slot, frame in zip(slots, frames, strict=True):
+            slot.worker_steps[worker] = slot.worker_steps.get(worker, 0) + 1
+            self._update(slot, (frame,), slot.value.dtype)
+        self.applied_index += 1
+
+    def _update(self, slot: Slot, frames: Sequence[Any], dtype: np.dtype[Any]) -> None:
+        """One optimizer step of an async part with its gradient in ``frames``, frame
+        by frame (no reassembly)."""
+        value = slot.writable()
+        slot.step += 1
+        pos = 0
+        for frame in frames:
+            grad = np.frombuffer(frame, dtype=dtype)
+            if grad.dtype != value.dtype:  # a float16/bfloat16 gradient: widen it
+                grad = grad.astype(value.dtype)
+            grad = self.memory.gradient(grad)
+            end = pos + grad.size
+            whole = pos == 0 and end == value.size  # one frame: no state slices
+            state = slot.state if whole else {k: v[pos:end] for k, v in slot.state.items()}
+            slot.optimizer.apply(value[pos:end], grad, state, slot.step, self.backend)
+            pos = end
 
     # -- reads ----------------------------------------------------------------
 

@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pserver.protocol.codec import check_frames, decode_header, encode_header
+from pserver.protocol.codec import (
+    check_frames,
+    decode_header,
+    encode_header,
+    encode_plain_reply,
+    plain_fields,
+    reply_header,
+)
 from pserver.protocol.errors import (
     ProtocolError,
     RequestTooLarge,
@@ -313,3 +320,41 @@ def test_a_kind_of_the_wrong_type_is_unknown_not_a_crash(kind: Any) -> None:
     with pytest.raises(UnknownKind) as info:
         decode_header(raw, Limits())
     assert info.value.details["request_id"] == 7
+
+
+@given(rid=st.integers(0, U64), cid=st.binary(max_size=64), seq=st.integers(0, U64),
+       worker=st.integers(0, 1000), n=st.integers(0, 3))
+def test_plain_fields_give_what_decode_header_gives(rid: int, cid: bytes, seq: int,
+                                                    worker: int, n: int) -> None:
+    tensors = [_tensor_wire(f"k{i}", count=4) for i in range(n)]
+    raw = _pack(_wire(k=int(Kind.PUSH_PULL), id=rid, cid=cid, seq=seq, t=tensors,
+                      o={"worker": worker}))
+    header = decode_header(raw, LIMITS)
+    assert plain_fields(raw, LIMITS) == (int(header.kind), header.request_id, header.client_id,
+                                         header.seq, header.opts, tensors)
+
+
+@pytest.mark.parametrize("wire", [
+    _wire(v=2), _wire(v=True), _wire(k=999), _wire(k=True), _wire(id=-1), _wire(id="7"),
+    _wire(cid=b"x" * 65), _wire(cid="text"), _wire(seq=-1), _wire(o=[1]), _wire(t={"a": 1}),
+    _wire(e=3), _wire(m="an error"), _wire(r=[["k", 0]]), _wire(extra=1),
+    _wire(t=[_tensor_wire()] * (LIMITS.max_keys + 1)), [1, 2, 3],
+])
+def test_plain_fields_leave_anything_else_to_decode_header(wire: Any) -> None:
+    assert plain_fields(_pack(wire), LIMITS) is None
+
+
+def test_plain_fields_refuse_what_is_not_msgpack_or_too_large() -> None:
+    assert plain_fields(b"\xc1", LIMITS) is None
+    assert plain_fields(_pack(_wire()) + b"\x00", LIMITS) is None  # extra data
+    small = Limits(max_header_bytes=16)
+    assert plain_fields(_pack(_wire(cid=b"x" * 32)), small) is None
+
+
+def test_a_plain_reply_is_encoded_as_encode_header_would() -> None:
+    metas = (TensorMeta("w", 0, "float32", (4,), 0, 4, 1),
+             TensorMeta("v", 2, "int64", (9,), 3, 2, 1))
+    request = Header(Kind.PUSH_PULL, 12345)
+    assert encode_plain_reply(12345) == encode_header(reply_header(request))
+    assert encode_plain_reply(12345, [m.to_wire() for m in metas]) == encode_header(
+        reply_header(request, tensors=metas))
