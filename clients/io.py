@@ -38,7 +38,7 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from pserver.protocol.codec import check_frames, decode_header
+from pserver.protocol.codec import check_frames, decode_header, plain_fields
 from pserver.protocol.errors import ErrorCode, PServerError, Unavailable, error_from_code
 from pserver.protocol.schema import MUTATING_KINDS, Header, Kind, Limits
 from pserver.protocol.transport import Endpoint, Incoming, Monitor, Poller
@@ -54,6 +54,7 @@ ATTEMPT_S = 0.3  # unanswered this long: check that the replica still leads
 PROBE_S = 0.2  # a replica that does not answer a ping within this is taken for gone
 GONE_S = 0.5  # and its name in NotLeader hints is disregarded for this long
 RETRY_S = 0.03  # a NotLeader without a usable hint: wait this long before the next try
+_REPLY = int(Kind.REPLY)
 
 
 class Completion(Generic[T]):
@@ -394,8 +395,40 @@ class IOEngine:
             self._follow(shard, header.opts.get("leader_hint"), replica)
             self._resend_shard(shard, replica)
 
+    def _plain_reply(self, incoming: Incoming) -> tuple[_Request, Header] | None:
+        """A pending request and its reply's header, when the reply is a plain one: no
+        error or opts, and either no tensors and no frames or exactly the tensors the
+        request sent (a PUSH_PULL's values), in frames that fit them. Such a header
+        is what ``decode_header`` would give, made without decoding each descriptor
+        again. None for any other reply (the general path decodes it)."""
+        fields = plain_fields(incoming.header, self._limits)
+        if fields is None:
+            return None
+        kind, rid, cid, seq, opts, tensors = fields
+        req = self._pending.get(rid)
+        if kind != _REPLY or opts or req is None:
+            return None
+        sent = req.header.tensors
+        if not tensors:
+            return (req, Header(Kind.REPLY, rid, client_id=cid, seq=seq)) \
+                if not incoming.frames else None
+        if len(tensors) != len(sent) or any(w != t.to_wire() for w, t in zip(tensors, sent,
+                                                                             strict=True)):
+            return None
+        header = Header(Kind.REPLY, rid, client_id=cid, seq=seq, tensors=sent)
+        try:
+            check_frames(header, [f.nbytes for f in incoming.frames], self._limits)
+        except PServerError:
+            return None
+        return req, header
+
     def _receive(self, shard: int, replica: int, ep: Endpoint) -> None:
         while (incoming := ep.recv()) is not None:
+            plain = self._plain_reply(incoming)
+            if plain is not None:
+                del self._pending[plain[1].request_id]
+                self._deliver(plain[0], plain[1], incoming, shard)
+                continue
             try:
                 header = decode_header(incoming.header, self._limits)
             except PServerError as exc:
@@ -418,25 +451,31 @@ class IOEngine:
                     else:  # no leader known (an election is on): do not spin
                         self._later.append((time.monotonic() + RETRY_S, req))
                 continue  # from a replica it no longer waits on: ignore
-            req = self._pending.pop(header.request_id, None)
-            if req is None:
+            done = self._pending.pop(header.request_id, None)
+            if done is None:
                 log.debug(
                     "late or unknown reply %d from shard %d dropped", header.request_id, shard
                 )
                 continue
-            try:
-                if header.error:
-                    details = dict(header.opts)
-                    details.setdefault("shard", shard)
-                    req.on_error(error_from_code(header.error, header.message, details))
-                    continue
+            if header.error:
+                details = dict(header.opts)
+                details.setdefault("shard", shard)
+                done.on_error(error_from_code(header.error, header.message, details))
+                continue
+            self._deliver(done, header, incoming, shard, check=True)
+
+    def _deliver(self, req: _Request, header: Header, incoming: Incoming, shard: int,
+                 check: bool = False) -> None:
+        """Hand a successful reply to its request (``check``: its frames first)."""
+        try:
+            if check:
                 check_frames(header, [f.nbytes for f in incoming.frames], self._limits)
-                req.on_reply(header, incoming)
-            except PServerError as exc:
-                req.on_error(exc)
-            except Exception as exc:
-                log.exception("reply handler failed")
-                req.on_error(PServerError(f"reply handling failed: {exc!r}"))
+            req.on_reply(header, incoming)
+        except PServerError as exc:
+            req.on_error(exc)
+        except Exception as exc:
+            log.exception("reply handler failed (shard %d)", shard)
+            req.on_error(PServerError(f"reply handling failed: {exc!r}"))
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -6,13 +6,14 @@ import threading
 from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
 import pytest
 import zmq
 
 from pserver.clients.io import Completion, IOEngine
 from pserver.protocol.codec import decode_header, encode_header, reply_header
-from pserver.protocol.errors import Unavailable
-from pserver.protocol.schema import Header, Kind, Limits
+from pserver.protocol.errors import ProtocolError, Unavailable
+from pserver.protocol.schema import Header, Kind, Limits, TensorMeta
 
 
 @pytest.fixture
@@ -217,4 +218,41 @@ def test_a_caller_whose_reply_another_thread_receives_gets_its_result(router: An
     for t in threads:
         t.join(30.0)
     assert results == {11: 11, 12: 12}
+    engine.close()
+
+
+def test_a_reply_with_the_sent_tensors_or_none_is_delivered_as_decode_header_gives_it(
+        router: Any) -> None:
+    """Replies the engine takes without decoding each descriptor again (the values of
+    a PUSH_PULL, a bare acknowledgement) reach the request as the same Header that
+    decode_header makes; replies with other tensors, opts or unfitting frames go
+    through the general path, which refuses frames that do not fit."""
+    ctx, sock, address = router
+    engine = IOEngine(ctx, {0: [address]}, Limits())
+    metas = (TensorMeta("w", 0, "float32", (4,), 0, 4, 1),)
+    values = np.arange(4, dtype=np.float32).tobytes()
+    cases = [  # (reply header, reply frames, what arrives)
+        (reply_header(Header(Kind.PUSH_PULL, 1), tensors=metas), [values], "plain"),
+        (reply_header(Header(Kind.PUSH, 2)), [], "plain"),
+        (reply_header(Header(Kind.PUSH_PULL, 3), tensors=(
+            TensorMeta("w", 0, "float32", (2, 2), 0, 4, 1),)), [values], "decoded"),
+        (reply_header(Header(Kind.INIT, 4), opts={"created": [True]}), [], "decoded"),
+        (reply_header(Header(Kind.PUSH_PULL, 5), tensors=metas), [values[:8]], "refused"),
+    ]
+    for reply, frames, expect in cases:
+        got: Future[Any] = Future()
+        request = Header(Kind.PUSH_PULL, reply.request_id, tensors=metas)
+        engine.submit(0, request, [values], 10.0, lambda h, inc, f=got: f.set_result(
+            (h, [bytes(x) for x in inc.frames])), got.set_exception)
+        assert sock.poll(10_000)
+        identity, *_ = sock.recv_multipart()
+        sock.send_multipart([identity, encode_header(reply), *frames])
+        if expect == "refused":
+            with pytest.raises(ProtocolError):
+                got.result(timeout=10)
+            continue
+        header, data = got.result(timeout=10)
+        assert header == decode_header(encode_header(reply), Limits()) and data == frames
+        if expect == "plain" and reply.tensors:
+            assert header.tensors is request.tensors  # the sent descriptors, not new ones
     engine.close()
