@@ -222,6 +222,8 @@ class ShardServer:
                     or frame.nbytes > self.frame_bytes or any(s is slot for s in slots):
                 return False
             slots.append(slot)
+        if sum(s.value.nbytes for s in slots) > self.limits.max_request_bytes:
+            return False  # the general path refuses it
         try:
             if self.state.sessions.duplicate(cid, seq) is not None:
                 return False  # answered from the session table by the general path

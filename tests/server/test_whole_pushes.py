@@ -140,12 +140,13 @@ def test_a_repeated_push_is_answered_without_being_applied_again(
 
 @pytest.mark.parametrize("case", ["sync key", "float16 gradient", "wrong shape",
                                   "part twice", "other option", "unknown key", "short frame",
-                                  "frames missing"])
+                                  "frames missing", "over the request cap"])
 def test_anything_else_takes_the_general_path(rigs: tuple[Rig, Rig], case: str) -> None:
     """Pushes the whole-push path must not take: each gets the general path's reply
     (an error where the request is wrong), and the state is the general path's."""
     for rig in rigs:
-        rig.init("w", np.zeros(4, np.float32), optimizer={"name": "sum"})
+        for key in "wxyzv":
+            rig.init(key, np.zeros(4, np.float32), optimizer={"name": "sum"})
         rig.init("s", np.zeros(4, np.float32), optimizer={"name": "sum"}, mode="sync",
                  workers=1)
     g = np.ones(4, np.float32)
@@ -160,8 +161,13 @@ def test_anything_else_takes_the_general_path(rigs: tuple[Rig, Rig], case: str) 
         "unknown key": ((_meta("nope", g),), [g.tobytes()], None),
         "short frame": ((w,), [g.tobytes()[:8]], None),
         "frames missing": ((w,), [], None),
+        "over the request cap": ((w, _meta("x", g), _meta("y", g), _meta("z", g), _meta("v", g)),
+                                 [g.tobytes()] * 5, None),
     }
     tensors, frames, opts = cases[case]
+    if case == "over the request cap":  # 5 x 16 bytes
+        for rig in rigs:
+            rig.server.limits = Limits(max_request_bytes=64)
     got = [rig.send(Kind.PUSH_PULL, tensors, frames, opts) for rig in rigs]
     assert got[0] == got[1]
     assert rigs[0].whole == 0
