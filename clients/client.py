@@ -446,13 +446,25 @@ class Client:
         on_reply: Callable[[int, Header, Incoming], None],
         finish: Callable[[], Any],
         count: int | None = None,
+        direct: bool = False,
     ) -> _Op:
         """Send every message at once; ``finish`` builds the result after the last reply.
         ``messages`` may be a generator of exactly ``count`` messages: each is sent as
-        soon as it is made, so the shards start on it while the next one is built."""
+        soon as it is made, so the shards start on it while the next one is built.
+        ``direct``: the caller waits for the result on this thread, so a single message
+        may go through ``IOEngine.exchange``."""
         if self._closed:
             raise PServerError("the client is closed")
         op = _Op(len(messages) if count is None else count, finish)  # type: ignore[arg-type]
+        if direct and count is None and len(messages) == 1:  # type: ignore[arg-type]
+            shard, header, frames = next(iter(messages))
+
+            def only(h: Header, inc: Incoming) -> None:
+                on_reply(0, h, inc)
+                op.done_one()
+
+            if self._io.exchange(shard, header, frames, self.timeout, only, op.fail):
+                return op
         for i, (shard, header, frames) in enumerate(messages):
 
             def reply(h: Header, inc: Incoming, i: int = i) -> None:
@@ -633,11 +645,11 @@ class Client:
         the caller must not change them until the Future is done."""
         return self._push(grads).as_future()
 
-    def _push(self, grads: Mapping[str, Array]) -> _Op:
+    def _push(self, grads: Mapping[str, Array], direct: bool = False) -> _Op:
         messages = self._dense_messages(Kind.PUSH, grads)
         if messages is None:
             messages = self._gradient_messages(Kind.PUSH, self._grad_pieces(grads))
-        return self._run(messages, lambda *_: None, lambda: None)
+        return self._run(messages, lambda *_: None, lambda: None, direct=direct)
 
     def push(self, grads: Mapping[str, Array]) -> None:
         """Apply each key's optimizer to its gradient; returns once applied.
@@ -645,7 +657,7 @@ class Client:
         With ``{"name": "sgd", "lr": 0.5}`` a push of ``g`` changes the value by
         exactly ``-0.5 * g``; with ``sum`` it adds ``g``.
         """
-        self._wait(lambda: self._push(grads))
+        self._wait(lambda: self._push(grads, direct=True))
 
     def _collect(self, out: dict[str, Array], make: Mapping[str, KeyMeta] | None = None,
                  ) -> Callable[[int, Header, Incoming], None]:
@@ -681,14 +693,15 @@ class Client:
         return on_reply
 
     def _pull(self, metas: Mapping[str, KeyMeta], out: dict[str, Array],
-              make: Mapping[str, KeyMeta] | None = None) -> _Op:
+              make: Mapping[str, KeyMeta] | None = None, direct: bool = False) -> _Op:
         pieces = [p for m in metas.values() for p in self._pieces(m)]
         messages: list[tuple[int, Header, list[Any]]] = []
         for shard, batch in self._batches(pieces):
             refs = tuple(KeyRef(p.meta.key, p.part) for p in batch)
             messages.append((shard, self._header(Kind.PULL, refs=refs), []))
         return self._run(messages, self._collect(out, make),
-                         lambda: {k: out[k] for k in metas})  # in the order asked
+                         lambda: {k: out[k] for k in metas},  # in the order asked
+                         direct=direct)
 
     def pull_into_async(self, out: Mapping[str, Array]) -> Future[dict[str, Array]]:
         """Zero-allocation ``pull``: writes each key's value into the caller's array
@@ -697,14 +710,14 @@ class Client:
         read or written until then."""
         return self._pull_into(out).as_future()
 
-    def _pull_into(self, out: Mapping[str, Array]) -> _Op:
+    def _pull_into(self, out: Mapping[str, Array], direct: bool = False) -> _Op:
         metas = self._ensure_meta(out.keys())
         self._check_outputs(out, metas)
-        return self._pull(metas, dict(out))
+        return self._pull(metas, dict(out), direct=direct)
 
     def pull_into(self, out: Mapping[str, Array]) -> dict[str, Array]:
         """See ``pull_into_async``."""
-        return self._wait(lambda: self._pull_into(out))
+        return self._wait(lambda: self._pull_into(out, direct=True))
 
     def pull_async(self, keys: Sequence[str]) -> Future[dict[str, Array]]:
         """``pull`` returning a Future."""
@@ -716,7 +729,7 @@ class Client:
         if isinstance(keys, str):
             raise TypeError("pull takes a list of keys, not a single string")
         metas = self._ensure_meta(keys)
-        return self._wait(lambda: self._pull(metas, {}, metas))
+        return self._wait(lambda: self._pull(metas, {}, metas, direct=True))
 
     def _check_outputs(self, out: Mapping[str, Array], metas: Mapping[str, KeyMeta]) -> None:
         for key, arr in out.items():
@@ -742,7 +755,8 @@ class Client:
         ``grads``, until the Future is done."""
         return self._push_pull_into(grads, out).as_future()
 
-    def _push_pull_into(self, grads: Mapping[str, Array], out: Mapping[str, Array]) -> _Op:
+    def _push_pull_into(self, grads: Mapping[str, Array], out: Mapping[str, Array],
+                        direct: bool = False) -> _Op:
         if set(out) != set(grads):
             raise InvalidArgument("push_pull_into needs exactly one output per pushed key")
         messages = self._dense_messages(Kind.PUSH_PULL, grads)
@@ -750,31 +764,31 @@ class Client:
             messages = self._gradient_messages(Kind.PUSH_PULL, self._grad_pieces(grads))
         self._check_outputs(out, self._ensure_meta(out.keys()))
         result = dict(out)
-        return self._run(messages, self._collect(result), lambda: result)
+        return self._run(messages, self._collect(result), lambda: result, direct=direct)
 
     def push_pull_into(
         self, grads: Mapping[str, Array], out: Mapping[str, Array]
     ) -> dict[str, Array]:
         """See ``push_pull_into_async``; returns ``out``."""
-        return self._wait(lambda: self._push_pull_into(grads, out))
+        return self._wait(lambda: self._push_pull_into(grads, out, direct=True))
 
     def push_pull_async(self, grads: Mapping[str, Array]) -> Future[dict[str, Array]]:
         """``push_pull`` returning a Future; the gradients must stay unchanged until
         it is done."""
         return self._push_pull(grads).as_future()
 
-    def _push_pull(self, grads: Mapping[str, Array]) -> _Op:
+    def _push_pull(self, grads: Mapping[str, Array], direct: bool = False) -> _Op:
         messages = self._dense_messages(Kind.PUSH_PULL, grads)
         if messages is None:
             messages = self._gradient_messages(Kind.PUSH_PULL, self._grad_pieces(grads))
         out: dict[str, Array] = {}
         return self._run(messages, self._collect(out, self._ensure_meta(grads.keys())),
-                         lambda: {k: out[k] for k in grads})
+                         lambda: {k: out[k] for k in grads}, direct=direct)
 
     def push_pull(self, grads: Mapping[str, Array]) -> dict[str, Array]:
         """Push, then return each key's value right after this push was applied,
         in one round trip."""
-        return self._wait(lambda: self._push_pull(grads))
+        return self._wait(lambda: self._push_pull(grads, direct=True))
 
     # -- sparse tables ----------------------------------------------------------------
 

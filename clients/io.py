@@ -54,6 +54,7 @@ ATTEMPT_S = 0.3  # unanswered this long: check that the replica still leads
 PROBE_S = 0.2  # a replica that does not answer a ping within this is taken for gone
 GONE_S = 0.5  # and its name in NotLeader hints is disregarded for this long
 RETRY_S = 0.03  # a NotLeader without a usable hint: wait this long before the next try
+DIRECT_MS = 2  # ``exchange`` waits this long on the one socket, then as ``wait`` does
 _REPLY = int(Kind.REPLY)
 
 
@@ -216,6 +217,33 @@ class IOEngine:
             with self._cond:
                 self._cond.notify()
 
+    def exchange(self, shard: int, header: Header, frames: Sequence[Any], timeout: float,
+                 on_reply: ReplyCallback, on_error: ErrorCallback) -> bool:
+        """``submit`` for a caller that will ``wait`` for this one request: when no
+        other request is queued or pending, no thread drives and the shard has one
+        replica, send it from this thread and wait up to ``DIRECT_MS`` in a blocking
+        receive on that shard's socket, as a raw round trip does (no poller, no
+        queue). A reply that takes longer, or any other message, is then handled by
+        ``wait`` as usual. False, having done nothing, when the engine is busy: then
+        ``submit``."""
+        eps = self._sockets.get(shard)
+        if eps is None or len(eps) != 1 or self._queue or self._pending or self._later \
+                or self._stopping.is_set() or not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self._queue or self._pending or self._later:
+                return False
+            req = _Request(shard, header, frames, time.monotonic() + timeout, timeout,
+                           on_reply, on_error)
+            self._number(req)
+            self._send(req)
+            rid, ep = header.request_id, eps[0]
+            while rid in self._pending and (incoming := ep.recv_within(DIRECT_MS)) is not None:
+                self._route(shard, 0, incoming)
+            return True
+        finally:
+            self._lock.release()
+
     def set_heartbeat(self, interval: float,
                       make: Callable[[], list[tuple[int, Header]]]) -> None:
         """Send the messages ``make()`` returns every ``interval`` seconds, from the
@@ -329,13 +357,17 @@ class IOEngine:
             if not eps:
                 req.on_error(Unavailable(f"no endpoint for shard {req.shard}", shard=req.shard))
                 continue
-            if req.header.kind in MUTATING_KINDS and req.header.seq == 0:
-                # Sequence numbers count up per shard in send order; a retry resends
-                # the same header, hence the same number, and the shard's session
-                # table applies each number once (in whatever order they arrive).
-                self._seqs[req.shard] = self._seqs.get(req.shard, 0) + 1
-                req.header.seq = self._seqs[req.shard]
+            self._number(req)
             self._send(req)
+
+    def _number(self, req: _Request) -> None:
+        """Give a mutation its sequence number, once (under the lock, at first send)."""
+        if req.header.kind in MUTATING_KINDS and req.header.seq == 0:
+            # Sequence numbers count up per shard in send order; a retry resends
+            # the same header, hence the same number, and the shard's session
+            # table applies each number once (in whatever order they arrive).
+            self._seqs[req.shard] = self._seqs.get(req.shard, 0) + 1
+            req.header.seq = self._seqs[req.shard]
 
     def _send(self, req: _Request) -> None:
         """Send ``req`` to the replica taken for its shard's leader."""
@@ -424,45 +456,49 @@ class IOEngine:
 
     def _receive(self, shard: int, replica: int, ep: Endpoint) -> None:
         while (incoming := ep.recv()) is not None:
-            plain = self._plain_reply(incoming)
-            if plain is not None:
-                del self._pending[plain[1].request_id]
-                self._deliver(plain[0], plain[1], incoming, shard)
-                continue
-            try:
-                header = decode_header(incoming.header, self._limits)
-            except PServerError as exc:
-                log.warning("shard %d sent an unreadable reply: %s", shard, exc)
-                rid = exc.details.get("request_id")
-                req = self._pending.pop(rid, None) if isinstance(rid, int) else None
-                if req is not None:
-                    req.on_error(exc)
-                continue
-            if header.request_id >= 1 << 62:
-                if not header.error:
-                    self._probe_answer(shard, replica, header)
-                continue
-            req = self._pending.get(header.request_id)
-            if req is not None and header.error == ErrorCode.NOT_LEADER:
-                if replica == req.target and time.monotonic() < req.deadline:
-                    del self._pending[header.request_id]
-                    if self._follow(shard, header.opts.get("leader_hint"), replica):
-                        self._send(req)  # same id and seq: applied at most once
-                    else:  # no leader known (an election is on): do not spin
-                        self._later.append((time.monotonic() + RETRY_S, req))
-                continue  # from a replica it no longer waits on: ignore
-            done = self._pending.pop(header.request_id, None)
-            if done is None:
-                log.debug(
-                    "late or unknown reply %d from shard %d dropped", header.request_id, shard
-                )
-                continue
-            if header.error:
-                details = dict(header.opts)
-                details.setdefault("shard", shard)
-                done.on_error(error_from_code(header.error, header.message, details))
-                continue
-            self._deliver(done, header, incoming, shard, check=True)
+            self._route(shard, replica, incoming)
+
+    def _route(self, shard: int, replica: int, incoming: Incoming) -> None:
+        """Take one message from ``replica`` of ``shard``: a reply goes to its request."""
+        plain = self._plain_reply(incoming)
+        if plain is not None:
+            del self._pending[plain[1].request_id]
+            self._deliver(plain[0], plain[1], incoming, shard)
+            return
+        try:
+            header = decode_header(incoming.header, self._limits)
+        except PServerError as exc:
+            log.warning("shard %d sent an unreadable reply: %s", shard, exc)
+            rid = exc.details.get("request_id")
+            req = self._pending.pop(rid, None) if isinstance(rid, int) else None
+            if req is not None:
+                req.on_error(exc)
+            return
+        if header.request_id >= 1 << 62:
+            if not header.error:
+                self._probe_answer(shard, replica, header)
+            return
+        req = self._pending.get(header.request_id)
+        if req is not None and header.error == ErrorCode.NOT_LEADER:
+            if replica == req.target and time.monotonic() < req.deadline:
+                del self._pending[header.request_id]
+                if self._follow(shard, header.opts.get("leader_hint"), replica):
+                    self._send(req)  # same id and seq: applied at most once
+                else:  # no leader known (an election is on): do not spin
+                    self._later.append((time.monotonic() + RETRY_S, req))
+            return  # from a replica it no longer waits on: ignore
+        done = self._pending.pop(header.request_id, None)
+        if done is None:
+            log.debug(
+                "late or unknown reply %d from shard %d dropped", header.request_id, shard
+            )
+            return
+        if header.error:
+            details = dict(header.opts)
+            details.setdefault("shard", shard)
+            done.on_error(error_from_code(header.error, header.message, details))
+            return
+        self._deliver(done, header, incoming, shard, check=True)
 
     def _deliver(self, req: _Request, header: Header, incoming: Incoming, shard: int,
                  check: bool = False) -> None:

@@ -256,3 +256,66 @@ def test_a_reply_with_the_sent_tensors_or_none_is_delivered_as_decode_header_giv
         if expect == "plain" and reply.tensors:
             assert header.tensors is request.tensors  # the sent descriptors, not new ones
     engine.close()
+
+
+def _answer_one(sock: Any, delay_s: float = 0.0) -> threading.Thread:
+    """Answer the next request on ``sock`` (a bare ROUTER) from another thread, after
+    ``delay_s`` seconds."""
+    def run() -> None:
+        assert sock.poll(10_000)
+        identity, raw, *_ = sock.recv_multipart()
+        ready = threading.Event()
+        ready.wait(delay_s)  # the reply is late on purpose
+        sock.send_multipart([identity, encode_header(reply_header(decode_header(raw, Limits())))])
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def _exchange(engine: IOEngine, rid: int, kind: Kind = Kind.PUSH) -> tuple[bool, Completion[Any]]:
+    op: Completion[Any] = Completion()
+    engine.enter_wait()
+    try:
+        used = engine.exchange(0, Header(kind, rid), [], 10.0, lambda h, _: op.set_result(h),
+                               op.set_exception)
+        if not used:
+            engine.submit(0, Header(kind, rid), [], 10.0, lambda h, _: op.set_result(h),
+                          op.set_exception)
+        engine.wait(op)
+    finally:
+        engine.exit_wait()
+    return used, op
+
+
+def test_an_idle_engine_exchanges_one_request_on_the_calling_thread(router: Any) -> None:
+    """The reply is taken by the caller's blocking receive; a late one (after
+    DIRECT_MS) is taken by ``wait`` as usual; both get sequence numbers as sent."""
+    ctx, sock, address = router
+    engine = IOEngine(ctx, {0: [address]}, Limits())
+    for rid, delay in ((1, 0.0), (2, 0.05)):
+        answering = _answer_one(sock, delay)
+        used, op = _exchange(engine, rid)
+        answering.join(10)
+        assert used and op.done() and op.result().request_id == rid
+    assert engine._seqs == {0: 2}
+    engine.close()
+
+
+def test_a_busy_engine_or_a_replicated_shard_does_not_exchange(router: Any,
+                                                               two_replicas: Any) -> None:
+    ctx, sock, address = router
+    engine = IOEngine(ctx, {0: [address]}, Limits())
+    pending = _submit(engine, Kind.PULL, 7)  # in flight, not answered yet
+    assert not engine.exchange(0, Header(Kind.PULL, 8), [], 10.0, lambda *_: None,
+                               lambda _: None)
+    assert sock.poll(10_000)
+    identity, raw = sock.recv_multipart()
+    sock.send_multipart([identity, encode_header(reply_header(decode_header(raw, Limits())))])
+    assert pending.result(timeout=10).request_id == 7
+    engine.close()
+    rctx, _socks, addrs = two_replicas
+    replicated = IOEngine(rctx, {0: addrs}, Limits())
+    assert not replicated.exchange(0, Header(Kind.PULL, 9), [], 10.0, lambda *_: None,
+                                   lambda _: None)
+    replicated.close()
