@@ -227,11 +227,11 @@ class IOEngine:
         ``wait`` as usual. False, having done nothing, when the engine is busy: then
         ``submit``."""
         eps = self._sockets.get(shard)
-        if eps is None or len(eps) != 1 or self._queue or self._pending or self._later \
-                or self._stopping.is_set() or not self._lock.acquire(blocking=False):
+        if eps is None or len(eps) != 1 or self._stopping.is_set() \
+                or not self._lock.acquire(blocking=False):
             return False
         try:
-            if self._queue or self._pending or self._later:
+            if self._queue or self._pending or self._later:  # checked under the lock
                 return False
             req = _Request(shard, header, frames, time.monotonic() + timeout, timeout,
                            on_reply, on_error)

@@ -124,6 +124,15 @@ def _tensor_checked(raw: Any, limits: Limits) -> TensorMeta:
     return TensorMeta(key, part, dtype, shape, offset, count, nframes)
 
 
+def _unpack(raw: bytes | memoryview, limits: Limits) -> Any:
+    """The msgpack value of a header. Arrays and maps may be as long as the header
+    allows (the header cap bounds the work); no ext types."""
+    cap = limits.max_header_bytes
+    return msgpack.unpackb(raw, raw=False, strict_map_key=True, max_ext_len=0,
+                           max_str_len=cap, max_bin_len=cap, max_array_len=cap,
+                           max_map_len=cap)
+
+
 def decode_header(raw: bytes | memoryview, limits: Limits) -> Header:
     """msgpack bytes -> Header, rejecting anything malformed or over a cap."""
     if len(raw) > limits.max_header_bytes:
@@ -132,18 +141,8 @@ def decode_header(raw: bytes | memoryview, limits: Limits) -> Header:
         )
     # Arrays may be as long as the header allows (the header cap bounds the work),
     # so a count above max_keys is reported as too large rather than malformed.
-    cap = limits.max_header_bytes
     try:
-        wire = msgpack.unpackb(
-            raw,
-            raw=False,
-            strict_map_key=True,
-            max_str_len=limits.max_header_bytes,
-            max_bin_len=limits.max_header_bytes,
-            max_array_len=cap,
-            max_map_len=cap,
-            max_ext_len=0,
-        )
+        wire = _unpack(raw, limits)
     except (
         ValueError,
         TypeError,
@@ -180,11 +179,7 @@ def plain_fields(raw: bytes | memoryview, limits: Limits,
     if len(raw) > limits.max_header_bytes:
         return None
     try:
-        wire = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_ext_len=0,
-                               max_str_len=limits.max_header_bytes,
-                               max_bin_len=limits.max_header_bytes,
-                               max_array_len=limits.max_header_bytes,
-                               max_map_len=limits.max_header_bytes)
+        wire = _unpack(raw, limits)
     except Exception:  # decode_header reports it
         return None
     if type(wire) is not dict or not wire.keys() <= _PLAIN_FIELDS:

@@ -213,16 +213,20 @@ class ShardServer:
         if (opts and opts.keys() != {"worker"}) or type(worker) is not int or worker < 0:
             return False
         slots: list[Slot] = []
+        seen: set[int] = set()
+        total = 0
         for t, frame in zip(tensors, incoming.frames, strict=True):
             try:
                 slot = self.state.slots.get((t[0], t[1]))
             except (TypeError, IndexError, KeyError):  # not a list of a hashable key
                 return False
             if slot is None or t != slot.whole_push() or frame.nbytes != slot.value.nbytes \
-                    or frame.nbytes > self.frame_bytes or any(s is slot for s in slots):
+                    or frame.nbytes > self.frame_bytes or id(slot) in seen:
                 return False
             slots.append(slot)
-        if sum(s.value.nbytes for s in slots) > self.limits.max_request_bytes:
+            seen.add(id(slot))
+            total += frame.nbytes
+        if total > self.limits.max_request_bytes:
             return False  # the general path refuses it
         try:
             if self.state.sessions.duplicate(cid, seq) is not None:

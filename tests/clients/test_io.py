@@ -258,46 +258,37 @@ def test_a_reply_with_the_sent_tensors_or_none_is_delivered_as_decode_header_giv
     engine.close()
 
 
-def _answer_one(sock: Any, delay_s: float = 0.0) -> threading.Thread:
-    """Answer the next request on ``sock`` (a bare ROUTER) from another thread, after
-    ``delay_s`` seconds."""
-    def run() -> None:
-        assert sock.poll(10_000)
-        identity, raw, *_ = sock.recv_multipart()
-        ready = threading.Event()
-        ready.wait(delay_s)  # the reply is late on purpose
-        sock.send_multipart([identity, encode_header(reply_header(decode_header(raw, Limits())))])
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t
-
-
-def _exchange(engine: IOEngine, rid: int, kind: Kind = Kind.PUSH) -> tuple[bool, Completion[Any]]:
-    op: Completion[Any] = Completion()
-    engine.enter_wait()
-    try:
-        used = engine.exchange(0, Header(kind, rid), [], 10.0, lambda h, _: op.set_result(h),
-                               op.set_exception)
-        if not used:
-            engine.submit(0, Header(kind, rid), [], 10.0, lambda h, _: op.set_result(h),
-                          op.set_exception)
-        engine.wait(op)
-    finally:
-        engine.exit_wait()
-    return used, op
+def _answer(sock: Any) -> None:
+    """Answer the next request on ``sock`` (a bare ROUTER)."""
+    assert sock.poll(10_000)
+    identity, raw, *_ = sock.recv_multipart()
+    sock.send_multipart([identity, encode_header(reply_header(decode_header(raw, Limits())))])
 
 
 def test_an_idle_engine_exchanges_one_request_on_the_calling_thread(router: Any) -> None:
-    """The reply is taken by the caller's blocking receive; a late one (after
-    DIRECT_MS) is taken by ``wait`` as usual; both get sequence numbers as sent."""
+    """An idle engine exchanges a request (a reply within DIRECT_MS is taken by the
+    caller's blocking receive); a reply sent only after ``exchange`` returned is taken
+    by ``wait`` as usual.
+    Both requests get sequence numbers as sent."""
     ctx, sock, address = router
     engine = IOEngine(ctx, {0: [address]}, Limits())
-    for rid, delay in ((1, 0.0), (2, 0.05)):
-        answering = _answer_one(sock, delay)
-        used, op = _exchange(engine, rid)
+    for rid, late in ((1, False), (2, True)):
+        op: Completion[Any] = Completion()
+        engine.enter_wait()
+        try:
+            answering = threading.Thread(target=_answer, args=(sock,))
+            if not late:
+                answering.start()
+            used = engine.exchange(0, Header(Kind.PUSH, rid), [], 10.0,
+                                   lambda h, _, op=op: op.set_result(h), op.set_exception)
+            assert used
+            if late:  # nothing was answered yet: still pending, for wait to finish
+                assert not op.done()
+                answering.start()
+            assert engine.wait(op).request_id == rid
+        finally:
+            engine.exit_wait()
         answering.join(10)
-        assert used and op.done() and op.result().request_id == rid
     assert engine._seqs == {0: 2}
     engine.close()
 
