@@ -198,8 +198,8 @@ def _sgd_momentum(p, g, buf, neg_lr, wd, momentum, keep, nesterov, first, clip):
 
 
 @cuda.jit(cache=True)
-def _adam(p, g, m, v, vmax, neg_step_size, bc2_sqrt, w1, b2, w2, eps, wd, decay, amsgrad,  # type: ignore[no-untyped-def]
-          clip):
+def _adam(p, g, m, v, vmax, neg_step_size, bc2_sqrt, w1, omw1, b2, w2, eps, wd, decay,  # type: ignore[no-untyped-def]
+          amsgrad, clip):
     for i in range(cuda.grid(1), p.size, cuda.gridsize(1)):
         gi = _clip(g[i], clip)
         pi = p[i] * decay  # decay is 1 - lr * weight_decay for AdamW, else 1
@@ -209,7 +209,7 @@ def _adam(p, g, m, v, vmax, neg_step_size, bc2_sqrt, w1, b2, w2, eps, wd, decay,
         if w1 < 0.5:  # noqa: SIM108 (torch's lerp: exp_avg.lerp_(grad, 1 - beta1))
             mi = mi + w1 * (gi - mi)
         else:
-            mi = gi - (gi - mi) * (1 - w1)
+            mi = gi - (gi - mi) * omw1  # 1 - w1 in p's dtype, as on the CPU
         vi = v[i] * b2 + w2 * gi * gi
         m[i] = mi
         v[i] = vi
@@ -284,15 +284,15 @@ def sgd_momentum(p: Any, g: Any, buf: Any, neg_lr: float, wd: float, momentum: f
 
 
 def adam(p: Any, g: Any, m: Any, v: Any, vmax: Any, neg_step_size: float, bc2_sqrt: float,
-         w1: float, b2: float, w2: float, eps: float, wd: float, decay: float, amsgrad: bool,
-         clip: float) -> None:
+         w1: float, omw1: float, b2: float, w2: float, eps: float, wd: float, decay: float,
+         amsgrad: bool, clip: float) -> None:
     """Adam / AdamW, one fused pass; ``vmax`` is read and written only with
     ``amsgrad`` (pass ``v`` otherwise)."""
     p, g, m, v, vmax = flat(p), flat(g), flat(m), flat(v), flat(vmax)
     if p.size:
         t = p.dtype.type
-        _launch(_adam, p.size)(p, g, m, v, vmax, t(neg_step_size), t(bc2_sqrt), t(w1), t(b2),
-                               t(w2), t(eps), t(wd), t(decay), bool(amsgrad), t(clip))
+        _launch(_adam, p.size)(p, g, m, v, vmax, t(neg_step_size), t(bc2_sqrt), t(w1), t(omw1),
+                               t(b2), t(w2), t(eps), t(wd), t(decay), bool(amsgrad), t(clip))
 
 
 def adagrad(p: Any, g: Any, s: Any, neg_clr: float, wd: float, eps: float,

@@ -326,13 +326,13 @@ def adam(param: Array, grad: Array, exp_avg: Array, exp_avg_sq: Array, *, step: 
             return
         kern = _cpu(p.size)
     t = p.dtype.type
-    bc1 = 1 - beta1**step
+    bc1, w1 = 1 - beta1**step, t(1 - beta1)
     if dev is None and vmax is None and weight_decay == 0 and clip_value == 0:
-        kern.adam_plain(p, g, m, v, t(-lr / bc1), t(np.sqrt(1 - beta2**step)), t(1 - beta1),
+        kern.adam_plain(p, g, m, v, t(-lr / bc1), t(np.sqrt(1 - beta2**step)), w1, t(1) - w1,
                         t(beta2), t(1 - beta2), t(eps))
     else:
         kern.adam(p, g, m, v, v if vmax is None else vmax, t(-lr / bc1),
-                  t(np.sqrt(1 - beta2**step)), t(1 - beta1), t(beta2), t(1 - beta2), t(eps),
+                  t(np.sqrt(1 - beta2**step)), w1, t(1) - w1, t(beta2), t(1 - beta2), t(eps),
                   t(0 if decoupled else weight_decay),
                   t(1 - lr * weight_decay) if decoupled else t(1), vmax is not None,
                   t(clip_value))

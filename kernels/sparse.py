@@ -163,6 +163,7 @@ def adam_rows(
         neg_step,
         bc2_sqrt,
         t(1 - beta1),
+        t(1) - t(1 - beta1),
         t(beta2),
         t(1 - beta2),
         t(eps),

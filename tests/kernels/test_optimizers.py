@@ -287,8 +287,8 @@ def test_serial_and_parallel_kernels_give_the_same_bits(name: str) -> None:
         if name == "sgd":
             kern.sgd(p, g, f32(-0.1), f32(0.01), f32(0))
         elif name == "adam":
-            kern.adam(p, g, m, v, v, f32(-0.01), f32(0.03), f32(0.1), f32(0.999), f32(0.001),
-                      f32(1e-8), f32(0), f32(1), False, f32(0))
+            kern.adam(p, g, m, v, v, f32(-0.01), f32(0.03), f32(0.1), f32(0.9), f32(0.999),
+                      f32(0.001), f32(1e-8), f32(0), f32(1), False, f32(0))
         else:
             kern.adagrad(p, g, m, f32(-0.1), f32(0), f32(1e-10), f32(0))
         outs.append(p.tobytes() + m.tobytes())
@@ -311,7 +311,7 @@ def test_plain_adam_gives_the_bits_of_the_general_kernel(beta1: float) -> None:
         p, m, v = p0.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)
         for step, g in enumerate(grads, 1):
             args = (f32(-0.01 / (1 - beta1**step)), f32(np.sqrt(1 - 0.999**step)),
-                    f32(1 - beta1), f32(0.999), f32(0.001), f32(1e-8))
+                    f32(1 - beta1), f32(1) - f32(1 - beta1), f32(0.999), f32(0.001), f32(1e-8))
             if plain:
                 _cpu.adam_plain(p, g, m, v, *args)
             else:
