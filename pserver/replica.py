@@ -42,6 +42,7 @@ from .raft import Config, Role
 from .raft.core import ProposalDropped
 from .replog import ReplicatedLog
 from .server import ShardServer
+from .shard import Slot
 from .wal import WALError
 
 log = logging.getLogger(__name__)
@@ -326,6 +327,25 @@ class ReplicaServer(ShardServer):
             for incoming, header in self._waiters.pop(token, []):
                 self._in_log.pop((header.client_id, header.seq), None)
                 self._error(incoming, header, exc)
+
+    def _readable(self, worker: int, header: Header, slots: Sequence[Slot]) -> bool:
+        """As on an unreplicated shard, and a PULL also waits for the pushes of the
+        same worker to those parts that this leader took before it: they are
+        counted in the worker's steps only once applied, so without this a pull sent
+        right after a sync push (still waiting for its step) read the step before."""
+        if not super()._readable(worker, header, slots):
+            return False
+        return header.kind != Kind.PULL or not self._pushing(worker, slots)
+
+    def _pushing(self, worker: int, slots: Sequence[Slot]) -> bool:
+        """Whether a push of ``worker`` to any of ``slots`` is taken but unanswered."""
+        if not self._waiters and not self._held:
+            return False
+        parts = {(s.key, s.part) for s in slots}
+        taken = [h for ws in self._waiters.values() for _, h in ws]
+        return any(h.kind in (Kind.PUSH, Kind.PUSH_PULL) and h.opts.get("worker", 0) == worker
+                   and any((t.key, t.part) in parts for t in h.tensors)
+                   for h in taken + [h for _, h, _ in self._held])
 
     def _serve_reads(self) -> None:
         keep = []

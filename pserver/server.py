@@ -349,11 +349,15 @@ class ShardServer:
         worker = header.opts.get("worker", 0)
         if type(worker) is not int:
             raise InvalidArgument(f"worker must be an integer, not {worker!r}")
-        if all(s.ready_for(worker, self.state.dropped) for s in slots):
+        if self._readable(worker, header, slots):
             self._send_values(incoming, header, slots)
         else:
             self._parked.append((time.monotonic() + PARK_LIMIT_S, worker, incoming, header,
                                  slots))
+
+    def _readable(self, worker: int, header: Header, slots: Sequence[Slot]) -> bool:
+        """Whether ``worker`` may read ``slots`` now (``Slot.ready_for``)."""
+        return all(s.ready_for(worker, self.state.dropped) for s in slots)
 
     def _release_parked(self) -> None:
         """Answer the parked reads that became readable; forget those older than any
@@ -361,7 +365,7 @@ class ShardServer:
         now, keep = time.monotonic(), []
         for entry in self._parked:
             expires, worker, incoming, header, slots = entry
-            if all(s.ready_for(worker, self.state.dropped) for s in slots):
+            if self._readable(worker, header, slots):
                 self._send_values(incoming, header, slots)
             elif expires > now:
                 keep.append(entry)

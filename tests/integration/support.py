@@ -137,18 +137,19 @@ class RawPeer:
         self.sock.close(0)
 
 
-def shard_statuses(client: Any) -> list[dict[str, Any]]:
-    """Each shard's own STATUS (fields the cluster status leaves out, such as
-    ``parked_reads``, ``barrier_waiting`` and ``workers``), asked directly."""
+def replica_statuses(client: Any) -> list[dict[str, Any]]:
+    """Each replica's own STATUS (fields the cluster status leaves out, such as
+    ``parked_reads``, ``barrier_waiting`` and ``workers``), asked directly: every
+    replica of every shard (only a leader holds reads and barriers)."""
     from pserver.protocol.schema import Kind
     from pserver.protocol.transport import call
 
-    return [call(client._ctx, shard["replicas"][0]["tcp"], Header(Kind.STATUS, 1),
-                 client.limits, 5.0)[0].opts
-            for shard in client.cluster_map["shards"]]
+    return [call(client._ctx, replica["tcp"], Header(Kind.STATUS, 1), client.limits,
+                 5.0)[0].opts
+            for shard in client.cluster_map["shards"] for replica in shard["replicas"]]
 
 
 def wait_parked(client: Any, n: int, timeout: float = 20.0) -> None:
     """Until the shards hold at least ``n`` reads back (sync/ssp) in all."""
-    wait_until(lambda: sum(s["parked_reads"] for s in shard_statuses(client)) >= n, timeout,
+    wait_until(lambda: sum(s["parked_reads"] for s in replica_statuses(client)) >= n, timeout,
                f"{n} parked reads")

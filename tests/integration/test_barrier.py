@@ -9,13 +9,13 @@ import pytest
 
 import pserver
 
-from .support import shard_statuses, wait_until
+from .support import replica_statuses, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 def _waiting(c: Any) -> int:
-    return sum(s["barrier_waiting"] for s in shard_statuses(c))
+    return sum(s["barrier_waiting"] for s in replica_statuses(c))
 
 
 def test_workers_wait_for_each_other_at_every_barrier(cluster4: Any) -> None:

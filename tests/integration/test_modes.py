@@ -12,7 +12,7 @@ import pytest
 
 import pserver
 
-from .support import shard_statuses, wait_parked, wait_until
+from .support import replica_statuses, wait_parked, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -68,6 +68,30 @@ def test_sync_push_pull_returns_the_same_step_to_every_worker(cluster4: Any) -> 
             w.close()
 
 
+@pytest.mark.parametrize("replicas", ["1", "3"])
+def test_a_pull_sent_after_a_sync_push_waits_for_that_step(cluster_factory: Any,
+                                                           replicas: str) -> None:
+    """DESIGN: in sync mode "a pull for the next step waits for it", also when the
+    pull follows a push without waiting for its answer (and on a replicated shard,
+    where the push waits on the leader for the other worker's)."""
+    cluster = cluster_factory("--shards", "2", "--replicas", replicas)
+    ws = _workers(cluster.address, 2)
+    try:
+        key = "modes/pipelined"
+        ws[0].init({key: np.zeros(8, np.float32)}, optimizer={"name": "sgd", "lr": 0.5},
+                   mode="sync")
+        pushed = ws[0].push_async({key: np.full(8, 1.0, np.float32)})
+        pulled = ws[0].pull_async([key])
+        wait_parked(ws[1], 1)
+        assert not pulled.done()
+        ws[1].push({key: np.full(8, 3.0, np.float32)})
+        np.testing.assert_array_equal(pulled.result(20)[key], np.full(8, -1.0, np.float32))
+        pushed.result(20)
+    finally:
+        for w in ws:
+            w.close()
+
+
 def test_ssp_holds_a_worker_too_far_ahead(cluster4: Any) -> None:
     ws = _workers(cluster4.address, 2)
     try:
@@ -103,7 +127,7 @@ def test_a_worker_outside_the_key_s_workers_is_refused(cluster4: Any) -> None:
 
 def _worker_states(c: Any) -> dict[str, str]:
     states: dict[str, str] = {}
-    for s in shard_statuses(c):
+    for s in replica_statuses(c):
         states.update(s["workers"])
     return states
 
