@@ -41,7 +41,7 @@ from .optim import warm_up
 from .raft import Config, Role
 from .raft.core import ProposalDropped
 from .replog import ReplicatedLog
-from .server import ShardServer
+from .server import DRAIN_BATCH, ShardServer
 from .shard import Slot
 from .wal import WALError
 
@@ -109,13 +109,13 @@ class ReplicaServer(ShardServer):
                     # Drain, but come back to the clock within half a heartbeat: a
                     # replica that stops ticking and answering peers looks dead.
                     until = time.monotonic() + self.heartbeat_s / 2
-                    for _ in range(64):
+                    handled = 0
+                    while incoming is not None:
                         self.handle(incoming)
-                        if time.monotonic() > until:
-                            break
+                        handled += 1
+                        if handled == DRAIN_BATCH or time.monotonic() > until:
+                            break  # before receiving the next: it would be dropped
                         incoming = self.endpoint.recv()
-                        if incoming is None:
-                            break
                 now = time.monotonic()
                 if now >= next_tick:
                     self.core.tick()

@@ -403,3 +403,18 @@ def test_sync_steps_give_the_same_bits_replicated_and_not_even_across_a_failover
     for k in want:
         assert np.array_equal(failed_over[k], want[k]), f"{k}: differs after a failover"
     wait_until(lambda: converged(c2.address), 30, "replicas converged after the failover")
+
+
+@pytest.mark.parametrize("replicas", ["1", "3"])
+def test_more_requests_at_once_than_one_drain_are_each_answered(cluster_factory: Any,
+                                                                replicas: str) -> None:
+    """A replica's loop handles at most a batch of messages between clock ticks; the
+    message after a full batch stays queued, not dropped (it was: 300 pushes at once
+    left 4 unanswered until their deadline)."""
+    cluster = cluster_factory("--shards", "1", "--replicas", replicas)
+    with pserver.connect(cluster.address, timeout=20.0) as c:
+        c.init({"many": np.zeros(4, np.float64)}, optimizer={"name": "sum"})
+        futures = [c.push_async({"many": np.ones(4)}) for _ in range(300)]
+        for f in futures:
+            assert f.result(timeout=60) is None
+        np.testing.assert_array_equal(c.pull(["many"])["many"], np.full(4, 300.0))
