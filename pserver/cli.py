@@ -50,6 +50,9 @@ def main(log_level: str) -> None:
 @main.command()
 @click.option("--shards", type=int, help="number of shards [1]")
 @click.option("--replicas", type=int, help="replicas per shard [3]")
+@click.option("--in-memory", "in_memory", is_flag=True, default=None,
+              help="with --replicas 1: keep no log on disk (faster; the state survives a "
+                   "clean stop, not a crash)")
 @click.option("--host", help="address to bind [127.0.0.1]")
 @click.option("--port", type=int, help="bootstrap port, 0 picks a free one [7000]")
 @click.option("--data-dir", help="where replicas keep their state [./pserver-data]")

@@ -32,6 +32,8 @@ class ServerConfig:
 
     shards: int = 1
     replicas: int = 3
+    # replicas=1 only: no log on disk (state survives clean stops, not crashes)
+    in_memory: bool = False
     host: str = "127.0.0.1"
     port: int = 7000
     data_dir: str = "./pserver-data"
@@ -57,6 +59,9 @@ class ServerConfig:
             raise ConfigError("shards must be at least 1")
         if self.replicas < 1:
             raise ConfigError("replicas must be at least 1")
+        if self.in_memory and self.replicas != 1:
+            raise ConfigError("in_memory needs replicas = 1: replicas keep each other "
+                              "identical through their logs")
         if not 0 <= self.port < 65536:
             raise ConfigError("port must be in [0, 65535]")
         if self.mode not in ("async", "sync", "ssp"):
@@ -81,6 +86,12 @@ class ServerConfig:
             max_frame_bytes=max(Limits.max_frame_bytes, self.frame_bytes),
         )
         object.__setattr__(self, "limits", limits)
+
+    @property
+    def logged(self) -> bool:
+        """Whether each shard is a Raft group with a log on disk (every shard unless
+        ``in_memory``, a group of one included)."""
+        return not self.in_memory
 
 
 def _fields() -> dict[str, dataclasses.Field[Any]]:

@@ -200,6 +200,11 @@ class ReplicaServer(ShardServer):
         data = split_by_tensor(header, frames)
         self.mutate(header, data, apply=False)
         route = self._steps.route(header) if self._own_term_applied() else aggregate.HOLD
+        if route == aggregate.AGGREGATE and len(self.addresses) == 1:
+            # A group of one sends nothing to peers: logging each sync push by itself
+            # costs only its own disk, and acknowledges it once buffered, as an
+            # in-memory shard does, not once the whole step (every worker) is in.
+            route = aggregate.LOG
         if route == aggregate.HOLD:
             self._held.append((incoming, header, time.monotonic() + READ_TIMEOUT_S))
             return

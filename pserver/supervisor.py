@@ -123,10 +123,10 @@ class Supervisor:
         self.run_dir = tempfile.mkdtemp(prefix="pserver-")
         self.bootstrap: Endpoint | None = None
         self.address = ""
-        # Replicas of a replicated shard must know each other's addresses before they
-        # start, so their ports are picked here; an unreplicated shard binds port 0.
+        # Replicas of a logged shard must know each other's addresses before they
+        # start, so their ports are picked here; an in-memory shard binds port 0.
         ports = free_ports(config.host, config.shards * config.replicas) \
-            if config.replicas > 1 else [0] * config.shards
+            if config.logged else [0] * config.shards
         self.replicas = [
             Replica(
                 s,
@@ -247,7 +247,7 @@ class Supervisor:
         ]
         if r.ipc:
             cmd += ["--endpoint", r.ipc]
-        if c.replicas > 1:
+        if c.logged:
             cmd += ["--replica-id", str(r.replica), "--heartbeat-ms", str(c.heartbeat_ms),
                     "--election-timeout-ms", str(c.election_timeout_ms),
                     "--snapshot-log-bytes", str(c.snapshot_log_bytes)]
@@ -299,7 +299,7 @@ class Supervisor:
 
     def _await_leaders(self, deadline: float) -> None:
         """Wait until every shard has a leader (the ready line promises one)."""
-        if self.config.replicas == 1:
+        if not self.config.logged:
             return
         while True:
             shards = self.cluster_status()["shards"]

@@ -51,9 +51,11 @@ class Cluster:
 
 def start_cluster(tmp_path: Path, *args: str, timeout: float = 60.0,
                   env: dict[str, str] | None = None) -> Cluster:
-    """Run `pserver serve --port 0 ARGS` and wait (with a deadline) for its ready line."""
+    """Run `pserver serve --port 0 ARGS` and wait (with a deadline) for its ready line.
+    Without ``--replicas`` in ARGS the cluster is ``--replicas 1 --in-memory``."""
     err = tmp_path / f"serve-{time.monotonic_ns()}.stderr"
-    cmd = [sys.executable, "-m", "pserver", "serve", "--port", "0", "--replicas", "1",
+    one = [] if "--replicas" in args else ["--replicas", "1", "--in-memory"]
+    cmd = [sys.executable, "-m", "pserver", "serve", "--port", "0", *one,
            "--data-dir", str(tmp_path / "data"), *args]
     with err.open("w") as err_file:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err_file, text=True,

@@ -61,9 +61,12 @@ def markdown(report: dict[str, Any], images: dict[str, str], source: str) -> str
         f"{m['python']}, numpy {m['numpy']}, pyzmq {m['pyzmq']} (libzmq {m['libzmq']}), "
         f"load {m['loadavg_1m']}",
         f"- Cluster of the single-worker sections: {report['cluster']['shards']} shards x "
-        f"{report['cluster']['replicas']} replicas, chunks of "
+        f"{report['cluster']['replicas']} replicas"
+        f"{' (in memory: no log)' if report['cluster'].get('in_memory') else ''}, chunks of "
         f"{format_size(report['cluster']['chunk_bytes'])} in frames of "
         f"{format_size(report['cluster']['frame_bytes'])}",
+        "- Clusters the benchmark starts with R=1 run `--in-memory` (no log on disk); "
+        "R=3 clusters keep their logs, as `pserver serve` does by default.",
         "",
         "Units: GB/s = 1e9 bytes/s of pushed + pulled bytes; sizes are binary (KiB, MiB); "
         "latencies in µs, steps in ms.",

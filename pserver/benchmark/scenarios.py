@@ -127,9 +127,11 @@ class LocalCluster:
         extra: Sequence[str] = (),
         timeout: float = 60.0,
         workdir: Path | None = None,
+        in_memory: bool | None = None,
     ) -> LocalCluster:
         """Run ``python -m pserver serve --port 0`` and wait for its ready line;
-        the server's log goes to ``workdir/serve.log``."""
+        the server's log goes to ``workdir/serve.log``. ``in_memory`` (default: when
+        ``replicas`` is 1) adds ``--in-memory``: the benchmarks' R=1 keeps no log."""
         owns = workdir is None
         wd = Path(tempfile.mkdtemp(prefix="pserver-bench-")) if workdir is None else workdir
         log_path = wd / "serve.log"
@@ -146,6 +148,7 @@ class LocalCluster:
             str(replicas),
             "--data-dir",
             str(wd / "data"),
+            *(["--in-memory"] if (replicas == 1 if in_memory is None else in_memory) else []),
             *extra,
         ]
         with log_path.open("w") as log_file:
@@ -495,6 +498,9 @@ def cluster_settings(client: Client, address: str, self_started: bool) -> dict[s
         "self_started": self_started,
         "shards": client.shard_map.num_shards,
         "replicas": replicas,
+        # an in-memory shard (no log) reports term 0; a Raft group's leader a term >= 1
+        "in_memory": all(r.get("term") == 0 for s in st.get("shards", [])
+                         for r in s.get("replicas", [])),
         "chunk_bytes": client.chunk_bytes,
         "frame_bytes": client.frame_bytes,
         "mode": st.get("mode"),

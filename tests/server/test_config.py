@@ -195,3 +195,12 @@ def test_config_is_frozen() -> None:
     cfg = load_config(env=NO_ENV)
     with pytest.raises(AttributeError):
         cfg.shards = 5  # type: ignore[misc]
+
+
+def test_every_shard_keeps_a_log_unless_in_memory_with_one_replica() -> None:
+    assert ServerConfig().logged
+    assert ServerConfig(replicas=1).logged  # a Raft group of one: durable too
+    assert not ServerConfig(replicas=1, in_memory=True).logged
+    assert not load_config({"replicas": 1}, env={"PSERVER_IN_MEMORY": "1"}).logged
+    with pytest.raises(ConfigError, match="in_memory needs replicas = 1"):
+        ServerConfig(replicas=3, in_memory=True)
