@@ -1,9 +1,10 @@
 """Where the time of one small request goes: CPU per call on each side.
 
     .venv/bin/python bench/profile_request.py [--size 4096] [--calls 3000] [--transport tcp]
-                                              [--cprofile]
+                                              [--cprofile] [--logged]
 
-Starts ``pserver serve --shards 1 --replicas 1`` and a raw pyzmq echo server, then
+Starts ``pserver serve --shards 1 --replicas 1 --in-memory`` (``--logged``: without
+``--in-memory``, a Raft group of one) and a raw pyzmq echo server, then
 times lockstep ``push_pull`` calls of one float32 tensor against raw round trips
 of the same bytes, and reads the CPU seconds each process used (the client's
 from ``getrusage``, the servers' from ``/proc/PID/stat``, zmq I/O threads
@@ -59,9 +60,12 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=3000)
     ap.add_argument("--transport", choices=("tcp", "ipc"), default="tcp")
     ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--logged", action="store_true",
+                    help="a shard with its log on disk (a Raft group of one), not --in-memory")
     args = ap.parse_args()
     grad = np.full(max(1, args.size // 4), 1e-3, np.float32)
-    with LocalCluster.start(shards=1, replicas=1) as cluster, EchoServer() as echo:
+    with LocalCluster.start(shards=1, replicas=1, in_memory=not args.logged) as cluster, \
+            EchoServer() as echo:
         pid = int(cluster_status(cluster.address)["shards"][0]["replicas"][0]["pid"])
         with pserver.connect(cluster.address, ipc=args.transport == "ipc") as client:
             client.init({"k": grad})

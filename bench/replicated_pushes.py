@@ -5,7 +5,8 @@ compactions.
                                                 [--shards 4] [--replicas 3] [-- SERVE_ARGS]
 
 Starts ``pserver serve --shards S --replicas R`` (extra arguments after ``--`` go to
-``serve``, e.g. ``--snapshot-log-bytes 64M``), runs ``push_pull_into`` of one
+``serve``, e.g. ``--snapshot-log-bytes 64M``; ``--replicas 1`` is a logged group of
+one, ``--replicas 1 -- --in-memory`` the unlogged shard), runs ``push_pull_into`` of one
 float32 key of ``--size`` bytes ``--pushes`` times, and prints every push's
 milliseconds in rows of 15, then the median, p99, max and total. With 16 MiB pushes
 over 4 shards each replica logs 4 MiB per push, so 150 pushes cross the default
@@ -33,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     grad = np.full(args.size // 4, 1e-3, np.float32)
     out = np.empty_like(grad)
-    with LocalCluster.start(shards=args.shards, replicas=args.replicas,
+    with LocalCluster.start(shards=args.shards, replicas=args.replicas, in_memory=False,
                             extra=args.serve_args) as cluster, \
             pserver.connect(cluster.address, timeout=60) as client:
         client.init({"w": grad})

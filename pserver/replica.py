@@ -95,6 +95,8 @@ class ReplicaServer(ShardServer):
         self._reads_ready: list[tuple[int, list[tuple[Incoming, Header]]]] = []
         self._proposed_quorum: set[tuple[str, int]] = set()  # drops/rejoins in flight
         self._was_leader = False
+        if len(self.addresses) == 1:
+            self.core.campaign()  # the only voter wins at once: no election timeout to wait
 
     # -- the loop -------------------------------------------------------------
 
