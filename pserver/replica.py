@@ -37,7 +37,6 @@ from pserver.protocol.transport import Incoming
 from . import aggregate, commands, peers
 from .apply import Outcome, split_by_tensor
 from .commands import Command
-from .optim import warm_up
 from .raft import Config, Role
 from .raft.core import ProposalDropped
 from .replog import ReplicatedLog
@@ -77,8 +76,6 @@ class ReplicaServer(ShardServer):
             workers=self.default_workers, staleness=self.default_staleness, shard_id=shard_id,
             snapshot_log_bytes=snapshot_log_bytes)
         self.core = self.log.core
-        if self.state.memory.device == "cpu":
-            warm_up()
         self._peers = peers_of(self.ctx, replica_id, peers, self.frame_bytes)
         self._batch: list[Command] = []
         self._batch_bytes = 0

@@ -43,6 +43,7 @@ from pserver.protocol.transport import Endpoint, Incoming, new_context
 
 from . import snapshot
 from .apply import mutate, rows_request, split_by_tensor
+from .optim import warm_up
 from .shard import ShardStateMachine, Slot
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class ShardServer:
         self.frame_bytes = frame_bytes
         self.parent_pid = parent_pid
         self.state = ShardStateMachine(shard_id, shard_map, default_mode, chunk_bytes, device)
+        if device == "cpu":
+            warm_up()  # load the kernels now: the first push took ~1.5 s otherwise
         self.snapshot_path = Path(data_dir) / SNAPSHOT_FILE if data_dir is not None else None
         self._restore()
         self.ctx = new_context()
