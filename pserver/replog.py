@@ -25,7 +25,7 @@ from pserver.protocol.schema import Limits
 from . import commands, snapshot
 from .apply import Outcome, apply_command
 from .commands import Command
-from .raft import Config, Entry, HardState, Message, MsgType, RaftCore, Ready, Role, Snapshot
+from .raft import Config, Entry, HardState, Message, MsgType, RaftCore, Role, Snapshot
 from .shard import ShardStateMachine
 from .wal import WAL, WALError, atomic_write
 
@@ -85,7 +85,6 @@ class ReplicatedLog:
         self.before_sync: Callable[[], None] | None = None  # the simulation's crash point
         self.on_apply: Callable[[Entry], None] | None = None  # sees every applied entry
         self.wal, self.core = self._recover(cfg, rng)
-        self._synced = (self.core.term, self.core.vote)  # the durable term and vote
         self.log_bytes = sum(len(e.data) for e in self.core.log)
         # Replicas under the same load would all compact at the same entry, and a
         # compaction stalls a replica's loop for a while: each replica (and shard)
@@ -144,7 +143,7 @@ class ReplicatedLog:
                                                                       core.commit))
             if rd.entries or rd.hard_state is not None:
                 self.wal.append(rd.entries, rd.hard_state)
-                if self._must_sync(rd):
+                if rd.must_sync:
                     if self.before_sync is not None:
                         self.before_sync()
                     self.wal.sync()
@@ -163,19 +162,6 @@ class ReplicatedLog:
             reads.extend(rd.reads)
             core.advance(rd)
         return reads
-
-    def _must_sync(self, rd: Ready) -> bool:
-        """Whether this Ready must be on disk before anything is sent or applied: new
-        entries, a new term or a new vote. A hard state that only moves the commit
-        index is written and made durable by the next sync (as etcd's MustSync): a
-        replica that loses it in a crash learns the commit index again from its
-        log and its leader, and the entries themselves were synced before they
-        counted. That saves a whole fsync per committed batch."""
-        hs = rd.hard_state
-        changed = hs is not None and (hs.term, hs.vote) != self._synced
-        if hs is not None:
-            self._synced = (hs.term, hs.vote)
-        return bool(rd.entries) or changed
 
     def _install(self, snap: Snapshot, hs: HardState) -> None:
         """A snapshot from the leader replaces this replica's state and log."""

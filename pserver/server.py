@@ -26,6 +26,7 @@ from typing import Any
 from pserver.protocol.codec import (
     check_frames,
     decode_header,
+    encode_header,
     encode_plain_reply,
     plain_fields,
     reply_header,
@@ -156,11 +157,10 @@ class ShardServer:
     # -- one message ----------------------------------------------------------
 
     def _reply(self, incoming: Incoming, header: Header, frames: Sequence[Any] = ()) -> None:
-        if not self.endpoint.send(header, frames, identity=incoming.identity):
-            log.warning("shard %d: reply to a client with a full queue dropped", self.shard_id)
+        self._reply_raw(incoming, encode_header(header), frames)
 
-    def _reply_raw(self, incoming: Incoming, header: bytes) -> None:
-        if not self.endpoint.send_raw(header, (), identity=incoming.identity):
+    def _reply_raw(self, incoming: Incoming, header: bytes, frames: Sequence[Any] = ()) -> None:
+        if not self.endpoint.send_raw(header, frames, identity=incoming.identity):
             log.warning("shard %d: reply to a client with a full queue dropped", self.shard_id)
 
     def _error(self, incoming: Incoming, request: Header | None, exc: PServerError) -> None:

@@ -133,6 +133,8 @@ class LocalCluster:
         the server's log goes to ``workdir/serve.log``. ``in_memory`` (default: when
         ``replicas`` is 1) adds ``--in-memory``: the benchmarks' R=1 keeps no log."""
         owns = workdir is None
+        if in_memory is None:
+            in_memory = replicas == 1
         wd = Path(tempfile.mkdtemp(prefix="pserver-bench-")) if workdir is None else workdir
         log_path = wd / "serve.log"
         cmd = [
@@ -148,7 +150,7 @@ class LocalCluster:
             str(replicas),
             "--data-dir",
             str(wd / "data"),
-            *(["--in-memory"] if (replicas == 1 if in_memory is None else in_memory) else []),
+            *(["--in-memory"] if in_memory else []),
             *extra,
         ]
         with log_path.open("w") as log_file:

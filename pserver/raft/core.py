@@ -131,13 +131,16 @@ class RaftCore:
     def ready(self) -> Ready:
         hs = HardState(self.term, self.vote, self.commit)
         applied = self.pending_snapshot.index if self.pending_snapshot else self.applied
+        entries = self._slice(self.stable + 1, self.last_index)
         return Ready(
             hard_state=hs if hs != self._saved else None,
             snapshot=self.pending_snapshot,
-            entries=self._slice(self.stable + 1, self.last_index),
+            entries=entries,
             messages=self.msgs[:],
             committed=self._slice(applied + 1, self.commit),
             reads=self.read_states[:],
+            must_sync=bool(entries) or (hs.term, hs.vote) != (self._saved.term,
+                                                              self._saved.vote),
         )
 
     def advance(self, rd: Ready) -> None:

@@ -151,3 +151,8 @@ class Ready:
     # ReadIndex (thesis §6.4): (context, index) of reads a quorum confirmed; serve each
     # once the state machine has applied ``index``.
     reads: list[tuple[bytes, int]] = field(default_factory=list)
+    # Whether ``hard_state`` and ``entries`` must be fsynced before anything is sent or
+    # applied: new entries, a new term or a new vote (etcd's MustSync). A hard state
+    # that only moves the commit index may wait for the next sync: a node that loses
+    # it in a crash learns the commit index again.
+    must_sync: bool = False

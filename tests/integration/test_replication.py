@@ -336,9 +336,14 @@ def test_followers_answer_not_leader_and_a_copy_in_flight_is_applied_once(
         return encode_header(Header(Kind.PUSH, rid, client_id=b"raw-client", seq=1,
                                     tensors=(meta,)))
 
-    reply, _ = raw_peer(follower["address"]).request(push(1), [g.tobytes()])
-    assert reply.error == ErrorCode.NOT_LEADER
-    assert reply.opts["leader_hint"] == lead["address"]
+    def hint() -> Any:
+        reply, _ = raw_peer(follower["address"]).request(push(1), [g.tobytes()])
+        assert reply.error == ErrorCode.NOT_LEADER
+        return reply.opts["leader_hint"]  # None while the follower knows no leader
+
+    # A follower that has not heard from the leader since an election (a busy
+    # machine) answers without a hint: wait for one, with a deadline.
+    assert wait_until(hint, 15, "a leader hint from a follower") == lead["address"]
     peer = raw_peer(lead["address"])
     peer.send([push(2), g.tobytes()])  # the same mutation twice, back to back:
     peer.send([push(3), g.tobytes()])  # the copy joins the first on its way

@@ -23,6 +23,23 @@ def test_a_single_node_elects_itself_and_commits() -> None:
     assert [e.data for e in c.nodes[lead].applied] == [b"", b"x"]  # the no-op, then x
 
 
+def test_ready_must_sync_entries_term_and_vote_but_not_a_commit_index_alone() -> None:
+    """Term, vote and entries must be durable before a node answers or counts itself
+    (§5.1 persistent state); the commit index is volatile (Figure 2), so a Ready that
+    only moves it need not be fsynced by itself (etcd's MustSync)."""
+    core = RaftCore(Config(1, (1,)), random.Random(0))
+    core.campaign()
+    rd = core.ready()
+    assert rd.must_sync and rd.hard_state is not None  # new term and vote, the no-op
+    core.advance(rd)  # the leader counts itself: the no-op commits
+    rd = core.ready()
+    assert rd.hard_state is not None and rd.hard_state.commit == 1 and not rd.entries
+    assert not rd.must_sync
+    core.advance(rd)
+    core.propose(b"x")
+    assert core.ready().must_sync
+
+
 def test_one_leader_is_elected_and_all_follow_it() -> None:
     """§5.2: a candidate with votes from a majority becomes leader; others follow."""
     c = Cluster(3, seed=1)
