@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import zmq
 
 from pserver.kernels import BackendUnavailable
 from pserver.protocol.errors import PServerError
@@ -222,6 +223,7 @@ def shard(
 
     from .replica import ReplicaServer
     from .server import ShardServer
+    from .supervisor import EXIT_ADDRESS_IN_USE
     from .wal import WALError
 
     keep_freed_buffers()
@@ -255,6 +257,11 @@ def shard(
         raise click.ClickException(str(exc)) from None
     except BackendUnavailable as exc:
         raise click.ClickException(f"--device {device}: {exc}") from None
+    except zmq.ZMQError as exc:
+        if exc.errno != zmq.EADDRINUSE:
+            raise
+        click.echo(f"Error: cannot bind {' '.join(endpoints)}: {exc}", err=True)
+        sys.exit(EXIT_ADDRESS_IN_USE)
     except SnapshotError as exc:
         raise click.ClickException(f"cannot restore the shard's state: {exc}") from None
     server.install_signal_handlers()

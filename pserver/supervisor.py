@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import selectors
 import shutil
 import signal
@@ -38,20 +39,56 @@ STARTUP_TIMEOUT = 60.0
 READY_PREFIX = "pserver ready: "
 
 
+# A replica that cannot bind its port exits with this code (EADDRINUSE's value
+# on Linux), so that the supervisor can tell a port taken since it was picked
+# from any other failure.
+EXIT_ADDRESS_IN_USE = 98
+PORT_ATTEMPTS = 5  # fresh ports per shard group before its start-up fails
+LOWEST_PICKED_PORT = 20000
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux), else 32768."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_ports(host: str, n: int) -> list[int]:
-    """``n`` distinct ports free on ``host`` now (held open together while picked)."""
+    """``n`` distinct ports free on ``host`` now (held open together while picked).
+
+    A replica binds its port a second or so after the supervisor picked it. Ports
+    are therefore taken at random from below the kernel's ephemeral range, which no
+    outgoing connection (a client's, a peer link's) can take in the meantime; where
+    that range leaves no room below it, the kernel picks them (port 0)."""
     import socket
 
-    socks = []
+    low = _ephemeral_low()
+    pool = range(LOWEST_PICKED_PORT, low)
+    socks: list[socket.socket] = []
     try:
-        for _ in range(n):
+        tries = 0
+        while len(socks) < n:
             sk = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sk.bind((host, 0))
             socks.append(sk)
+            if len(pool) >= 4 * n and tries < 64 * n:
+                tries += 1
+                try:
+                    sk.bind((host, random.choice(pool)))
+                except OSError:
+                    socks.pop().close()
+            else:
+                sk.bind((host, 0))
         return [sk.getsockname()[1] for sk in socks]
     finally:
         for sk in socks:
             sk.close()
+
+
+class _PortTaken(RuntimeError):
+    """A replica exited during start-up because its port was no longer free."""
 
 
 def _digest_mismatch(shard: int, replicas: list[dict[str, Any]]) -> bool:
@@ -157,8 +194,9 @@ class Supervisor:
         self.address = f"tcp://{self.config.host}:{port}"
         for r in self.replicas:
             self._spawn(r)
-        for r in self.replicas:
-            self._await_ready(r, time.monotonic() + STARTUP_TIMEOUT)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        for shard in range(self.config.shards):
+            self._await_group(shard, deadline)
         for r in self.replicas:
             self._ping(r, STARTUP_TIMEOUT)
         self._await_leaders(time.monotonic() + STARTUP_TIMEOUT)
@@ -275,6 +313,32 @@ class Supervisor:
         r.restart_at = None
         log.debug("spawned shard %d replica %d as pid %d", r.shard, r.replica, r.proc.pid)
 
+    def _await_group(self, shard: int, deadline: float) -> None:
+        """Wait for every replica of ``shard`` to report its endpoints. A replica that
+        found its port taken sends the whole group (whose replicas know each other's
+        addresses from their command lines) to fresh ports, up to PORT_ATTEMPTS times."""
+        group = [r for r in self.replicas if r.shard == shard]
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                for r in group:
+                    self._await_ready(r, deadline)
+                return
+            except _PortTaken as exc:
+                if attempt == PORT_ATTEMPTS:
+                    raise RuntimeError(f"{exc}, {PORT_ATTEMPTS} times") from None
+                log.warning("%s; starting shard %d on fresh ports", exc, shard)
+                for r in group:
+                    if r.proc is not None:
+                        if r.proc.poll() is None:
+                            r.proc.kill()
+                            r.proc.wait()
+                        if r.proc.stdout is not None:
+                            r.proc.stdout.close()
+                for r, port in zip(group, free_ports(self.config.host, len(group)), strict=True):
+                    r.tcp = f"tcp://{self.config.host}:{port}"
+                for r in group:
+                    self._spawn(r)
+
     def _await_ready(self, r: Replica, deadline: float) -> None:
         """Read the replica's one JSON line: the endpoints it actually bound."""
         assert r.proc is not None and r.proc.stdout is not None
@@ -287,9 +351,11 @@ class Supervisor:
                     raise RuntimeError(f"shard {r.shard} did not start within {STARTUP_TIMEOUT} s")
                 chunk = os.read(r.proc.stdout.fileno(), 4096)
                 if not chunk:
-                    raise RuntimeError(
-                        f"shard {r.shard} exited during start-up (code {r.proc.wait()})"
-                    )
+                    code = r.proc.wait()
+                    if code == EXIT_ADDRESS_IN_USE and self.config.logged:
+                        raise _PortTaken(f"shard {r.shard} replica {r.replica} found "
+                                         f"{r.tcp} taken")
+                    raise RuntimeError(f"shard {r.shard} exited during start-up (code {code})")
                 line += chunk
         r.proc.stdout.close()
         r.info = json.loads(line)

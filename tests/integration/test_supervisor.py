@@ -225,3 +225,56 @@ def test_shards_exit_on_their_own_when_the_supervisor_is_killed(cluster_factory:
     finally:
         if ipc:  # the killed supervisor could not remove its run directory
             shutil.rmtree(Path(ipc.removeprefix("ipc://")).parent, ignore_errors=True)
+
+
+# -- ports ------------------------------------------------------------------------
+
+
+def test_picked_ports_lie_below_the_ephemeral_range() -> None:
+    from pserver.supervisor import _ephemeral_low, free_ports
+
+    ports = free_ports("127.0.0.1", 12)
+    assert len(set(ports)) == 12
+    if _ephemeral_low() - 20000 >= 48:
+        assert all(20000 <= p < _ephemeral_low() for p in ports)
+
+
+def test_a_group_whose_port_was_taken_starts_on_fresh_ports(tmp_path: Path) -> None:
+    """A port picked by the supervisor and taken before its replica binds it (here,
+    by a listening socket of the test) sends that shard's group to fresh ports; the
+    cluster then starts and serves."""
+    import socket
+    import threading
+
+    from pserver.config import ServerConfig
+    from pserver.supervisor import Supervisor
+
+    sup = Supervisor(ServerConfig(shards=2, replicas=3, port=0, data_dir=str(tmp_path)),
+                     ready_stream=open(os.devnull, "w"))  # noqa: SIM115
+    serving = threading.Thread(target=sup.run, daemon=True)
+    taken = sup.replicas[4]  # shard 1, replica 1
+    port = int(taken.tcp.rsplit(":", 1)[1])
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        address = sup.start()
+        assert taken.tcp != f"tcp://127.0.0.1:{port}"
+        serving.start()
+        st = cluster_status(address)
+        for s in st["shards"]:
+            assert sorted(r["role"] for r in s["replicas"]) == ["follower", "follower", "leader"]
+        client = pserver.connect(address, timeout=30)
+        try:
+            key = key_on_shard(client.shard_map, 1, "moved")
+            client.init({key: np.arange(4, dtype=np.float32)})
+            assert_bits_equal(client.pull([key])[key], np.arange(4, dtype=np.float32))
+        finally:
+            client.close()
+    finally:
+        sup.stop()
+        if serving.is_alive():
+            serving.join(10)
+        squatter.close()
+        sup.ready_stream.close()
+        sup.shutdown()
