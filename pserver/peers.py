@@ -59,6 +59,8 @@ def encode(m: Message, frame_bytes: int = 1 << 20) -> tuple[Header, list[Any]]:
         opts["e"] = entries
     if m.context:
         opts["ctx"] = m.context
+    if m.stamp:
+        opts["hs"] = m.stamp
     if m.type in (MsgType.SNAP, MsgType.SNAP_RESP):
         opts.update(so=m.snap_offset, st=m.snap_total, sc=m.snap_crc)
     if m.snapshot is not None:
@@ -115,7 +117,8 @@ def decode(header: Header, frames: Sequence[memoryview]) -> Message:
         raise ProtocolError("raft context must be bytes")
     return Message(kind, _int(o, "f"), _int(o, "to"), _int(o, "term"), _int(o, "lt"),
                    _int(o, "i"), tuple(entries), _int(o, "c"), bool(o.get("rj", False)),
-                   _int(o, "rh"), snapshot, _int(o, "so"), _int(o, "st"), _int(o, "sc"), ctx)
+                   _int(o, "rh"), snapshot, _int(o, "so"), _int(o, "st"), _int(o, "sc"), ctx,
+                   _int(o, "hs"))
 
 
 class Peers:

@@ -8,6 +8,15 @@ log entry (group commit), ask for a ReadIndex for the reads that arrived, then
 let the log handle ``Ready`` (persist, send, apply) and serve the reads whose
 index is applied.
 
+Reads: a leader that holds a lease answers them at its commit index without a
+round of messages; else it asks for a ReadIndex. The lease runs from the time
+this process sent a heartbeat round that a quorum acknowledged (the core's
+``lease_stamp``), for 0.9 x (election ticks - 2) heartbeats: the followers that
+acknowledged it refuse votes for at least (election ticks - 2) heartbeats after
+they received it (a late tick may fire twice), and a restarted replica refuses
+them for its first election timeout. A leader stopped for longer (SIGSTOP) finds
+its lease run out on the monotonic clock when it wakes.
+
 Only the leader answers clients: a follower answers ``NotLeader`` with the
 leader's address as hint. A mutation is answered after its entry commits and
 is applied, by the replica that proposed it (its token); every replica applies
@@ -24,7 +33,7 @@ import os
 import random
 import struct
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +57,7 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH_BYTES = 64 << 20  # one log entry's commands, at most (one command may exceed it)
 READ_TIMEOUT_S = 30.0  # a read whose ReadIndex never confirmed is dropped (client retries)
+LEASE_SAFETY = 0.9  # of the time no other leader can be elected: room for clock drift
 READS = frozenset({Kind.PULL, Kind.META, Kind.KEYS, Kind.TABLE_META, Kind.PULL_ROWS})
 LEADER_ONLY = READS | MUTATING_KINDS | {Kind.BARRIER, Kind.HEARTBEAT}
 
@@ -68,8 +78,15 @@ class ReplicaServer(ShardServer):
         self.addresses = dict(peers)
         self.heartbeat_s = heartbeat_s
         ids = tuple(sorted(i + 1 for i in self.addresses))
+        # No lease for a group of one (its ReadIndex needs no messages) or for fewer
+        # than 3 election ticks (the lease would be empty).
+        self._lease_s = LEASE_SAFETY * (election_ticks - 2) * heartbeat_s \
+            if len(ids) > 1 and election_ticks >= 3 else 0.0
         cfg = Config(replica_id + 1, ids, election_tick=election_ticks, heartbeat_tick=1,
-                     max_inflight=16)
+                     max_inflight=16, lease_reads=self._lease_s > 0)
+        self._stamps_sent: dict[int, float] = {}  # heartbeat round -> when it was made
+        self.lease_reads = 0  # reads answered under the lease
+        self.read_index_reads = 0  # reads answered after a ReadIndex round
         rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8)))
         self.log = ReplicatedLog(
             Path(data_dir) / f"replica-{replica_id}", self.state, cfg, rng, self.limits,
@@ -117,7 +134,7 @@ class ReplicaServer(ShardServer):
                         incoming = self.endpoint.recv()
                 now = time.monotonic()
                 if now >= next_tick:
-                    self.core.tick()
+                    self._stamped(self.core.tick, now)
                     next_tick = max(next_tick + self.heartbeat_s, now)
                     self._check_workers()
                     self._expire_reads(now)
@@ -261,15 +278,37 @@ class ReplicaServer(ShardServer):
                         "leadership moved before the request was logged", shard=self.shard_id,
                         leader_hint=self.leader_hint))
 
+    def _stamped(self, step: Callable[[], None], now: float) -> None:
+        """Run a core step that may start a heartbeat round; note when it did (``now``
+        was read before the step, so the lease never starts after the send)."""
+        before = self.core.stamp
+        step()
+        if self.core.stamp != before:
+            self._stamps_sent[self.core.stamp] = now
+            for old in [s for s, t in self._stamps_sent.items() if t + self._lease_s <= now]:
+                del self._stamps_sent[old]  # too old to start a lease now
+
+    def _in_lease(self) -> bool:
+        """Whether a lease lets this leader answer reads at its commit index now."""
+        stamp = self.core.lease_stamp() if self._lease_s else 0
+        sent = self._stamps_sent.get(stamp) if stamp else None
+        return sent is not None and time.monotonic() < sent + self._lease_s
+
     def _ask_reads(self) -> None:
         if not self._reads_new or self.core.role != Role.LEADER:
+            return
+        if self._in_lease():
+            self.lease_reads += len(self._reads_new)
+            self._reads_ready.append((self.core.commit, self._reads_new))
+            self._reads_new = []
             return
         self._tokens += 1
         ctx = struct.pack("<QQ", self.core.term, self._tokens)
         try:
-            self.core.read_index(ctx)
+            self._stamped(lambda: self.core.read_index(ctx), time.monotonic())
         except ProposalDropped:
             return  # this term's no-op is not committed yet: ask again next round
+        self.read_index_reads += len(self._reads_new)
         self._reads_asked[ctx] = (time.monotonic() + READ_TIMEOUT_S, self._reads_new)
         self._reads_new = []
 
@@ -453,7 +492,8 @@ class ReplicaServer(ShardServer):
             commit_index=core.commit, applied_index=core.applied, leader=core.lead - 1,
             last_index=core.last_index, snapshot_index=core.snap_index,
             digest=self.state.digest(), wal_syncs=self.log.wal.syncs,
-            peer_sends_dropped=self._peers.dropped,
+            peer_sends_dropped=self._peers.dropped, lease_reads=self.lease_reads,
+            read_index_reads=self.read_index_reads,
         )
         return out
 

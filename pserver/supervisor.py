@@ -486,6 +486,9 @@ class Supervisor:
                     replica.update({k: a[k] for k in ("role", "term", "commit_index",
                                                       "applied_index", "pid")})
                     replica["digest"] = a.get("digest")
+                    for k in ("lease_reads", "read_index_reads"):
+                        if k in a:
+                            replica[k] = a[k]
                 replicas.append(replica)
             mine = [answers[(shard, r["id"])] for r in replicas if (shard, r["id"]) in answers]
             a = next((x for x in mine if x["role"] == "leader"), mine[0] if mine else None)

@@ -48,6 +48,7 @@ class Progress:
     recent_active: bool = False
     inflight: list[int] = field(default_factory=list)  # last index of each APP in flight
     snap_offset: int = 0  # bytes of our snapshot the follower acknowledged holding
+    stamp: int = 0  # the latest heartbeat round the follower acknowledged
 
 
 class RaftCore:
@@ -92,6 +93,8 @@ class RaftCore:
         self.election_elapsed = 0
         self.heartbeat_elapsed = 0
         self.timeout = self._random_timeout()
+        self.ticks = 0  # since this node started
+        self.stamp = 0  # the last heartbeat round this node sent as leader
         self.msgs: list[Message] = []
         self._saved = HardState(self.term, self.vote, self.commit)
 
@@ -166,6 +169,7 @@ class RaftCore:
 
     def tick(self) -> None:
         """One unit of time passed."""
+        self.ticks += 1
         self.election_elapsed += 1
         if self.role != Role.LEADER:
             if self.election_elapsed >= self.timeout:
@@ -180,8 +184,29 @@ class RaftCore:
                 return
         if self.heartbeat_elapsed >= self.cfg.heartbeat_tick:
             self.heartbeat_elapsed = 0
-            for p in self._others():
-                self._send(MsgType.HEARTBEAT, p, commit=min(self.progress[p].match, self.commit))
+            self._heartbeat()
+
+    def _heartbeat(self, context: bytes = b"") -> None:
+        """One heartbeat round: a new stamp, sent to every follower."""
+        self.stamp += 1
+        for p in self._others():
+            self._send(MsgType.HEARTBEAT, p, commit=min(self.progress[p].match, self.commit),
+                       context=context, stamp=self.stamp)
+
+    def lease_stamp(self) -> int:
+        """The latest heartbeat round of this leader that a quorum (itself included)
+        acknowledged, or 0 where no lease holds: not the leader, handing leadership
+        over, this term's first entry not committed yet, or leases not configured.
+        Until an election timeout (as the followers count it) after the driver sent
+        that round, no other node can become leader (a follower that heard from this
+        one refuses votes), so the leader may serve reads at its commit index
+        without a round of messages."""
+        if (not self.cfg.lease_reads or not self.cfg.check_quorum or self.role != Role.LEADER
+                or self.transferee or self.term_at(self.commit) != self.term):
+            return 0
+        stamps = sorted((self.stamp if p == self.id else pr.stamp
+                         for p, pr in self.progress.items()), reverse=True)
+        return stamps[len(self.cfg.peers) // 2]
 
     def propose(self, data: EntryData) -> int:
         """Append ``data`` to the log (leader only); returns its index."""
@@ -204,9 +229,7 @@ class RaftCore:
         if len(self.cfg.peers) == 1:
             self._confirm_reads()
             return
-        for p in self._others():
-            self._send(MsgType.HEARTBEAT, p, commit=min(self.progress[p].match, self.commit),
-                       context=context)
+        self._heartbeat(context)
 
     def _confirm_reads(self) -> None:
         q = len(self.cfg.peers) // 2 + 1
@@ -313,8 +336,9 @@ class RaftCore:
             return
         if m.term > self.term:
             if m.type in (MsgType.VOTE, MsgType.PRE_VOTE):
-                in_lease = (self.cfg.check_quorum and self.lead != 0
-                            and self.election_elapsed < self.cfg.election_tick)
+                in_lease = self.cfg.check_quorum and (
+                    (self.lead != 0 and self.election_elapsed < self.cfg.election_tick)
+                    or (self.cfg.lease_reads and self.ticks < self.cfg.election_tick))
                 if in_lease and m.reject_hint != TRANSFER:
                     return  # a live leader exists: ignore disruptive candidates (§6 / §9.6)
             if m.type == MsgType.PRE_VOTE or (m.type == MsgType.PRE_VOTE_RESP and not m.reject):
@@ -372,7 +396,7 @@ class RaftCore:
         elif m.type == MsgType.HEARTBEAT:
             self.election_elapsed, self.lead = 0, m.frm
             self._commit_to(min(m.commit, self.last_index))
-            self._send(MsgType.HEARTBEAT_RESP, m.frm, context=m.context)
+            self._send(MsgType.HEARTBEAT_RESP, m.frm, context=m.context, stamp=m.stamp)
         elif m.type == MsgType.TIMEOUT_NOW:
             self.campaign(transfer=True)
         elif m.type == MsgType.SNAP and m.snapshot is not None:
@@ -518,6 +542,7 @@ class RaftCore:
             pr.snap_offset = m.snap_offset
             self._send_append(m.frm)
         elif m.type == MsgType.HEARTBEAT_RESP:
+            pr.stamp = max(pr.stamp, m.stamp)
             if m.context in self._reads:
                 self._reads[m.context][1].add(m.frm)
                 self._confirm_reads()

@@ -110,6 +110,7 @@ class Message:
     snap_total: int = 0  # SNAP: the snapshot's size in bytes
     snap_crc: int = 0  # SNAP: CRC-32 of the whole snapshot
     context: bytes = b""  # HEARTBEAT(_RESP): the ReadIndex request it confirms
+    stamp: int = 0  # HEARTBEAT(_RESP): the leader's heartbeat round (leases)
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,12 @@ class Config:
     max_bytes_per_msg: int = 1 << 20  # entry data per AppendEntries (at least one entry)
     max_inflight: int = 64  # AppendEntries with entries unacknowledged per follower
     snapshot_chunk_bytes: int = 1 << 20  # InstallSnapshot chunk size
+    # Leader leases (thesis §6.4.1): the leader tells the driver which heartbeat round
+    # a quorum acknowledged (``lease_stamp``), and a node refuses votes for its first
+    # election timeout, since before a restart it may have acknowledged a lease.
+    # Needs check_quorum (a node that heard from a leader within an election timeout
+    # refuses votes).
+    lease_reads: bool = False
 
 
 @dataclass

@@ -3,6 +3,7 @@ Ongaro's thesis; and seeded randomized runs over a faulty network."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from typing import Any
@@ -396,3 +397,90 @@ def test_a_cut_off_leader_never_confirms_a_read() -> None:
     follower = next(i for i in c.nodes if i != lead)
     with pytest.raises(ProposalDropped):
         c.nodes[follower].core.read_index(b"x")
+
+
+# -- leases (thesis §6.4.1) ---------------------------------------------------------------
+
+
+def test_the_lease_stamp_is_the_newest_heartbeat_round_a_quorum_acknowledged() -> None:
+    c = Cluster(3, seed=11, lease_reads=True)
+    lead = c.elect()
+    core = c.nodes[lead].core
+    c.run(2)
+    acked = core.lease_stamp()
+    assert acked == core.stamp > 0  # every round so far was answered
+    c.partition({lead}, set(c.nodes) - {lead})
+    c.run(1)
+    assert core.stamp > acked and core.lease_stamp() == acked  # the new round is not
+    c.heal()
+    c.run(1)
+    assert core.lease_stamp() == core.stamp
+    follower = next(i for i in c.nodes if i != lead)
+    assert c.nodes[follower].core.lease_stamp() == 0
+    core.transfer_leadership(follower)
+    assert core.lease_stamp() == 0  # handing over: the follower may win votes at once
+    plain = Cluster(3, seed=11)
+    plain_lead = plain.elect()
+    plain.run(2)
+    assert plain.nodes[plain_lead].core.lease_stamp() == 0  # leases not configured
+
+
+def test_a_restarted_node_refuses_votes_for_its_first_election_timeout() -> None:
+    """It may have acknowledged a leader's lease just before it crashed, and has
+    forgotten when: it votes only once an election timeout has passed."""
+    c = Cluster(3, seed=12, lease_reads=True, pre_vote=False)
+    lead = c.elect()
+    voter = next(i for i in c.nodes if i != lead)
+    candidate = next(i for i in c.nodes if i not in (lead, voter))
+    c.crash_restart(voter)
+    core = c.nodes[voter].core
+    term = core.term
+    ask = Message(MsgType.VOTE, candidate, voter, term + 1, log_term=core.term_at(
+        core.last_index) or 0, index=core.last_index)
+    for _ in range(core.cfg.election_tick - 1):
+        core.tick()
+        core.step(ask)
+        assert core.term == term and not any(m.type == MsgType.VOTE_RESP for m in core.msgs)
+    core.tick()
+    core.step(ask)
+    assert core.term == term + 1 and core.vote == candidate
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("RAFT_SEEDS", "300")) // 3))
+def test_a_leader_within_its_lease_holds_the_newest_commit(seed: int) -> None:
+    """Random partitions, drops, duplicates and crash-restarts, every node ticking at
+    the same rate: whenever a leader's lease holds (a round a quorum acknowledged,
+    sent less than election_tick - 2 ticks ago, as the replica driver counts it), no
+    node has committed past it, so a read served at its commit index is current."""
+    rng = random.Random(seed)
+    c = Cluster(rng.choice([3, 5]), seed=seed, lease_reads=True)
+    lease = c.nodes[1].core.cfg.election_tick - 2
+    sent: dict[tuple[int, int], int] = {}  # (node, stamp) -> the tick it was sent at
+    served = 0
+    for now in range(400):
+        if now % 40 == 0:
+            ids = list(c.nodes)
+            rng.shuffle(ids)
+            k = rng.randrange(0, len(ids))
+            c.partition(set(ids[:k]), set(ids[k:])) if k else c.heal()
+        lead = c.leader()
+        if lead is not None and rng.random() < 0.3:
+            with contextlib.suppress(ProposalDropped):
+                c.nodes[lead].core.propose(b"x")
+            c.process(lead)
+        if rng.random() < 0.03:
+            victim = rng.choice(list(c.nodes))
+            c.crash_restart(victim)
+            sent = {k: t for k, t in sent.items() if k[0] != victim}
+        before = {i: nd.core.stamp for i, nd in c.nodes.items()}
+        c.run(1, drop=0.15, dup=0.05, shuffle=True)
+        newest = max(nd.core.commit for nd in c.nodes.values())
+        for i, nd in c.nodes.items():
+            if nd.core.stamp != before[i]:
+                sent[(i, nd.core.stamp)] = now
+            stamp = nd.core.lease_stamp()
+            if stamp and now < sent.get((i, stamp), -lease) + lease:
+                served += 1
+                assert nd.core.commit == newest, f"seed {seed}: stale lease on node {i}"
+        c.check_invariants()
+    assert served  # leases did hold for part of the run

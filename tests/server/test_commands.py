@@ -129,6 +129,8 @@ def test_raft_messages_round_trip_with_entries_whole_or_cut_into_frames(
     assert _wire(snap, 1024) == snap
     read = Message(MsgType.HEARTBEAT_RESP, 2, 1, 3, context=b"\x00ctx", reject_hint=-1)
     assert _wire(read) == read
+    beat = Message(MsgType.HEARTBEAT, 1, 2, 3, commit=7, stamp=2**40)
+    assert _wire(beat) == beat
 
 
 def test_a_raft_message_whose_frames_do_not_match_is_refused() -> None:
