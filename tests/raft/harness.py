@@ -51,6 +51,13 @@ class Cluster:
         self.cut = {frozenset((a, b)) for g in groups for h in groups if g is not h
                     for a in g for b in h}
 
+    def split_at_random(self, rng: random.Random) -> None:
+        """Cut the nodes into two random groups (or heal, one time in n)."""
+        ids = list(self.nodes)
+        rng.shuffle(ids)
+        k = rng.randrange(0, len(ids))
+        self.partition(set(ids[:k]), set(ids[k:])) if k else self.heal()
+
     def heal(self) -> None:
         self.cut = set()
 

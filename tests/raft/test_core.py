@@ -231,10 +231,7 @@ def test_random_faults_never_break_safety(seed: int) -> None:
     proposed = 0
     for step in range(300):
         if step % 50 == 0:
-            ids = list(c.nodes)
-            rng.shuffle(ids)
-            k = rng.randrange(0, len(ids))
-            c.partition(set(ids[:k]), set(ids[k:])) if k else c.heal()
+            c.split_at_random(rng)
         lead = c.leader()
         if lead is not None and rng.random() < 0.3:
             try:
@@ -459,10 +456,7 @@ def test_a_leader_within_its_lease_holds_the_newest_commit(seed: int) -> None:
     served = 0
     for now in range(400):
         if now % 40 == 0:
-            ids = list(c.nodes)
-            rng.shuffle(ids)
-            k = rng.randrange(0, len(ids))
-            c.partition(set(ids[:k]), set(ids[k:])) if k else c.heal()
+            c.split_at_random(rng)
         lead = c.leader()
         if lead is not None and rng.random() < 0.3:
             with contextlib.suppress(ProposalDropped):
