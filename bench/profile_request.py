@@ -1,12 +1,13 @@
 """Where the time of one small request goes: CPU per call on each side.
 
     .venv/bin/python bench/profile_request.py [--size 4096] [--calls 3000] [--transport tcp]
-                                              [--cprofile] [--logged]
+                                              [--cprofile] [--logged] [--replicas 1]
 
 Starts ``pserver serve --shards 1 --replicas 1 --in-memory`` (``--logged``: without
-``--in-memory``, a Raft group of one) and a raw pyzmq echo server, then
-times lockstep ``push_pull`` calls of one float32 tensor against raw round trips
-of the same bytes, and reads the CPU seconds each process used (the client's
+``--in-memory``, a Raft group of one; ``--replicas 3``: a logged group of three,
+whose leader's CPU is the server's) and a raw pyzmq echo server, then
+times lockstep ``push_pull`` and ``pull`` calls of one float32 tensor against raw
+round trips of the same bytes, and reads the CPU seconds each process used (the client's
 from ``getrusage``, the servers' from ``/proc/PID/stat``, zmq I/O threads
 included). Wall time per call minus the CPU of both sides is time spent waiting
 for the other side or for a core. ``--cprofile`` also prints the client's
@@ -62,15 +63,20 @@ def main() -> None:
     ap.add_argument("--cprofile", action="store_true")
     ap.add_argument("--logged", action="store_true",
                     help="a shard with its log on disk (a Raft group of one), not --in-memory")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="replicas of the shard (more than 1: logged)")
     args = ap.parse_args()
     grad = np.full(max(1, args.size // 4), 1e-3, np.float32)
-    with LocalCluster.start(shards=1, replicas=1, in_memory=not args.logged) as cluster, \
+    in_memory = args.replicas == 1 and not args.logged
+    with LocalCluster.start(shards=1, replicas=args.replicas, in_memory=in_memory) as cluster, \
             EchoServer() as echo:
-        pid = int(cluster_status(cluster.address)["shards"][0]["replicas"][0]["pid"])
+        replicas = cluster_status(cluster.address)["shards"][0]["replicas"]
+        pid = int(next(r for r in replicas if r["role"] == "leader")["pid"])
         with pserver.connect(cluster.address, ipc=args.transport == "ipc") as client:
             client.init({"k": grad})
             rows = {"pserver push_pull": _measure(lambda: client.push_pull({"k": grad}),
                                                   args.calls, pid),
+                    "pserver pull": _measure(lambda: client.pull(["k"]), args.calls, pid),
                     "raw echo": _measure(lambda: echo.roundtrips(grad, 1), args.calls,
                                          echo.proc.pid)}
             print(f"{grad.nbytes} B lockstep calls ({args.transport}), per call:")
