@@ -165,7 +165,7 @@ class RaftCore:
         if self.role == Role.LEADER:
             self.progress[self.id].match = self.stable  # the leader counts itself once on disk
             if self._maybe_commit():
-                self._broadcast_append()
+                self._broadcast_append(pending_only=True)
 
     def tick(self) -> None:
         """One unit of time passed."""
@@ -507,9 +507,14 @@ class RaftCore:
                    snap_offset=start, snap_total=len(snap.data), snap_crc=self._snap_crc)
         pr.inflight.append(snap.index)
 
-    def _broadcast_append(self) -> None:
+    def _broadcast_append(self, pending_only: bool = False) -> None:
+        """Send every follower its next entries. ``pending_only`` (a new commit index):
+        only followers with entries to send; the others learn the commit index from
+        the next append or heartbeat (within a heartbeat), which spares a message to
+        and from each follower per commit under a steady stream of small requests."""
         for p in self._others():
-            self._send_append(p)
+            if not pending_only or self.progress[p].next <= self.last_index:
+                self._send_append(p)
 
     def _step_leader(self, m: Message) -> None:
         pr = self.progress.get(m.frm)
@@ -532,7 +537,7 @@ class RaftCore:
                 pr.match = m.index
                 pr.snap_offset = 0
                 if self._maybe_commit():
-                    self._broadcast_append()
+                    self._broadcast_append(pending_only=True)
                 if self.transferee == m.frm and pr.match == self.last_index:
                     self._send(MsgType.TIMEOUT_NOW, m.frm)
             if pr.next <= self.last_index:
