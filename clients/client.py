@@ -49,6 +49,7 @@ from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Incoming, call, host_id, new_context
 
 from .io import Completion, IOEngine
+from .starter import AsyncStarter
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +227,7 @@ class Client:
         self._meta_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._closed = False
+        self._starter = AsyncStarter()
         self._io = IOEngine(self._ctx, self.endpoints, _REPLY_LIMITS, hints)
         if num_workers > 1:  # shards drop a worker silent for longer than --worker-timeout
             self._io.set_heartbeat(HEARTBEAT_S, lambda: [
@@ -240,6 +242,7 @@ class Client:
             return
         self._closed = True
         self._io.close()
+        self._starter.close()
         self._ctx.term()
 
     def __enter__(self) -> Client:
@@ -476,13 +479,22 @@ class Client:
 
     def _wait(self, start: Callable[[], Completion[T] | Future[T]]) -> T:
         """Start an operation and drive I/O on the calling thread until it is done:
-        no thread hand-off, and the background I/O thread is not woken."""
+        no thread hand-off, and the background I/O thread is not woken. Earlier
+        ``*_async`` calls still queued are sent first."""
+        self._starter.flush(self.timeout)
         io = self._io
         io.enter_wait()
         try:
             return io.wait(start())
         finally:
             io.exit_wait()
+
+    def _known(self, keys: Iterable[Any]) -> bool:
+        """Whether every key's metadata is cached (a call on them needs no META first)."""
+        try:
+            return all(k in self._meta for k in keys)
+        except TypeError:  # an unhashable key: the call itself will say what is wrong
+            return False
 
     # -- key metadata -------------------------------------------------------------
 
@@ -533,7 +545,15 @@ class Client:
     ) -> Future[dict[str, bool]]:
         """``init`` returning a Future of {key: created}. The arrays must stay unchanged
         until the Future is done (their memory is sent without a copy)."""
-        comp = _compression(compression)
+        settings = {"optimizer": optimizer, "mode": mode, "staleness": staleness,
+                    "compression": compression}
+        return self._starter.start(lambda: True, lambda: self._init(arrays, settings))
+
+    def _init(self, arrays: Mapping[str, Array],
+              settings: Mapping[str, Any]) -> Future[dict[str, bool]]:
+        """Start an init; ``settings``: init's keyword arguments."""
+        optimizer, mode, staleness = (settings[k] for k in ("optimizer", "mode", "staleness"))
+        comp = _compression(settings["compression"])
         metas: dict[str, KeyMeta] = {}
         flats: dict[str, Array] = {}
         for key, arr in arrays.items():
@@ -619,10 +639,9 @@ class Client:
         ``optimizer`` is a dict such as ``{"name": "sgd", "lr": 0.1}`` (default sgd
         with lr 0.01). Returns {key: True if this call created it}.
         """
-        return self._wait(
-            lambda: self.init_async(arrays, optimizer=optimizer, mode=mode, staleness=staleness,
-                                    compression=compression)
-        )
+        settings = {"optimizer": optimizer, "mode": mode, "staleness": staleness,
+                    "compression": compression}
+        return self._wait(lambda: self._init(arrays, settings))
 
     def _grad_pieces(self, grads: Mapping[str, Array]) -> list[_Piece]:
         metas = self._ensure_meta(grads.keys())
@@ -643,7 +662,7 @@ class Client:
     def push_async(self, grads: Mapping[str, Array]) -> Future[None]:
         """``push`` returning a Future. The gradient arrays are sent without a copy:
         the caller must not change them until the Future is done."""
-        return self._push(grads).as_future()
+        return self._starter.start(lambda: self._known(grads), lambda: self._push(grads))
 
     def _push(self, grads: Mapping[str, Array], direct: bool = False) -> _Op:
         messages = self._dense_messages(Kind.PUSH, grads)
@@ -708,7 +727,7 @@ class Client:
         ``out[key]`` (C-contiguous, the key's shape and dtype). The caller owns the
         arrays; they hold the new values once the Future is done and must not be
         read or written until then."""
-        return self._pull_into(out).as_future()
+        return self._starter.start(lambda: self._known(out), lambda: self._pull_into(out))
 
     def _pull_into(self, out: Mapping[str, Array], direct: bool = False) -> _Op:
         metas = self._ensure_meta(out.keys())
@@ -720,9 +739,16 @@ class Client:
         return self._wait(lambda: self._pull_into(out, direct=True))
 
     def pull_async(self, keys: Sequence[str]) -> Future[dict[str, Array]]:
-        """``pull`` returning a Future."""
-        metas = self._ensure_meta(keys)
-        return self._pull(metas, {}, metas).as_future()
+        """``pull`` returning a Future (errors too come out of it)."""
+        if isinstance(keys, str):
+            raise TypeError("pull_async takes a list of keys, not a single string")
+        keys = list(keys)
+
+        def start() -> _Op:
+            metas = self._ensure_meta(keys)
+            return self._pull(metas, {}, metas)
+
+        return self._starter.start(lambda: self._known(keys), start)
 
     def pull(self, keys: Sequence[str]) -> dict[str, Array]:
         """The current value of each key, as new arrays the caller owns."""
@@ -753,7 +779,8 @@ class Client:
         arrays ``out[key]`` (one per pushed key; C-contiguous, writeable, the key's
         shape and dtype). The caller owns ``out`` and must not touch it, nor change
         ``grads``, until the Future is done."""
-        return self._push_pull_into(grads, out).as_future()
+        return self._starter.start(lambda: self._known(grads) and self._known(out),
+                                   lambda: self._push_pull_into(grads, out))
 
     def _push_pull_into(self, grads: Mapping[str, Array], out: Mapping[str, Array],
                         direct: bool = False) -> _Op:
@@ -775,7 +802,7 @@ class Client:
     def push_pull_async(self, grads: Mapping[str, Array]) -> Future[dict[str, Array]]:
         """``push_pull`` returning a Future; the gradients must stay unchanged until
         it is done."""
-        return self._push_pull(grads).as_future()
+        return self._starter.start(lambda: self._known(grads), lambda: self._push_pull(grads))
 
     def _push_pull(self, grads: Mapping[str, Array], direct: bool = False) -> _Op:
         messages = self._dense_messages(Kind.PUSH_PULL, grads)

@@ -258,6 +258,61 @@ def test_async_errors_arrive_through_the_future(client: Any) -> None:
         fut.result(timeout=20)
 
 
+def test_async_calls_on_keys_new_to_the_client_return_futures_carrying_errors(
+        client: Any, cluster4: Any) -> None:
+    """A key this client has not used needs a metadata round trip first: the call
+    still returns its Future at once, and every error comes out of it."""
+    client.init({"asyncnew/w": np.zeros(3, np.float32)}, optimizer=SUM)
+    with pserver.connect(cluster4.address, timeout=20.0) as fresh:
+        for fut in (fresh.pull_async(["asyncnew/missing"]),
+                    fresh.push_async({"asyncnew/missing": np.ones(3, np.float32)}),
+                    fresh.push_pull_async({"asyncnew/missing": np.ones(3, np.float32)})):
+            assert isinstance(fut, concurrent.futures.Future)
+            with pytest.raises(pserver.KeyNotFound):
+                fut.result(timeout=20)
+        bad = fresh.push_async({"asyncnew/w": np.ones(4, np.float32)})
+        with pytest.raises(pserver.ShapeMismatch):
+            bad.result(timeout=20)
+        known = fresh.push_async({"asyncnew/w": np.ones(5, np.float32)})  # meta cached now
+        with pytest.raises(pserver.ShapeMismatch):
+            known.result(timeout=20)
+
+
+def test_async_calls_keep_their_order_behind_a_metadata_round_trip(cluster4: Any) -> None:
+    """A push whose key's metadata is fetched first is queued; the calls after it,
+    async or not, go after it, so each pull reads the pushes issued before it."""
+    with pserver.connect(cluster4.address, timeout=20.0) as setup:
+        setup.init({"asyncorder/a": np.zeros(8, np.float32),
+                    "asyncorder/b": np.zeros(8, np.float32)}, optimizer=SUM)
+        setup.pull(["asyncorder/b"])
+    for _ in range(5):
+        with pserver.connect(cluster4.address, timeout=20.0) as c:
+            c.pull(["asyncorder/b"])  # b's metadata cached, a's not
+            before = c.pull(["asyncorder/b"])["asyncorder/b"][0]
+            pushed = c.push_async({"asyncorder/a": np.ones(8, np.float32)})  # META first
+            pushed_b = c.push_async({"asyncorder/b": np.ones(8, np.float32)})
+            after_b = c.pull_async(["asyncorder/b"])
+            seen_a = c.pull(["asyncorder/a"])["asyncorder/a"][0]
+            pushed.result(timeout=20)
+            pushed_b.result(timeout=20)
+            assert after_b.result(timeout=20)["asyncorder/b"][0] == before + 1
+            assert seen_a >= 1  # the synchronous pull went after the queued push
+
+
+def test_an_async_call_does_not_wait_for_a_stopped_shard(client: Any, cluster4: Any) -> None:
+    key = key_on_shard(client.shard_map, 2, "asyncstop")
+    client.init({key: np.ones(4, np.float32)}, optimizer=SUM)
+    pid = client.status()["shards"][2]["replicas"][0]["pid"]
+    with pserver.connect(cluster4.address, timeout=20.0) as fresh:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            fut = fresh.pull_async([key])  # the metadata is on the stopped shard
+            assert not fut.done()  # a call that waited would have come back finished
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert_bits_equal(fut.result(timeout=20)[key], np.ones(4, np.float32))
+
+
 def test_pull_into_writes_into_the_callers_arrays(client: Any) -> None:
     rng = rng_for("into")
     a, b = f32(rng, 3, 5), np.arange(6 * MiB // 8, dtype=np.float64)  # b has 2 chunks
