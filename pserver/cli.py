@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -90,7 +91,10 @@ def main(log_level: str) -> None:
 def serve(config_file: str | None, no_ipc: bool | None, restore_file: str | None,
           **options: Any) -> None:
     """Run a cluster on this machine in the foreground."""
-    from .supervisor import Supervisor
+    stop_early: list[int] = []  # a SIGTERM/SIGINT before the supervisor exists
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stop_early.append(signum))
+    from .supervisor import Stopping, Supervisor
 
     if no_ipc:
         options["ipc"] = False
@@ -100,6 +104,8 @@ def serve(config_file: str | None, no_ipc: bool | None, restore_file: str | None
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     sup.install_signal_handlers()
+    if stop_early:
+        sup.stop()
     failed: list[BaseException] = []
     try:
         sup.start()
@@ -109,6 +115,8 @@ def serve(config_file: str | None, no_ipc: bool | None, restore_file: str | None
             threading.Thread(target=_restore_then_announce, args=(sup, restore_file, failed),
                              daemon=True).start()
         sup.run()
+    except Stopping:
+        log.info("stopped during start-up")
     except (RuntimeError, PServerError, OSError) as exc:
         log.error("serve failed: %s", exc)
         sup.shutdown()

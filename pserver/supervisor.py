@@ -91,6 +91,10 @@ class _PortTaken(RuntimeError):
     """A replica exited during start-up because its port was no longer free."""
 
 
+class Stopping(Exception):
+    """SIGTERM or SIGINT came while the supervisor waited for replicas to start."""
+
+
 def _digest_mismatch(shard: int, replicas: list[dict[str, Any]]) -> bool:
     """Whether two replicas at the same applied index hold different state (logged
     as an error: replicas must apply deterministically)."""
@@ -124,6 +128,7 @@ def await_ready(proc: subprocess.Popen[str], timeout: float = STARTUP_TIMEOUT) -
             if line.startswith(READY_PREFIX):
                 return line[len(READY_PREFIX):].strip()
 STATUS_TIMEOUT = 1.0
+STOP_CHECK_S = 0.1  # how often a wait during start-up looks for SIGTERM/SIGINT
 DIGEST_CHECK_S = 10.0  # how often the supervisor compares the replicas' state digests
 
 
@@ -197,15 +202,18 @@ class Supervisor:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         for shard in range(self.config.shards):
             self._await_group(shard, deadline)
+        deadline = time.monotonic() + STARTUP_TIMEOUT
         for r in self.replicas:
-            self._ping(r, STARTUP_TIMEOUT)
+            self._ping(r, deadline)
         self._await_leaders(time.monotonic() + STARTUP_TIMEOUT)
         log.info("cluster of %d shard(s) x %d replica(s) ready at %s", self.config.shards,
                  self.config.replicas, self.address)
         return self.address
 
     def announce(self) -> None:
-        print(f"{READY_PREFIX}{self.address}", file=self.ready_stream, flush=True)
+        """Print the ready line, unless a stop was asked for meanwhile."""
+        if not self._stop:
+            print(f"{READY_PREFIX}{self.address}", file=self.ready_stream, flush=True)
 
     def run(self) -> None:
         """Serve the bootstrap endpoint and watch the replicas until stopped."""
@@ -227,6 +235,7 @@ class Supervisor:
         procs = [r.proc for r in self.replicas if r.proc is not None and r.proc.poll() is None]
         for p in procs:
             p.send_signal(signal.SIGTERM)
+            p.send_signal(signal.SIGCONT)  # a stopped one acts on it too
         deadline = time.monotonic() + timeout
         for p in procs:
             try:
@@ -346,9 +355,12 @@ class Supervisor:
             sel.register(r.proc.stdout, selectors.EVENT_READ)
             line = b""
             while not line.endswith(b"\n"):
+                self._check_stop()
                 left = deadline - time.monotonic()
-                if left <= 0 or not sel.select(left):
+                if left <= 0:
                     raise RuntimeError(f"shard {r.shard} did not start within {STARTUP_TIMEOUT} s")
+                if not sel.select(min(left, STOP_CHECK_S)):
+                    continue
                 chunk = os.read(r.proc.stdout.fileno(), 4096)
                 if not chunk:
                     code = r.proc.wait()
@@ -363,11 +375,16 @@ class Supervisor:
         # Keep the port the first start got, so restarts come back on the same address.
         r.tcp = tcp[0]
 
+    def _check_stop(self) -> None:
+        if self._stop:
+            raise Stopping("stop requested while replicas were starting")
+
     def _await_leaders(self, deadline: float) -> None:
         """Wait until every shard has a leader (the ready line promises one)."""
         if not self.config.logged:
             return
         while True:
+            self._check_stop()
             shards = self.cluster_status()["shards"]
             if all(any(r["role"] == "leader" for r in s["replicas"]) for s in shards):
                 return
@@ -378,9 +395,18 @@ class Supervisor:
                                    f"{STARTUP_TIMEOUT:g} s")
             time.sleep(0.05)
 
-    def _ping(self, r: Replica, timeout: float) -> None:
-        header = Header(Kind.PING, next(self._ids))
-        call(self.ctx, r.tcp, header, self.config.limits, timeout)
+    def _ping(self, r: Replica, deadline: float) -> None:
+        """Ping ``r`` until it answers; its last failure once ``deadline`` passed."""
+        while True:
+            self._check_stop()
+            header = Header(Kind.PING, next(self._ids))
+            left = deadline - time.monotonic()
+            try:
+                call(self.ctx, r.tcp, header, self.config.limits, max(0.01, min(left, 1.0)))
+                return
+            except PServerError:
+                if time.monotonic() >= deadline:
+                    raise
 
     def _watch(self) -> None:
         now = time.monotonic()
@@ -411,6 +437,8 @@ class Supervisor:
             self._spawn(r)
             self._await_ready(r, time.monotonic() + STARTUP_TIMEOUT)
             log.info("shard %d replica %d restarted as pid %s", r.shard, r.replica, r.pid)
+        except Stopping:
+            return  # shutdown() stops the new process with the others
         except (RuntimeError, OSError, ValueError) as exc:
             log.error("restart of shard %d failed: %s", r.shard, exc)
             if r.proc is not None and r.proc.poll() is None:

@@ -278,3 +278,34 @@ def test_a_group_whose_port_was_taken_starts_on_fresh_ports(tmp_path: Path) -> N
         squatter.close()
         sup.ready_stream.close()
         sup.shutdown()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.parametrize("replicas", ["1", "3"])
+def test_sigterm_while_a_replica_hangs_in_start_up_exits_0_without_a_ready_line(
+        tmp_path: Path, replicas: str) -> None:
+    proc = subprocess.Popen(
+        pserver_cmd("serve", "--port", "0", "--replicas", replicas, "--data-dir",
+                    str(tmp_path / "d")),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=clean_env())
+    try:
+        kids = wait_until(lambda: _children(proc.pid), 30, "a replica process")
+        os.kill(kids[0], signal.SIGSTOP)  # stands in for a slow disk or a long replay
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert proc.stdout is not None
+        assert "pserver ready" not in proc.stdout.read()
+        assert not any(pid_alive(k) for k in kids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
