@@ -94,6 +94,7 @@ class RaftCore:
         self.heartbeat_elapsed = 0
         self.timeout = self._random_timeout()
         self.ticks = 0  # since this node started
+        self._told_to_campaign = 0  # the last term in which this leader sent TIMEOUT_NOW
         self.stamp = 0  # the last heartbeat round this node sent as leader
         self.msgs: list[Message] = []
         self._saved = HardState(self.term, self.vote, self.commit)
@@ -196,13 +197,15 @@ class RaftCore:
     def lease_stamp(self) -> int:
         """The latest heartbeat round of this leader that a quorum (itself included)
         acknowledged, or 0 where no lease holds: not the leader, handing leadership
-        over, this term's first entry not committed yet, or leases not configured.
+        over (or having told a follower to campaign at all this term), this term's
+        first entry not committed yet, or leases not configured.
         Until an election timeout (as the followers count it) after the driver sent
         that round, no other node can become leader (a follower that heard from this
         one refuses votes), so the leader may serve reads at its commit index
         without a round of messages."""
         if (not self.cfg.lease_reads or not self.cfg.check_quorum or self.role != Role.LEADER
-                or self.transferee or self.term_at(self.commit) != self.term):
+                or self.transferee or self._told_to_campaign == self.term
+                or self.term_at(self.commit) != self.term):
             return 0
         stamps = sorted((self.stamp if p == self.id else pr.stamp
                          for p, pr in self.progress.items()), reverse=True)
@@ -260,9 +263,15 @@ class RaftCore:
         self.transferee = to
         self.election_elapsed = 0
         if self.progress[to].match == self.last_index:
-            self._send(MsgType.TIMEOUT_NOW, to)
+            self._send_timeout_now(to)
         else:
             self._send_append(to)
+
+    def _send_timeout_now(self, to: int) -> None:
+        # Its votes ignore the followers' leases, and may arrive after this transfer
+        # was abandoned: no lease holds for the rest of this term.
+        self._told_to_campaign = self.term
+        self._send(MsgType.TIMEOUT_NOW, to)
 
     # -- roles --------------------------------------------------------------------------
 
@@ -539,7 +548,7 @@ class RaftCore:
                 if self._maybe_commit():
                     self._broadcast_append(pending_only=True)
                 if self.transferee == m.frm and pr.match == self.last_index:
-                    self._send(MsgType.TIMEOUT_NOW, m.frm)
+                    self._send_timeout_now(m.frm)
             if pr.next <= self.last_index:
                 self._send_append(m.frm)
         elif m.type == MsgType.SNAP_RESP:

@@ -416,6 +416,11 @@ def test_the_lease_stamp_is_the_newest_heartbeat_round_a_quorum_acknowledged() -
     assert c.nodes[follower].core.lease_stamp() == 0
     core.transfer_leadership(follower)
     assert core.lease_stamp() == 0  # handing over: the follower may win votes at once
+    c.partition({follower}, set(c.nodes) - {follower})  # its campaign never arrives
+    c.process(lead)
+    c.run(core.cfg.election_tick + 2)
+    assert core.role == Role.LEADER and core.transferee == 0  # the transfer was abandoned
+    assert core.lease_stamp() == 0  # but its late votes would still ignore leases
     plain = Cluster(3, seed=11)
     plain_lead = plain.elect()
     plain.run(2)
