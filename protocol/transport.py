@@ -10,6 +10,7 @@ closing never blocks on an unreachable peer.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -85,7 +86,8 @@ class Endpoint:
         cls, ctx: zmq.Context[Any], endpoints: Sequence[str], limits: Limits
     ) -> Endpoint:
         """A ROUTER bound to every endpoint (``tcp://host:0`` picks a free port).
-        A frame above the largest allowed size makes libzmq drop that peer."""
+        A frame above the largest allowed size makes libzmq drop that peer. An
+        address already in use raises ``OSError`` with ``errno.EADDRINUSE``."""
         sock = ctx.socket(zmq.ROUTER)
         _common(sock)
         # Bound what one slow or stuck client can make the server buffer: about
@@ -99,8 +101,10 @@ class Endpoint:
                 sock.bind(ep)
                 last = sock.getsockopt(zmq.LAST_ENDPOINT)
                 resolved.append(last.decode() if isinstance(last, bytes) else str(last))
-        except zmq.ZMQError:
+        except zmq.ZMQError as exc:
             sock.close(0)
+            if exc.errno == zmq.EADDRINUSE:  # an OSError, as a socket's bind raises it
+                raise OSError(errno.EADDRINUSE, f"cannot bind {ep}: address in use") from exc
             raise
         return cls(sock, router=True, endpoints=resolved)
 

@@ -6,6 +6,7 @@ only what a command promises to print (the ready line, status output).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import zmq
 
 from pserver.kernels import BackendUnavailable
 from pserver.protocol.errors import PServerError
@@ -265,10 +265,10 @@ def shard(
         raise click.ClickException(str(exc)) from None
     except BackendUnavailable as exc:
         raise click.ClickException(f"--device {device}: {exc}") from None
-    except zmq.ZMQError as exc:
-        if exc.errno != zmq.EADDRINUSE:
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
             raise
-        click.echo(f"Error: cannot bind {' '.join(endpoints)}: {exc}", err=True)
+        click.echo(f"Error: {exc}", err=True)
         sys.exit(EXIT_ADDRESS_IN_USE)
     except SnapshotError as exc:
         raise click.ClickException(f"cannot restore the shard's state: {exc}") from None

@@ -309,3 +309,19 @@ def test_sigterm_while_a_replica_hangs_in_start_up_exits_0_without_a_ready_line(
             proc.wait()
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_a_bootstrap_port_in_use_fails_with_a_clear_message(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            pserver_cmd("serve", "--port", str(port), "--replicas", "1", "--in-memory",
+                        "--data-dir", str(tmp_path / "d")),
+            capture_output=True, text=True, timeout=60, check=False, env=clean_env())
+    assert out.returncode == 1
+    assert f"cannot bind tcp://127.0.0.1:{port}: address in use" in out.stderr
+    assert "Traceback" not in out.stderr and "pserver ready" not in out.stdout
