@@ -102,8 +102,9 @@ class AsyncStarter:
         """Wait until every queued call has been sent (a no-op on the starter thread
         itself, whose own round trips come first). Raises ``Unavailable`` when that
         takes longer than ``timeout`` seconds."""
-        if self._thread == threading.get_ident():
-            return
+        if not self._queued or self._thread == threading.get_ident():
+            return  # (read without the lock: a call another thread starts meanwhile is
+            # concurrent with this one, and has no order with it to keep)
         with self._cond:
             if not self._cond.wait_for(lambda: self._queued == 0, timeout):
                 raise Unavailable(f"earlier *_async calls were not sent within {timeout:g} s")
