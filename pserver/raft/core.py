@@ -94,6 +94,11 @@ class RaftCore:
         self.heartbeat_elapsed = 0
         self.timeout = self._random_timeout()
         self.ticks = 0  # since this node started
+        # With leases: refuse votes until this tick, an election timeout after the last
+        # message from a leader, whatever term changes come in between, and for the
+        # first election timeout after a start (a lease may have been acknowledged
+        # just before a crash).
+        self._quiet_until = config.election_tick if config.lease_reads else 0
         self._told_to_campaign = 0  # the last term in which this leader sent TIMEOUT_NOW
         self.stamp = 0  # the last heartbeat round this node sent as leader
         self.msgs: list[Message] = []
@@ -300,9 +305,12 @@ class RaftCore:
         self._append(b"")  # §8: a no-op lets the leader commit its predecessors' entries
         self._broadcast_append()
 
-    def campaign(self, transfer: bool = False) -> None:
-        """Start an election (a pre-vote round first when configured, §9.6)."""
-        if self.cfg.pre_vote and not transfer:
+    def campaign(self, transfer: bool = False, pre_voted: bool = False) -> None:
+        """Start an election (a pre-vote round first when configured, §9.6).
+        ``transfer``: told to by the leader (TIMEOUT_NOW), so the votes asked for
+        disregard the followers' leases; ``pre_voted``: the pre-vote round is won,
+        this is the real election (which respects them)."""
+        if self.cfg.pre_vote and not transfer and not pre_voted:
             kind, term = MsgType.PRE_VOTE, self.term + 1
             self._reset(self.term)
             self.role = Role.PRE_CANDIDATE
@@ -327,7 +335,7 @@ class RaftCore:
 
     def _won(self) -> None:
         if self.role == Role.PRE_CANDIDATE:
-            self.campaign(transfer=True)  # the real election, now that it can win
+            self.campaign(pre_voted=True)  # the real election, now that it can win
         else:
             self._become_leader()
 
@@ -344,12 +352,8 @@ class RaftCore:
         if m.frm not in self.cfg.peers or m.to != self.id:
             return
         if m.term > self.term:
-            if m.type in (MsgType.VOTE, MsgType.PRE_VOTE):
-                in_lease = self.cfg.check_quorum and (
-                    (self.lead != 0 and self.election_elapsed < self.cfg.election_tick)
-                    or (self.cfg.lease_reads and self.ticks < self.cfg.election_tick))
-                if in_lease and m.reject_hint != TRANSFER:
-                    return  # a live leader exists: ignore disruptive candidates (§6 / §9.6)
+            if m.type in (MsgType.VOTE, MsgType.PRE_VOTE) and self._ignores(m):
+                return  # a live leader exists: ignore disruptive candidates (§6 / §9.6)
             if m.type == MsgType.PRE_VOTE or (m.type == MsgType.PRE_VOTE_RESP and not m.reject):
                 pass  # pre-votes are asked and granted for a term not yet taken
             else:
@@ -371,8 +375,24 @@ class RaftCore:
         else:
             self._step_follower(m)
 
+    def _ignores(self, m: Message) -> bool:
+        """Whether to ignore the vote or pre-vote request ``m``: a leader was heard
+        from within an election timeout (CheckQuorum's stickiness; with leases, the
+        promise behind a leader's lease, kept across term changes), unless the
+        leader itself asked for this election (TIMEOUT_NOW) or this node already
+        voted for the sender in that term."""
+        if not self.cfg.check_quorum or m.reject_hint == TRANSFER:
+            return False
+        if m.term > self.term and self.lead != 0 \
+                and self.election_elapsed < self.cfg.election_tick:
+            return True
+        return self.ticks < self._quiet_until and not (m.term == self.term
+                                                       and self.vote == m.frm)
+
     def _answer_vote(self, m: Message) -> None:
         """§5.2, §5.4.1: one vote per term, only for an up-to-date log."""
+        if self._ignores(m):
+            return
         pre = m.type == MsgType.PRE_VOTE
         can = (self.vote == m.frm or (self.vote == 0 and self.lead == 0)
                or (pre and m.term > self.term))
@@ -399,6 +419,8 @@ class RaftCore:
                 self._become_follower(self.term, 0)
 
     def _step_follower(self, m: Message) -> None:
+        if self.cfg.lease_reads and m.type in (MsgType.APP, MsgType.HEARTBEAT, MsgType.SNAP):
+            self._quiet_until = max(self._quiet_until, self.ticks + self.cfg.election_tick)
         if m.type == MsgType.APP:
             self.election_elapsed, self.lead = 0, m.frm
             self._handle_append(m)

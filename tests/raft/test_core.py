@@ -450,20 +450,31 @@ def test_a_restarted_node_refuses_votes_for_its_first_election_timeout() -> None
 
 @pytest.mark.parametrize("seed", range(int(os.environ.get("RAFT_SEEDS", "300")) // 3))
 def test_a_leader_within_its_lease_holds_the_newest_commit(seed: int) -> None:
-    """Random partitions, drops, duplicates and crash-restarts, every node ticking at
-    the same rate: whenever a leader's lease holds (a round a quorum acknowledged,
-    sent less than election_tick - 2 ticks ago, as the replica driver counts it), no
+    """Random partitions, drops, duplicates, late messages, crash-restarts and
+    stalls (a node that neither ticks nor hears anything for up to three election
+    timeouts, as a SIGSTOPped process), the other nodes ticking at the same rate: whenever a
+    leader's lease holds (a round a quorum acknowledged, sent less than
+    election_tick - 2 ticks ago, as the replica driver counts it on its clock), no
     node has committed past it, so a read served at its commit index is current."""
     rng = random.Random(seed)
     c = Cluster(rng.choice([3, 5]), seed=seed, lease_reads=True)
-    lease = c.nodes[1].core.cfg.election_tick - 2
+    e = c.nodes[1].core.cfg.election_tick
+    lease = e - 2
     sent: dict[tuple[int, int], int] = {}  # (node, stamp) -> the tick it was sent at
+    stalled: dict[int, int] = {}  # node -> the tick it wakes at
+    late: list[tuple[int, Message]] = []  # (tick it arrives at, message)
     served = 0
+    split = c.cut
     for now in range(400):
         if now % 40 == 0:
             c.split_at_random(rng)
+            split = c.cut
+        if rng.random() < 0.04:
+            stalled[rng.choice(list(c.nodes))] = now + rng.randrange(1, 3 * e)
+        asleep = {i for i, until in stalled.items() if until > now}
+        c.cut = split | {frozenset((i, j)) for i in asleep for j in c.nodes if j != i}
         lead = c.leader()
-        if lead is not None and rng.random() < 0.3:
+        if lead is not None and lead not in asleep and rng.random() < 0.3:
             with contextlib.suppress(ProposalDropped):
                 c.nodes[lead].core.propose(b"x")
             c.process(lead)
@@ -472,7 +483,16 @@ def test_a_leader_within_its_lease_holds_the_newest_commit(seed: int) -> None:
             c.crash_restart(victim)
             sent = {k: t for k, t in sent.items() if k[0] != victim}
         before = {i: nd.core.stamp for i, nd in c.nodes.items()}
-        c.run(1, drop=0.15, dup=0.05, shuffle=True)
+        for i in c.nodes:
+            if i not in asleep:
+                c.tick(i)
+        for m in c.queue:  # a fifth of what the ticks sent arrives up to 2e ticks late
+            if rng.random() < 0.2:
+                late.append((now + rng.randrange(1, 2 * e), m))
+        c.queue = [m for m in c.queue if all(m is not x for _, x in late)]
+        c.queue += [m for t, m in late if t <= now]
+        late = [(t, m) for t, m in late if t > now]
+        c.deliver(drop=0.15, dup=0.05, shuffle=True)
         newest = max(nd.core.commit for nd in c.nodes.values())
         for i, nd in c.nodes.items():
             if nd.core.stamp != before[i]:
@@ -483,3 +503,89 @@ def test_a_leader_within_its_lease_holds_the_newest_commit(seed: int) -> None:
                 assert nd.core.commit == newest, f"seed {seed}: stale lease on node {i}"
         c.check_invariants()
     assert served  # leases did hold for part of the run
+
+
+def _pump(c: Cluster, pred: Any, drop: Any = lambda m: False) -> None:
+    """Deliver the queued messages ``pred`` picks (the rest stay queued); ``drop``
+    loses some of them."""
+    go = [m for m in c.queue if pred(m)]
+    c.queue = [m for m in c.queue if not pred(m)]
+    for m in go:
+        if frozenset((m.frm, m.to)) not in c.cut and not drop(m):
+            c.nodes[m.to].core.step(m)
+            c.process(m.to)
+
+
+def _leader_cut_from_a_candidate() -> tuple[Cluster, int, int, int]:
+    """3 nodes with leases: (cluster, leader, follower, candidate), the candidate
+    unable to reach the leader."""
+    c = Cluster(3, seed=5, lease_reads=True)
+    lead = c.elect()
+    c.run(3)
+    f, cand = [i for i in c.nodes if i != lead]
+    c.cut = {frozenset((lead, cand))}
+    return c, lead, f, cand
+
+
+def test_the_vote_after_a_won_pre_vote_respects_a_lease_acknowledged_in_between() -> None:
+    """A follower grants a pre-vote, then hears from the leader (which was stalled)
+    and acknowledges a heartbeat round: the candidate's real vote request, which
+    follows, must not get its vote while that lease holds."""
+    c, lead, f, cand = _leader_cut_from_a_candidate()
+    lc, fc, cc = (c.nodes[i].core for i in (lead, f, cand))
+    e = lc.cfg.election_tick
+    fc.timeout, cc.timeout = 10 * e, e + 1
+    while cc.role != Role.PRE_CANDIDATE:  # the leader is stalled: it does not tick
+        c.tick(f)
+        c.tick(cand)
+        _pump(c, lambda m: lead not in (m.frm, m.to))
+    c.queue = [m for m in c.queue if m.to != lead]
+    _pump(c, lambda m: m.type == MsgType.PRE_VOTE and m.to == f)  # granted: no lease yet
+    c.tick(lead)  # the leader wakes: a heartbeat round, acknowledged by the follower
+    _pump(c, lambda m: m.type in (MsgType.HEARTBEAT, MsgType.HEARTBEAT_RESP))
+    _pump(c, lambda m: m.type == MsgType.HEARTBEAT_RESP)
+    stamp = lc.lease_stamp()
+    assert stamp == lc.stamp > 0
+    for _ in range(3):
+        _pump(c, lambda m: lead not in (m.frm, m.to))
+    assert cc.role != Role.LEADER and fc.vote != cand
+    assert lc.lease_stamp() == stamp  # and it keeps its lease
+
+
+def test_a_term_change_does_not_end_a_followers_promise_to_a_lease() -> None:
+    """A follower that acknowledged a lease is moved to a higher term (a rejection of
+    its own late pre-vote carries it), which forgets its leader: it still refuses
+    votes until an election timeout after that acknowledgement."""
+    c, lead, f, cand = _leader_cut_from_a_candidate()
+    lc, fc, cc = (c.nodes[i].core for i in (lead, f, cand))
+    e = lc.cfg.election_tick
+    fc.timeout, cc.timeout = e + 2, e + 1
+
+    def both() -> None:
+        c.tick(f)
+        c.tick(cand)
+
+    while cc.role != Role.CANDIDATE:  # the leader stalled; the candidate's votes are lost
+        both()
+        _pump(c, lambda m: lead not in (m.frm, m.to), drop=lambda m: m.type == MsgType.VOTE)
+    cc.timeout = e
+    while fc.role != Role.PRE_CANDIDATE:
+        both()
+    late = [m for m in c.queue if m.type == MsgType.PRE_VOTE and m.frm == f]
+    c.queue = [m for m in c.queue if m not in late and m.to != lead]
+    both()
+    c.tick(lead)  # the leader wakes; the follower acknowledges its round
+    _pump(c, lambda m: m.type == MsgType.HEARTBEAT and m.to == f)
+    _pump(c, lambda m: m.type == MsgType.HEARTBEAT_RESP)
+    stamp = lc.lease_stamp()
+    assert stamp > 0
+    c.queue += late
+    _pump(c, lambda m: m.type in (MsgType.PRE_VOTE, MsgType.PRE_VOTE_RESP))
+    _pump(c, lambda m: m.type == MsgType.PRE_VOTE_RESP)
+    assert fc.term > lc.term and fc.lead == 0  # moved on, its leader forgotten
+    for _ in range(e - 2):  # the lease's length; the leader's messages are slow
+        both()
+        c.tick(lead)
+        for _ in range(4):
+            _pump(c, lambda m: True, drop=lambda m: lead in (m.frm, m.to))
+        assert cc.role != Role.LEADER, "a second leader while the lease holds"
