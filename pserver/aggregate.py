@@ -1,7 +1,7 @@
 """Leader-side aggregation of sync steps: replicate one entry per step, not per push.
 
 Owns, on the leader of a replicated shard, the pushes to sync parts that wait
-for the other workers of their step: each gradient (copied out of its message),
+for the other workers of their step: each gradient (views of its message's frames),
 the step it counts for, and the token of the message. Once every live worker
 has pushed a step of a part, and every other part those messages touch is
 complete for its step too (a push is answered whole or not at all), it builds
@@ -29,7 +29,7 @@ from pserver.protocol.schema import Header, Kind
 
 from . import commands
 from .commands import Command
-from .shard import ShardStateMachine, gather, step_mean
+from .shard import Pieces, ShardStateMachine, mean_into, pieces
 
 Part = tuple[str, int]
 Token = tuple[int, int]
@@ -48,7 +48,7 @@ class StepAggregator:
     def __init__(self, state: ShardStateMachine, frame_bytes: int) -> None:
         self.state = state
         self.frame_bytes = frame_bytes
-        self._grads: dict[Part, dict[int, dict[int, tuple[np.ndarray[Any, Any], Token]]]] = {}
+        self._grads: dict[Part, dict[int, dict[int, tuple[Pieces, Token]]]] = {}
         self._pushes: dict[Token, _Push] = {}
         self._next: dict[tuple[Part, int], int] = {}  # (part, worker) -> its next step
         self._proposed: dict[Part, int] = {}  # part -> the next step to propose
@@ -86,7 +86,7 @@ class StepAggregator:
         for t, frames in zip(header.tensors, data, strict=True):
             part = (t.key, t.part)
             slot = self.state.slots[part]
-            grad = gather(frames, t, slot)
+            grad = pieces(frames, t.np_dtype, slot)
             step = self._step_of(part, worker)
             self._next[(part, worker)] = step + 1
             self._proposed.setdefault(part, slot.sync_step)
@@ -155,7 +155,9 @@ class StepAggregator:
             if not self._grads[(key, p)]:
                 del self._grads[(key, p)]
             grads = {w: g for w, (g, _) in buffered.items()}
-            fs = split_frames(step_mean(slot, grads), self.frame_bytes)
+            mean = np.empty(slot.count, slot.value.dtype)
+            mean_into(grads, mean)
+            fs = split_frames(mean, self.frame_bytes)
             parts.append((key, p, s, tuple(sorted(grads)), len(fs)))
             frames.extend(fs)
             self._proposed[(key, p)] = s + 1

@@ -10,7 +10,7 @@ can sit between them. No sockets, threads or clocks here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ MODES = ("async", "sync", "ssp")
 COMPRESSIONS = ("none", "float16", "bfloat16", "topk")
 _HALF = ("float16", "bfloat16")
 AVAILABLE_MODES = MODES
+Pieces = list[np.ndarray[Any, Any]]  # a gradient as consecutive 1-D pieces (its frames)
 
 
 @dataclass
@@ -53,7 +54,8 @@ class Slot:
     staleness: int = 0  # ssp: how many steps a worker may run ahead of the slowest
     sync_step: int = 0  # sync: steps applied
     worker_steps: dict[int, int] = field(default_factory=dict)  # pushes received per worker
-    pending: dict[int, dict[int, np.ndarray[Any, Any]]] = field(default_factory=dict)
+    # sync: step -> worker -> its gradient, until every live worker pushed the step
+    pending: dict[int, dict[int, Pieces]] = field(default_factory=dict)
     state: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)  # optimizer slots
     step: int = 0  # updates applied
     # Readers still holding ``value``'s memory (objects with a ``done`` flag, e.g.
@@ -132,24 +134,43 @@ def parse_compression(raw: Any) -> tuple[Any, ...]:
     return (str(raw[0]),)
 
 
-def gather(frames: Sequence[Any], t: TensorMeta, slot: Slot) -> np.ndarray[Any, Any]:
-    """A part's gradient (frames of ``t.dtype``) copied into one new array of the
-    slot's dtype (a float16/bfloat16 gradient is widened)."""
-    grad = np.empty(slot.count, slot.value.dtype)
+def pieces(frames: Sequence[Any], dtype: np.dtype[Any], slot: Slot) -> Pieces:
+    """A part's gradient (``frames`` of ``dtype``) as one array per frame in the
+    slot's dtype: read-only views of the frames (nothing copied; they keep the
+    message alive), or copies where a float16/bfloat16 gradient is widened."""
+    views = [np.frombuffer(f, dtype=dtype) for f in frames]
+    want = slot.value.dtype
+    return views if dtype == want else [v.astype(want) for v in views]
+
+
+def joined(grad: Pieces, dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    """``grad`` as one array (a view when it is one piece)."""
+    if len(grad) == 1:
+        return grad[0]
+    return np.concatenate(grad) if grad else np.empty(0, dtype)
+
+
+def aligned(grads: dict[int, Pieces], dtype: np.dtype[Any]) -> list[Pieces]:
+    """One sync step's gradients, piece by piece: for each stretch of elements, every
+    worker's piece of it in worker order. Workers sending frames of the same sizes
+    (every client of a cluster does) give one stretch per frame; otherwise the
+    gradients are joined into one stretch."""
+    lists = [grads[w] for w in sorted(grads)]
+    sizes = [p.size for p in lists[0]]
+    if all([p.size for p in g] == sizes for g in lists[1:]):
+        return [list(ps) for ps in zip(*lists, strict=True)]
+    return [[joined(g, dtype) for g in lists]]
+
+
+def mean_into(grads: dict[int, Pieces], out: np.ndarray[Any, Any]) -> None:
+    """Write the mean of one sync step's gradients into ``out``, summed in worker
+    order (so its bits do not depend on the order they arrived in), stretch by
+    stretch (the bits do not depend on the stretches either: elementwise)."""
     pos = 0
-    for frame in frames:
-        g = np.frombuffer(frame, dtype=t.np_dtype)
-        grad[pos:pos + g.size] = g
-        pos += g.size
-    return grad
-
-
-def step_mean(slot: Slot, grads: dict[int, np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
-    """The mean of one sync step's gradients, summed in worker order (so its bits do
-    not depend on the order they arrived in)."""
-    mean = np.empty(slot.count, slot.value.dtype)
-    kernels.aggregate([grads[w] for w in sorted(grads)], mean, mean=True)
-    return mean
+    for ps in aligned(grads, out.dtype):
+        end = pos + ps[0].size
+        kernels.aggregate(ps, out[pos:end], mean=True)
+        pos = end
 
 
 def parse_mode(mode: Any, default: str) -> str:
@@ -186,6 +207,7 @@ class ShardStateMachine:
         self.default_mode = default_mode
         self.slots: dict[tuple[str, int], Slot] = {}
         self.applied_index = 0
+        self._scratch: dict[np.dtype[Any], np.ndarray[Any, Any]] = {}  # see _means
 
     # -- validation ---------------------------------------------------------
 
@@ -364,18 +386,25 @@ class ShardStateMachine:
     def _update(self, slot: Slot, frames: Sequence[Any], dtype: np.dtype[Any]) -> None:
         """One optimizer step of an async part with its gradient in ``frames``, frame
         by frame (no reassembly)."""
-        value = slot.writable()
         slot.step += 1
+        self._step(slot, pieces(frames, dtype, slot))
+
+    def _step(self, slot: Slot, grad: Iterable[np.ndarray[Any, Any]],
+              assign: bool = False) -> None:
+        """Apply the optimizer (``assign``: copy) with the gradient given as consecutive
+        pieces, each to its stretch of the value and optimizer state; the update is
+        elementwise, so the bits do not depend on where the pieces end."""
+        value = slot.writable()
         pos = 0
-        for frame in frames:
-            grad = np.frombuffer(frame, dtype=dtype)
-            if grad.dtype != value.dtype:  # a float16/bfloat16 gradient: widen it
-                grad = grad.astype(value.dtype)
-            grad = self.memory.gradient(grad)
-            end = pos + grad.size
-            whole = pos == 0 and end == value.size  # one frame: no state slices
-            state = slot.state if whole else {k: v[pos:end] for k, v in slot.state.items()}
-            slot.optimizer.apply(value[pos:end], grad, state, slot.step, self.backend)
+        for piece in grad:
+            g = self.memory.gradient(piece)
+            end = pos + piece.size
+            if assign:
+                value[pos:end] = g
+            else:
+                whole = pos == 0 and end == value.size  # one piece: no state slices
+                state = slot.state if whole else {k: v[pos:end] for k, v in slot.state.items()}
+                slot.optimizer.apply(value[pos:end], g, state, slot.step, self.backend)
             pos = end
 
     # -- reads ----------------------------------------------------------------
@@ -385,7 +414,7 @@ class ShardStateMachine:
         """sync: keep this worker's gradient for ``step``; once all workers pushed the
         next step to apply, apply the mean of their gradients (summed in worker order,
         so the bits do not depend on arrival order)."""
-        slot.pending.setdefault(step, {})[worker] = gather(frames, t, slot)
+        slot.pending.setdefault(step, {})[worker] = pieces(frames, t.np_dtype, slot)
         self._complete_steps(slot)
 
     def _complete_steps(self, slot: Slot) -> None:
@@ -395,17 +424,26 @@ class ShardStateMachine:
         live = set(range(slot.workers)) - self.dropped
         while live and live <= slot.pending.get(slot.sync_step, {}).keys():
             grads = slot.pending.pop(slot.sync_step)
-            self._apply_mean(slot, step_mean(slot, grads))
+            self._apply_mean(slot, self._means(grads, slot.value.dtype))
 
-    def _apply_mean(self, slot: Slot, mean: np.ndarray[Any, Any]) -> None:
-        """Apply one completed sync step whose mean gradient is ``mean``."""
+    def _means(self, grads: dict[int, Pieces], dtype: np.dtype[Any]) -> Iterator[
+            np.ndarray[Any, Any]]:
+        """The mean of one step's gradients (as ``mean_into`` computes it), stretch by
+        stretch, each in a scratch buffer reused for the next: a step then touches
+        the gradients, value and state once, the mean stays in cache, and no 16 MiB
+        array is allocated (and page-faulted in) per step."""
+        for ps in aligned(grads, dtype):
+            n = ps[0].size
+            buf = self._scratch.get(dtype)
+            if buf is None or buf.size < n:
+                buf = self._scratch[dtype] = np.empty(n, dtype)
+            kernels.aggregate(ps, buf[:n], mean=True)
+            yield buf[:n]
+
+    def _apply_mean(self, slot: Slot, mean: Iterable[np.ndarray[Any, Any]]) -> None:
+        """Apply one completed sync step whose mean gradient is ``mean`` (pieces)."""
         slot.step += 1
-        if slot.optimizer.name == "sum":
-            value = slot.writable()
-            value[:] = self.memory.gradient(mean)
-        else:
-            slot.optimizer.apply(slot.writable(), self.memory.gradient(mean), slot.state,
-                                 slot.step, self.backend)
+        self._step(slot, mean, assign=slot.optimizer.name == "sum")
         slot.sync_step += 1
 
     def check_sync_step(self, key: str, part: int, step: int, workers: Sequence[int]) -> Slot:
@@ -429,9 +467,8 @@ class ShardStateMachine:
         for slot, workers, frames in steps:
             for w in workers:
                 slot.worker_steps[w] = slot.sync_step + 1
-            mean = join_frames(frames, slot.value.dtype) if len(frames) != 1 else \
-                np.frombuffer(frames[0], dtype=slot.value.dtype)
-            self._apply_mean(slot, mean)
+            dtype = slot.value.dtype
+            self._apply_mean(slot, [np.frombuffer(f, dtype=dtype) for f in frames])
         self.applied_index += 1
 
     def drop_worker(self, worker: int) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from pserver.protocol.schema import DTYPES
 
 from .optim import OptimizerSpec
-from .shard import ShardStateMachine, Slot
+from .shard import ShardStateMachine, Slot, joined
 from .tables import Table, TableSpec
 from .wal import fsync_dir
 
@@ -89,7 +89,7 @@ def _write(sm: ShardStateMachine, fh: BinaryIO) -> None:
         "mode": s.mode, "compression": list(s.compression), "step": s.step,
         "workers": s.workers, "staleness": s.staleness, "sync_step": s.sync_step,
         "worker_steps": [[w, n] for w, n in s.worker_steps.items()],
-        "pending": [[step, wk, w.add(g)] for step, grads in s.pending.items()
+        "pending": [[step, wk, w.add(joined(g, s.value.dtype))] for step, grads in s.pending.items()
                     for wk, g in grads.items()],
         "value": w.add(read(s.value)),
         "state": {k: w.add(read(v)) for k, v in s.state.items()},
@@ -157,7 +157,7 @@ def decode(data: bytes | memoryview, sm: ShardStateMachine, source: str = "snaps
         slot.sync_step = s["sync_step"]
         slot.worker_steps = {int(w): int(n) for w, n in s["worker_steps"]}
         for step, w, g in s["pending"]:
-            slot.pending.setdefault(int(step), {})[int(w)] = array(g)
+            slot.pending.setdefault(int(step), {})[int(w)] = [array(g)]
         sm.slots[(slot.key, slot.part)] = slot
     sm.tables.clear()
     for t in header["tables"]:
