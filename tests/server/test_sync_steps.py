@@ -4,6 +4,11 @@ bits do not depend on how the gradients were cut into frames."""
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -123,7 +128,7 @@ def test_the_leaders_mean_equals_the_whole_array_mean_for_any_cut() -> None:
     want = ((g[0] + g[1]) + g[2]) / np.float32(3)
     for cuts in ((N,), (1000, 1000, 1000), (1024, 1024, 952)):
         bounds = np.cumsum((0, *cuts))
-        grads = {w: [a[s:e] for s, e in zip(bounds[:-1], bounds[1:], strict=True)]
+        grads = {w: [a[s:e] for s, e in itertools.pairwise(bounds)]
                  for w, a in enumerate(g)}
         assert len(aligned(grads, np.dtype(np.float32))) == len(cuts)
         out = np.empty(N, np.float32)
@@ -134,3 +139,45 @@ def test_the_leaders_mean_equals_the_whole_array_mean_for_any_cut() -> None:
     out = np.empty(N, np.float32)
     mean_into(mixed, out)
     np.testing.assert_array_equal(out, want)
+
+
+_ON_DEVICE = """
+import json, sys
+import numpy as np
+from numba import config
+from pserver.optim import OptimizerSpec
+from pserver.protocol.frames import split_frames
+from pserver.protocol.schema import TensorMeta
+from pserver.protocol.shardmap import ShardMap
+from pserver.shard import ShardStateMachine
+out = {"simulated": bool(config.ENABLE_CUDASIM)}
+for opt in ({"name": "sum"}, {"name": "adam", "lr": 0.01}):
+    values = []
+    for device in ("cpu", "cuda"):
+        sm = ShardStateMachine(0, ShardMap.uniform(1), device=device)
+        init = np.linspace(-1, 1, 700, dtype=np.float32)
+        sm.apply_init([TensorMeta("w", 0, "float32", (700,), 0, 700, 1)], [[init.tobytes()]],
+                      OptimizerSpec.parse(opt), "sync", workers=2)
+        rng = np.random.default_rng(1)
+        for step in range(2):
+            for worker in (0, 1):
+                frames = split_frames(rng.standard_normal(700).astype(np.float32), 1024)
+                meta = TensorMeta("w", 0, "float32", (700,), 0, 700, len(frames))
+                sm.check_push([meta])
+                sm.apply_push([meta], [frames], {"worker": worker})
+        v = sm.slots[("w", 0)].value
+        values.append(np.array(v.copy_to_host() if device == "cuda" else v))
+    out[opt["name"]] = bool(np.array_equal(values[0].view(np.uint32), values[1].view(np.uint32)))
+json.dump(out, sys.stdout)
+"""
+
+
+def test_a_cuda_shard_applies_a_step_piece_by_piece_with_the_cpu_bits() -> None:
+    """On a GPU shard (numba's CUDA simulator here) the stretches of a step go to
+    slices of the device arrays; ``sum`` assigns them, adam updates them, with the
+    CPU's bits (gradients in 3 frames of 1 KiB)."""
+    env = {k: v for k, v in os.environ.items() if k != "PSERVER_KERNELS"}
+    proc = subprocess.run([sys.executable, "-c", _ON_DEVICE], capture_output=True, text=True,
+                          check=False, env={**env, "NUMBA_ENABLE_CUDASIM": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == {"simulated": True, "sum": True, "adam": True}
