@@ -101,7 +101,7 @@ def test_a_bad_record_followed_by_good_ones_refuses_to_start(tmp_path: Path) -> 
     wal.close()
     seg = tmp_path / "0000000000000000.wal"
     data = bytearray(seg.read_bytes())
-    data[12] ^= 0xFF  # inside the first record's payload
+    data[20] ^= 0xFF  # inside the first record's payload (after its 17-byte header)
     seg.write_bytes(bytes(data))
     with pytest.raises(WALError, match="corrupt record at byte 0"):
         _recover(tmp_path)
@@ -228,3 +228,101 @@ def test_an_entry_held_as_a_view_of_its_message_is_logged_and_recovered(
     wal.close()
     rec = _recover(tmp_path)
     assert [bytes(e.data) for e in rec.entries] == [bytes(received), b"small"]
+
+
+def _compacted(path: Path, keep_free: int = 4) -> tuple[WAL, int]:
+    """A log whose first 30 entries (of 200 bytes: a segment each) went into a
+    snapshot, every dead segment tidied. Returns the open log and how many
+    segments died."""
+    wal, _ = WAL.open(path, segment_bytes=256, keep_free=keep_free)
+    wal.append([Entry(1, i, b"o" * 200) for i in range(1, 31)])
+    wal.sync()
+    dead = len(list(path.glob("*.wal"))) - 1
+    wal.compact(30, 1, [], HardState(1, 1, 30))
+    while wal.tidy():
+        pass
+    return wal, dead
+
+
+def _big(start: int, n: int = 1) -> list[Entry]:
+    """Entries of 150 bytes: one per 256-byte segment, each starting the next one."""
+    return [Entry(2, i, bytes([i % 256]) * 150) for i in range(start, start + n)]
+
+
+def test_dead_segments_are_kept_for_reuse_up_to_keep_free(tmp_path: Path) -> None:
+    wal, dead = _compacted(tmp_path, keep_free=2)
+    assert dead > 2
+    free = sorted(tmp_path.glob("*.free"))
+    assert len(free) == 2 and len(list(tmp_path.glob("*.wal"))) == 1  # the rest deleted
+    inodes = {p.stat().st_ino for p in free}
+    wal.append(_big(31, 2))  # two more segments
+    wal.sync()
+    segments = sorted(tmp_path.glob("*.wal"))
+    assert not list(tmp_path.glob("*.free"))
+    assert inodes <= {p.stat().st_ino for p in segments}  # the same files, renamed
+    wal.close()
+    rec = _recover(tmp_path, segment_bytes=256)
+    assert rec.base_index == 30 and rec.entries == _big(31, 2)
+
+
+def test_old_records_after_the_new_ones_in_a_recycled_segment_are_cut(
+        tmp_path: Path) -> None:
+    """A crash leaves a recycled segment with its new records, then the records of
+    its previous use (valid for that segment, with their own CRCs): recovery keeps
+    exactly the new ones, and the log goes on from there."""
+    wal, _ = _compacted(tmp_path)
+    wal.append(_big(31), HardState(2, 1, 31))  # starts a recycled segment
+    wal.sync()
+    last = max(tmp_path.glob("*.wal"))
+    assert last.stat().st_size > wal.synced_size  # old records follow the new ones
+    wal._fh.close()  # a crash: no clean close (which would cut them)
+    rec = _recover(tmp_path, segment_bytes=256)
+    assert rec.entries == _big(31)
+    assert rec.hard_state == HardState(2, 1, 31)
+    wal, _ = WAL.open(tmp_path, segment_bytes=256)
+    wal.append([Entry(2, 32, b"more")])
+    wal.sync()
+    wal.close()
+    assert _recover(tmp_path).entries == [*_big(31), Entry(2, 32, b"more")]
+
+
+def test_a_clean_close_cuts_a_recycled_segment_to_its_records(tmp_path: Path) -> None:
+    wal, _ = _compacted(tmp_path)
+    wal.append(_big(31))
+    wal.sync()
+    assert max(tmp_path.glob("*.wal")).stat().st_size > wal.synced_size
+    wal.close()
+    last = max(tmp_path.glob("*.wal"))
+    data = last.read_bytes()
+    wal, rec = WAL.open(tmp_path, segment_bytes=256)
+    wal.close()
+    assert last.read_bytes() == data  # nothing left to cut
+    assert rec.entries == _big(31)
+
+
+def test_a_bad_record_before_a_new_one_in_a_recycled_segment_refuses_to_start(
+        tmp_path: Path) -> None:
+    wal, _ = _compacted(tmp_path)
+    wal.append(_big(31))  # starts a recycled segment
+    wal.append([Entry(2, 32, b"b" * 40)])  # fits after it
+    wal.sync()
+    wal._fh.close()
+    last = max(tmp_path.glob("*.wal"))
+    data = bytearray(last.read_bytes())
+    data[17 + 16 + 5] ^= 0xFF  # inside entry 31's data, the first record of the segment
+    last.write_bytes(bytes(data))
+    with pytest.raises(WALError, match="corrupt record at byte 0"):
+        _recover(tmp_path)
+
+
+def test_free_segments_found_at_open_are_reused_and_bounded(tmp_path: Path) -> None:
+    wal, dead = _compacted(tmp_path, keep_free=4)
+    wal.close()
+    free = len(list(tmp_path.glob("*.free")))
+    assert free == min(dead, 4)
+    wal, _ = WAL.open(tmp_path, segment_bytes=256, keep_free=1)
+    assert len(list(tmp_path.glob("*.free"))) == 1
+    wal.append(_big(31))
+    wal.sync()
+    assert not list(tmp_path.glob("*.free"))
+    wal.close()
