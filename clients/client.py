@@ -67,12 +67,14 @@ _REPLY_LIMITS = Limits(
 
 @dataclass(frozen=True)
 class KeyMeta:
-    """What the client knows of a key: its dtype, shape and gradient compression."""
+    """What the client knows of a key: its dtype, shape and gradient compression (and,
+    from ``Client.keys``, the name of its server optimizer)."""
 
     key: str
     dtype: str
     shape: tuple[int, ...]
     compression: tuple[Any, ...] = ("none",)
+    optimizer: str = ""
 
     @property
     def np_dtype(self) -> np.dtype[Any]:
@@ -947,9 +949,10 @@ class Client:
         found: dict[str, KeyMeta] = {}
 
         def on_reply(_: int, h: Header, __: Incoming) -> None:
-            for key, dtype, shape, _opt, _mode, *rest in h.opts.get("keys", []):
+            for key, dtype, shape, opt, _mode, *rest in h.opts.get("keys", []):
+                name = str(opt.get("name", "")) if isinstance(opt, dict) else ""
                 found[key] = KeyMeta(key, dtype, tuple(shape), tuple(rest[0]) if rest else (
-                    "none",))
+                    "none",), name)
 
         messages: list[tuple[int, Header, list[Any]]] = [
             (s, self._header(Kind.KEYS), []) for s in self.shard_map.shard_ids]

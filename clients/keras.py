@@ -58,7 +58,7 @@ class PSOptimizer(keras.optimizers.Optimizer):  # type: ignore[misc]
         self._started = False
 
     def _start(self, variables: Sequence[Any]) -> None:
-        values = {v.path: np.ascontiguousarray(keras.ops.convert_to_numpy(v.value))
+        values = {v.path: np.asarray(keras.ops.convert_to_numpy(v.value), order="C")
                   for v in variables}
         if self.client.worker_id == 0 and values:
             self.client.init(values, optimizer=self.server_optimizer, mode=self.mode,
@@ -90,7 +90,7 @@ class PSOptimizer(keras.optimizers.Optimizer):  # type: ignore[misc]
             if _overwritten(v):
                 v.assign(g)
             else:
-                pushed[v.path] = np.ascontiguousarray(keras.ops.convert_to_numpy(g))
+                pushed[v.path] = np.asarray(keras.ops.convert_to_numpy(g), order="C")
         if pushed:
             self._assign(dense, self.client.push_pull(pushed))
         self.iterations.assign_add(1)
@@ -221,7 +221,7 @@ def _dense_numpy(grad: Any, dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
         import tensorflow as tf
 
         grad = tf.convert_to_tensor(grad)
-    return np.ascontiguousarray(keras.ops.convert_to_numpy(grad), dtype=dtype)
+    return np.asarray(keras.ops.convert_to_numpy(grad), dtype=dtype, order="C")
 
 
 class PServerCallback(keras.callbacks.Callback):  # type: ignore[misc]
@@ -243,7 +243,7 @@ class PServerCallback(keras.callbacks.Callback):  # type: ignore[misc]
 
             keys = list(self.client.keys())
             path = Path(self.checkpoint.format(epoch=epoch + 1))
-            save_file({k: np.ascontiguousarray(v) for k, v in self.client.pull(keys).items()},
+            save_file({k: np.asarray(v, order="C") for k, v in self.client.pull(keys).items()},
                       str(path))
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:

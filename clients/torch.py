@@ -18,9 +18,12 @@ Two ways to update, chosen by ``server_optimizer``:
 Pushes start during backward, so they overlap with the rest of it: a
 post-accumulate-grad hook per parameter puts its gradient in a bucket, and each
 bucket of ``bucket_bytes`` (4 MiB) starts one ``push_pull_async``, as DDP buckets
-its all-reduces; ``step`` pushes the last bucket and waits for them all. Worker 0
-creates the keys from its parameters; every worker then
-starts from the server's values.
+its all-reduces; ``step`` pushes the last bucket and waits for them all. Gradient
+accumulation over several backward passes per step needs
+``backward_passes_per_step=N`` (as in Horovod): the hooks push a gradient on its
+N-th pass only, and a pass more than that before ``step`` raises instead of
+pushing a partial gradient twice. Worker 0 creates the keys from its parameters;
+every worker then starts from the server's values.
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  client: Client, mode: str | None = None,
                  server_optimizer: dict[str, Any] | None = None,
                  staleness: int | None = None, overlap: bool = True,
-                 bucket_bytes: int = BUCKET_BYTES) -> None:
+                 bucket_bytes: int = BUCKET_BYTES, backward_passes_per_step: int = 1) -> None:
+        if backward_passes_per_step < 1:
+            raise ValueError("backward_passes_per_step must be at least 1")
         self.client = client
         self.local = optimizer
         self.named = [(n, p) for n, p in named_parameters if p.requires_grad]
@@ -74,6 +79,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._bucket: dict[str, np.ndarray[Any, Any]] = {}
         self._bucket_nbytes = 0
         self.bucket_bytes = bucket_bytes
+        self.backward_passes_per_step = backward_passes_per_step
+        self._passes: dict[str, int] = {}  # backward passes per parameter since the step
         self._hooks: list[Any] = []
         self.steps = 0
         self._start()
@@ -110,6 +117,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
         def hook(param: torch.Tensor) -> None:
             if param.grad is None:
                 return
+            passes = self._passes[name] = self._passes.get(name, 0) + 1
+            if passes > self.backward_passes_per_step:
+                raise RuntimeError(
+                    f"the gradient of {name!r} was computed {passes} times before step(), "
+                    f"but it is pushed after {self.backward_passes_per_step} backward "
+                    "pass(es): to accumulate gradients over N backward passes, create the "
+                    "DistributedOptimizer with backward_passes_per_step=N (or overlap=False)")
+            if passes < self.backward_passes_per_step:
+                return  # accumulating: pushed on the last pass
             grad = param.grad.detach().contiguous().numpy()
             self._bucket[name] = grad
             self._bucket_nbytes += grad.nbytes
@@ -130,6 +146,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._bucket, self._bucket_nbytes = {}, 0  # pushed below with the rest
+        self._passes.clear()
         missing = {n: p.grad.detach().contiguous().numpy() for n, p in self.named
                    if p.grad is not None and n not in self._futures}
         results: dict[str, np.ndarray[Any, Any]] = {}
@@ -182,9 +199,21 @@ def state_dict_from_server(client: Client, keys: Sequence[str] | None = None,
                            shapes: dict[str, torch.Size] | None = None,
                            ) -> dict[str, torch.Tensor]:
     """The server's values as a state dict (``model.load_state_dict`` restores a
-    trained model): every dense key (or ``keys``), reshaped to ``shapes`` if given."""
-    names = list(keys) if keys is not None else [k for k in client.keys()  # noqa: SIM118
+    trained model): every dense key (or ``keys``), reshaped to ``shapes`` if given.
+    ``ValueError`` for the keys of a ``DistributedOptimizer`` with a local optimizer:
+    the server holds the last mean gradient there, the weights live in the workers
+    (save ``model.state_dict()`` from a worker instead)."""
+    metas = client.keys()
+    names = list(keys) if keys is not None else [k for k in metas
                                                  if not k.startswith(INIT_PREFIX)]
+    averaged = [k for k in names if k in metas and metas[k].optimizer == "sum"
+                and INIT_PREFIX + k in metas]
+    if averaged:
+        raise ValueError(
+            f"keys {averaged[:3]}{' ...' if len(averaged) > 3 else ''} hold the mean gradient "
+            "of the last step, not weights: with a local optimizer the server only averages "
+            "gradients and the weights live in the workers; save model.state_dict() from a "
+            "worker (or train with server_optimizer=...)")
     values = client.pull(names)
     return {k: torch.from_numpy(v.copy()).reshape(shapes[k]) if shapes and k in shapes
             else torch.from_numpy(v.copy()) for k, v in values.items()}
@@ -223,6 +252,9 @@ class PSEmbedding(torch.nn.Module):
         self._anchor = torch.nn.Parameter(torch.zeros(()), requires_grad=True)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"embedding ids must be integers, not {ids.dtype} "
+                            "(as torch.nn.Embedding requires)")
         flat = ids.reshape(-1).to(torch.int64)
         rows = torch.from_numpy(self.client.pull_rows(self.table, flat.numpy()))
         out: torch.Tensor = _Rows.apply(self._anchor, flat, rows, self)  # type: ignore[no-untyped-call]

@@ -295,6 +295,8 @@ def _format_status(st: dict[str, Any]) -> str:
         f"cluster {st['address']}  epoch {st['epoch']}  mode {st['mode']}  "
         f"keys {st['keys']}  bytes {st['bytes']}"
     ]
+    if st.get("workers"):
+        lines.append("workers  " + "  ".join(f"{w} {state}" for w, state in st["workers"].items()))
     lines.append(
         f"{'shard':>5} {'replica':>7} {'role':<9} {'pid':>7} {'term':>5} "
         f"{'commit':>8} {'applied':>8} {'keys':>6} {'bytes':>12}  address"

@@ -24,7 +24,7 @@ def write(arrays: dict[str, Array], path: Path, fmt: str) -> None:
     if fmt == "safetensors":
         from safetensors.numpy import save_file
 
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path))
+        save_file({k: np.asarray(v, order="C") for k, v in arrays.items()}, str(path))
     elif fmt == "npz":
         with open(path, "wb") as fh:
             np.savez(fh, **arrays)  # type: ignore[arg-type]

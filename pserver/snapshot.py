@@ -52,7 +52,7 @@ class _Writer:
         self.offset = 0
 
     def add(self, a: np.ndarray[Any, Any]) -> list[Any]:
-        a = np.ascontiguousarray(a)
+        a = np.asarray(a, order="C")  # keeps a 0-d array 0-d
         name = next((n for n, d in DTYPES.items() if d == a.dtype), None) or a.dtype.str
         desc = [name, list(a.shape), self.offset, a.nbytes]
         self.arrays.append(a)

@@ -95,6 +95,17 @@ class Stopping(Exception):
     """SIGTERM or SIGINT came while the supervisor waited for replicas to start."""
 
 
+def _workers(shards: list[dict[str, Any]]) -> dict[str, str]:
+    """Every worker any shard heard from: "dropped" if a shard dropped it from its step
+    quorum (each shard decides by the heartbeats it receives), else "alive"."""
+    out: dict[str, str] = {}
+    for s in shards:
+        for w, state in s["workers"].items():
+            if out.get(w) != "dropped":
+                out[w] = state
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
 def _digest_mismatch(shard: int, replicas: list[dict[str, Any]]) -> bool:
     """Whether two replicas at the same applied index hold different state (logged
     as an error: replicas must apply deterministically)."""
@@ -523,6 +534,9 @@ class Supervisor:
             shard_info: dict[str, Any] = {"id": shard}
             for k in ("keys", "home_keys", "parts", "tables", "rows", "bytes"):
                 shard_info[k] = a[k] if a else None
+            # the workers this shard heard from: "alive", or "dropped" from its step
+            # quorum after --worker-timeout without a heartbeat
+            shard_info["workers"] = dict(a.get("workers", {})) if a else {}
             shard_info["replicas"] = replicas
             shard_info["digest_mismatch"] = _digest_mismatch(shard, replicas)
             shards.append(shard_info)
@@ -533,6 +547,7 @@ class Supervisor:
             # a key counts once: on the shard holding its part 0
             "keys": sum(s["home_keys"] or 0 for s in shards),
             "bytes": sum(s["bytes"] or 0 for s in shards),
+            "workers": _workers(shards),
             "shards": shards,
         }
 

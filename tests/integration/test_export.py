@@ -24,6 +24,7 @@ def test_export_then_restore_into_a_cluster_of_another_size(
         "layer.weight": rng.standard_normal((1024, 1536)).astype(np.float32),  # chunked
         "layer.bias": rng.standard_normal(1536).astype(np.float64),
         "steps": np.arange(7, dtype=np.int64),
+        "scale": np.array(0.25, np.float32),  # 0-d: stays 0-d
     }
     first = cluster_factory("--shards", "3")
     with pserver.connect(first.address) as c:
@@ -34,7 +35,7 @@ def test_export_then_restore_into_a_cluster_of_another_size(
                            first.address, "--format", fmt, str(out)],
                           check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "exported 3 keys" in done.stdout
+    assert "exported 4 keys" in done.stdout
     if fmt == "safetensors":  # readable without pserver
         from safetensors.numpy import load_file
 
@@ -43,11 +44,13 @@ def test_export_then_restore_into_a_cluster_of_another_size(
         with np.load(out) as data:
             loaded = {k: data[k] for k in data.files}
     for k, v in arrays.items():
-        assert loaded[k].dtype == v.dtype and np.array_equal(loaded[k], v)
+        assert loaded[k].dtype == v.dtype and loaded[k].shape == v.shape, k
+        np.testing.assert_array_equal(loaded[k], v)
     second = cluster_factory("--shards", "2", "--restore", str(out))
     with pserver.connect(second.address) as c:
         got = c.pull(list(arrays))
     for k, v in arrays.items():
+        assert got[k].shape == v.shape, k
         np.testing.assert_array_equal(got[k], v)
 
 

@@ -4,6 +4,8 @@ a worker's read until its steps are applied; ssp holds a worker that runs more t
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -148,6 +150,14 @@ def test_a_silent_worker_is_dropped_after_the_timeout_and_can_rejoin(
         got = w0.push_pull({key: np.full(4, 2.0, np.float32)})[key]
         np.testing.assert_array_equal(got, np.full(4, -2.0, np.float32))
         assert _worker_states(w0)["1"] == "dropped"
+        st = w0.status()  # the cluster's status shows it, per shard and for the cluster
+        assert st["workers"] == {"0": "alive", "1": "dropped"}
+        assert all(s["workers"].get("1") == "dropped" for s in st["shards"]
+                   if "1" in s["workers"])
+        text = subprocess.run([sys.executable, "-m", "pserver", "status", "--address",
+                               cluster.address], capture_output=True, text=True, check=True,
+                              timeout=60).stdout
+        assert "workers  0 alive  1 dropped" in text
         # worker 1 comes back and joins the current step
         w1 = pserver.connect(cluster.address, worker_id=1, num_workers=2, timeout=30.0)
         t, out = _in_thread(lambda: w1.push_pull({key: np.full(4, 4.0, np.float32)})[key])

@@ -170,6 +170,16 @@ def test_a_server_optimizer_follows_torch_optim(cluster_factory: Any) -> None:
         torch.testing.assert_close(restored(xtr[:50]), remote(xtr[:50]))
 
 
+def _sgd_pair(client: pserver.Client, **kw: Any) -> tuple[
+        torch.nn.Module, torch.nn.Module, torch.optim.Optimizer, DistributedOptimizer]:
+    """The same MLP twice: one for torch.optim's SGD, one trained through the server's."""
+    local, remote = mlp(), mlp()
+    ref = torch.optim.SGD(local.parameters(), lr=LR)
+    opt = DistributedOptimizer(None, remote.named_parameters(), client=client,
+                               server_optimizer={"name": "sgd", "lr": LR}, **kw)
+    return local, remote, ref, opt
+
+
 @pytest.mark.parametrize("bucket_bytes", [1, 1 << 30], ids=["per-parameter", "one-bucket"])
 def test_backward_hooks_push_in_buckets_and_follow_torch_optim(cluster_factory: Any,
                                                                bucket_bytes: int) -> None:
@@ -177,12 +187,8 @@ def test_backward_hooks_push_in_buckets_and_follow_torch_optim(cluster_factory: 
     larger than the model leaves everything to ``step``; both train the same."""
     c = cluster_factory("--shards", "2")
     xtr, ytr, _, _ = digits()
-    local, remote = mlp(), mlp()
-    ref = torch.optim.SGD(local.parameters(), lr=LR)
     with pserver.connect(c.address) as client:
-        opt = DistributedOptimizer(None, remote.named_parameters(), client=client,
-                                   server_optimizer={"name": "sgd", "lr": LR},
-                                   bucket_bytes=bucket_bytes)
+        local, remote, ref, opt = _sgd_pair(client, bucket_bytes=bucket_bytes)
         during_backward: list[int] = []
         in_backward = False
         push_pull_async = client.push_pull_async
@@ -204,6 +210,82 @@ def test_backward_hooks_push_in_buckets_and_follow_torch_optim(cluster_factory: 
         assert during_backward == ([1] * n_params * 10 if bucket_bytes == 1 else [])
         for (name, a), b in zip(local.named_parameters(), remote.parameters(), strict=True):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 1 << 30], ids=["per-parameter", "one-bucket"])
+def test_gradients_accumulated_over_backward_passes_follow_torch_optim(
+        cluster_factory: Any, bucket_bytes: int) -> None:
+    """``backward_passes_per_step=2``: two backward passes per step push their sum once,
+    as one torch.optim step on the accumulated gradient, even when the hooks push
+    during backward (bucket of one byte). A third pass before ``step`` raises."""
+    c = cluster_factory("--shards", "2")
+    xtr, ytr, _, _ = digits()
+    with pserver.connect(c.address) as client:
+        local, remote, ref, opt = _sgd_pair(client, bucket_bytes=bucket_bytes,
+                                            backward_passes_per_step=2)
+        for idx in batches(len(xtr))[:8]:
+            for model, o in ((local, ref), (remote, opt)):
+                o.zero_grad()
+                for half in (idx[:BATCH // 2], idx[BATCH // 2:]):
+                    torch.nn.functional.cross_entropy(model(xtr[half]), ytr[half]).backward()
+                o.step()
+        for (name, a), b in zip(local.named_parameters(), remote.parameters(), strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+        opt.zero_grad()
+        for _ in range(2):
+            torch.nn.functional.cross_entropy(remote(xtr[:8]), ytr[:8]).backward()
+        with pytest.raises(RuntimeError, match="backward_passes_per_step=N"):
+            torch.nn.functional.cross_entropy(remote(xtr[:8]), ytr[:8]).backward()
+
+
+def test_a_second_backward_before_step_raises_instead_of_pushing_twice(
+        cluster_factory: Any) -> None:
+    """With the default of one backward pass per step, the hooks would already have
+    pushed the first pass's gradient: a second pass raises, naming the setting."""
+    c = cluster_factory("--shards", "1")
+    xtr, ytr, _, _ = digits()
+    model = mlp()
+    with pserver.connect(c.address) as client:
+        opt = DistributedOptimizer(None, model.named_parameters(), client=client,
+                                   server_optimizer={"name": "sgd", "lr": LR}, bucket_bytes=1)
+        before = client.pull(["0.weight"])["0.weight"]
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xtr[:8]), ytr[:8]).backward()
+        with pytest.raises(RuntimeError, match="computed 2 times before step"):
+            torch.nn.functional.cross_entropy(model(xtr[:8]), ytr[:8]).backward()
+        opt.step()  # the first pass's pushes, answered
+        assert not np.array_equal(client.pull(["0.weight"])["0.weight"], before)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xtr[:8]), ytr[:8]).backward()
+        opt.step()  # the next step counts passes afresh
+
+
+def test_state_dict_from_server_refuses_the_gradients_of_a_local_optimizer(
+        cluster_factory: Any) -> None:
+    """With a local optimizer the server's keys hold the last mean gradient, not the
+    weights: restoring from them would load gradients as weights silently."""
+    c = cluster_factory("--shards", "1")
+    xtr, ytr, _, _ = digits()
+    model = mlp()
+    with pserver.connect(c.address) as client:
+        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
+                                   model.named_parameters(), client=client)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xtr[:8]), ytr[:8]).backward()
+        opt.step()
+        with pytest.raises(ValueError, match="mean gradient"):
+            state_dict_from_server(client)
+        with pytest.raises(ValueError, match="mean gradient"):
+            state_dict_from_server(client, ["0.weight"])
+
+
+def test_ps_embedding_refuses_float_ids(cluster_factory: Any) -> None:
+    c = cluster_factory("--shards", "1")
+    with pserver.connect(c.address) as client:
+        emb = PSEmbedding(client, "t", 2)
+        with pytest.raises(TypeError, match="must be integers"):
+            emb(torch.tensor([1.7, 2.2]))
+        assert emb(torch.tensor([1, 2], dtype=torch.int32)).shape == (2, 2)
 
 
 def test_ps_embedding_pulls_rows_and_pushes_their_gradients(cluster_factory: Any) -> None:
