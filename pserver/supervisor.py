@@ -525,8 +525,8 @@ class Supervisor:
                     replica.update({k: a[k] for k in ("role", "term", "commit_index",
                                                       "applied_index", "pid")})
                     replica["digest"] = a.get("digest")
-                    for k in ("lease_reads", "read_index_reads"):
-                        if k in a:
+                    for k in ("lease_reads", "read_index_reads", "workers"):
+                        if k in a:  # workers: those this replica heard from (its leader's)
                             replica[k] = a[k]
                 replicas.append(replica)
             mine = [answers[(shard, r["id"])] for r in replicas if (shard, r["id"]) in answers]

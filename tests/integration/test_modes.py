@@ -154,6 +154,8 @@ def test_a_silent_worker_is_dropped_after_the_timeout_and_can_rejoin(
         assert st["workers"] == {"0": "alive", "1": "dropped"}
         assert all(s["workers"].get("1") == "dropped" for s in st["shards"]
                    if "1" in s["workers"])
+        assert any(r.get("workers", {}).get("1") == "dropped"  # and the leaders' entries
+                   for s in st["shards"] for r in s["replicas"])
         text = subprocess.run([sys.executable, "-m", "pserver", "status", "--address",
                                cluster.address], capture_output=True, text=True, check=True,
                               timeout=60).stdout
