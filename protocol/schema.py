@@ -37,6 +37,7 @@ class Kind(IntEnum):
     HEARTBEAT = 20
     KEYS = 21
     RAFT = 22  # between the replicas of one shard: a Raft message (PROTOCOL.md)
+    PEER_DOWN = 23  # from the supervisor to a replica: another replica's process died
     REPLY = 100
 
 

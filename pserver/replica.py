@@ -28,6 +28,7 @@ leadership is lost, every request held for it is answered ``NotLeader``.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import random
@@ -37,8 +38,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pserver.protocol.codec import check_frames, decode_header
-from pserver.protocol.errors import InternalError, NotLeader, ProtocolError, PServerError
+from pserver.protocol.codec import check_frames, decode_header, reply_header
+from pserver.protocol.errors import (
+    InternalError,
+    InvalidArgument,
+    NotLeader,
+    ProtocolError,
+    PServerError,
+)
 from pserver.protocol.schema import MUTATING_KINDS, Header, Kind
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Incoming
@@ -70,13 +77,15 @@ class ReplicaServer(ShardServer):
                  replica_id: int, peers: Mapping[int, str], data_dir: str | Path,
                  heartbeat_s: float = 0.05, election_ticks: int = 6,
                  snapshot_log_bytes: int = 256 << 20, seed: int | None = None,
-                 **kwargs: Any) -> None:
+                 supervisor_token: str | None = None, **kwargs: Any) -> None:
         super().__init__(shard_id, shard_map, endpoints, data_dir=None, **kwargs)
         if replica_id not in peers:
             raise ValueError(f"replica {replica_id} is not among the peers {sorted(peers)}")
         self.replica_id = replica_id
         self.addresses = dict(peers)
         self.heartbeat_s = heartbeat_s
+        self._supervisor_token = supervisor_token
+        self._heard_at: dict[int, float] = {}  # Raft id -> when its last message was handled
         ids = tuple(sorted(i + 1 for i in self.addresses))
         # No lease for a group of one (its ReadIndex needs no messages) or for fewer
         # than 3 election ticks (the lease would be empty).
@@ -174,7 +183,12 @@ class ReplicaServer(ShardServer):
         try:
             header = decode_header(incoming.header, self.limits)
             if header.kind == Kind.RAFT:
-                self.core.step(peers.decode(header, incoming.frames))
+                msg = peers.decode(header, incoming.frames)
+                self._heard_at[msg.frm] = time.monotonic()
+                self.core.step(msg)
+                return
+            if header.kind == Kind.PEER_DOWN:
+                self._peer_down(incoming, header)
                 return
             self.requests += 1
             check_frames(header, [f.nbytes for f in incoming.frames], self.limits)
@@ -196,6 +210,42 @@ class ReplicaServer(ShardServer):
             log.exception("shard %d replica %d: internal error", self.shard_id, self.replica_id)
             if header is None or header.kind != Kind.RAFT:
                 self._error(incoming, header, InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def _peer_down(self, incoming: Incoming, header: Header) -> None:
+        """The supervisor reaped another replica of this shard (PROTOCOL.md §5.4):
+        if it led, stop waiting on it and elect a new leader now (``RaftCore.peer_down``).
+        A report of a live leader would let another be elected while it still
+        serves reads under its lease, so only one carrying the supervisor's token
+        (given to its replicas in their environment) counts, and only if no message
+        of that replica was handled here since its death was seen (``at``, on this
+        host's monotonic clock): a message of the replica's next process, once
+        restarted, would be; one its dead process sent just before dying may be too,
+        and then the report is not acted on (the election timeout still runs)."""
+        o = header.opts
+        token, replica, at = o.get("token"), o.get("replica"), o.get("at")
+        if not self._supervisor_token or not isinstance(token, str) \
+                or not hmac.compare_digest(token, self._supervisor_token):
+            raise InvalidArgument("PEER_DOWN is accepted only from this replica's supervisor")
+        if isinstance(replica, bool) or not isinstance(replica, int) \
+                or replica not in self.addresses or replica == self.replica_id:
+            raise InvalidArgument(f"PEER_DOWN: replica must be another replica's id of shard "
+                                  f"{self.shard_id}, not {replica!r}")
+        if isinstance(at, bool) or not isinstance(at, int | float):
+            raise InvalidArgument("PEER_DOWN: at must be the time of the death on the "
+                                  "monotonic clock")
+        heard = self._heard_at.get(replica + 1, float("-inf"))
+        accepted = heard < at
+        if accepted:
+            before = self.core.notices
+            self.core.peer_down(replica + 1)
+            if self.core.notices != before:
+                log.info("shard %d replica %d: leader (replica %d) died; electing a new one",
+                         self.shard_id, self.replica_id, replica)
+        else:
+            log.info("shard %d replica %d: report of replica %d's death not acted on: a "
+                     "message of it was handled %.3f s after the death was seen",
+                     self.shard_id, self.replica_id, replica, heard - at)
+        self._reply(incoming, reply_header(header, opts={"accepted": accepted}))
 
     @property
     def leader_hint(self) -> str | None:
@@ -493,7 +543,7 @@ class ReplicaServer(ShardServer):
             last_index=core.last_index, snapshot_index=core.snap_index,
             digest=self.state.digest(), wal_syncs=self.log.wal.syncs,
             peer_sends_dropped=self._peers.dropped, lease_reads=self.lease_reads,
-            read_index_reads=self.read_index_reads,
+            read_index_reads=self.read_index_reads, peer_down_notices=core.notices,
         )
         return out
 

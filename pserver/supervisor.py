@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import selectors
 import shutil
 import signal
@@ -43,6 +44,8 @@ READY_PREFIX = "pserver ready: "
 # on Linux), so that the supervisor can tell a port taken since it was picked
 # from any other failure.
 EXIT_ADDRESS_IN_USE = 98
+# Replicas take this from their environment and accept PEER_DOWN only with it.
+SUPERVISOR_TOKEN_ENV = "PSERVER_SUPERVISOR_TOKEN"
 PORT_ATTEMPTS = 5  # fresh ports per shard group before its start-up fails
 LOWEST_PICKED_PORT = 20000
 
@@ -139,6 +142,8 @@ def await_ready(proc: subprocess.Popen[str], timeout: float = STARTUP_TIMEOUT) -
             if line.startswith(READY_PREFIX):
                 return line[len(READY_PREFIX):].strip()
 STATUS_TIMEOUT = 1.0
+WATCH_MS = 20  # how often the loop looks for dead replicas (between bootstrap requests)
+REPORT_TIMEOUT = 0.2  # how long a death report waits for the replicas' answers
 STOP_CHECK_S = 0.1  # how often a wait during start-up looks for SIGTERM/SIGINT
 DIGEST_CHECK_S = 10.0  # how often the supervisor compares the replicas' state digests
 
@@ -173,6 +178,9 @@ class Supervisor:
         self.ctx = new_context()
         self._ids = itertools.count(1)
         self._stop = False
+        self._token = secrets.token_hex(16)  # proves a PEER_DOWN report comes from here
+        self._running = False  # serving (run()): dead replicas are reaped and restarted
+        self._reaping = False
         self.run_dir = tempfile.mkdtemp(prefix="pserver-")
         self.bootstrap: Endpoint | None = None
         self.address = ""
@@ -232,8 +240,9 @@ class Supervisor:
         poller = Poller()
         poller.register(self.bootstrap)
         next_digest_check = time.monotonic() + DIGEST_CHECK_S
+        self._running = True
         while not self._stop:
-            if poller.poll(100):
+            if poller.poll(WATCH_MS):
                 while (incoming := self.bootstrap.recv()) is not None:
                     self._handle(incoming)
             self._watch()
@@ -322,6 +331,7 @@ class Supervisor:
         if "NUMBA_NUM_THREADS" not in env:
             share = (os.cpu_count() or 1) // (self.config.shards * self.config.replicas)
             env["NUMBA_NUM_THREADS"] = str(max(1, share))
+        env[SUPERVISOR_TOKEN_ENV] = self._token
         return env
 
     def _spawn(self, r: Replica) -> None:
@@ -367,10 +377,11 @@ class Supervisor:
             line = b""
             while not line.endswith(b"\n"):
                 self._check_stop()
+                self._reap()
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise RuntimeError(f"shard {r.shard} did not start within {STARTUP_TIMEOUT} s")
-                if not sel.select(min(left, STOP_CHECK_S)):
+                if not sel.select(min(left, STOP_CHECK_S, WATCH_MS / 1000)):
                     continue
                 chunk = os.read(r.proc.stdout.fileno(), 4096)
                 if not chunk:
@@ -420,27 +431,48 @@ class Supervisor:
                     raise
 
     def _watch(self) -> None:
+        self._reap()
         now = time.monotonic()
         for r in self.replicas:
-            if r.restart_at is not None:
-                if now >= r.restart_at:
-                    self._restart(r)
-                continue
-            if r.proc is None or r.proc.poll() is None:
-                continue
-            code = r.proc.returncode
-            if now - r.started > 10.0:
-                r.backoff = 0.1
-            log.warning(
-                "shard %d replica %d (pid %d) exited with %s; restarting in %.1f s",
-                r.shard,
-                r.replica,
-                r.proc.pid,
-                code,
-                r.backoff,
-            )
-            r.restart_at = now + r.backoff
-            r.backoff = min(r.backoff * 2, self.config.restart_backoff_max)
+            if r.restart_at is not None and now >= r.restart_at:
+                self._restart(r)
+
+    def _reap(self) -> None:
+        """Notice the replicas whose process died since the last look: report each to
+        the rest of its group and schedule its restart. Also runs inside the waits of
+        a status request and of a restart (which may take seconds), so a death is
+        reported within about WATCH_MS whatever the loop is doing."""
+        if self._reaping or not self._running:
+            return
+        self._reaping = True
+        try:
+            now = time.monotonic()
+            for r in self.replicas:
+                if r.restart_at is not None or r.proc is None or r.proc.poll() is None:
+                    continue
+                code = r.proc.returncode
+                if self.config.logged and self.config.replicas > 1:
+                    self._report_down(r, now)
+                if now - r.started > 10.0:
+                    r.backoff = 0.1
+                log.warning("shard %d replica %d (pid %d) exited with %s; restarting in %.1f s",
+                            r.shard, r.replica, r.proc.pid, code, r.backoff)
+                r.restart_at = now + r.backoff
+                r.backoff = min(r.backoff * 2, self.config.restart_backoff_max)
+        finally:
+            self._reaping = False
+
+    def _report_down(self, dead: Replica, at: float) -> None:
+        """Tell the other live replicas of ``dead``'s shard that its process is gone
+        (reaped at ``at`` on the monotonic clock, before its restart): if it led,
+        they elect a new leader now instead of after an election timeout."""
+        others = [r for r in self.replicas
+                  if r.shard == dead.shard and r is not dead and r.pid is not None]
+        answers = self._ask([(r, Header(Kind.PEER_DOWN, next(self._ids), opts={
+            "token": self._token, "replica": dead.replica, "at": at})) for r in others],
+            REPORT_TIMEOUT)
+        log.debug("shard %d replica %d died: reported to %d of %d live replicas",
+                  dead.shard, dead.replica, len(answers), len(others))
 
     def _restart(self, r: Replica) -> None:
         r.restarts += 1
@@ -481,23 +513,24 @@ class Supervisor:
             ],
         }
 
-    def cluster_status(self) -> dict[str, Any]:
-        """Ask every replica for its status at once; one that does not answer is ``down``.
-        A shard's key and byte counts come from its leader (else any replica)."""
+    def _ask(self, requests: list[tuple[Replica, Header]],
+             timeout: float) -> dict[tuple[int, int], dict[str, Any]]:
+        """Send each request to its replica at once; the ``o`` of every answer (not an
+        error) that came within ``timeout``, by (shard, replica)."""
         pending: dict[int, tuple[Endpoint, Replica]] = {}
-        for r in self.replicas:
-            rid = next(self._ids)
+        for r, header in requests:
             ep = Endpoint.dealer_connected(self.ctx, r.tcp)
-            ep.send(Header(Kind.STATUS, rid))
-            pending[rid] = (ep, r)
+            ep.send(header)
+            pending[header.request_id] = (ep, r)
         answers: dict[tuple[int, int], dict[str, Any]] = {}
-        deadline = time.monotonic() + STATUS_TIMEOUT
+        deadline = time.monotonic() + timeout
         poller = Poller()
         for ep, _ in pending.values():
             poller.register(ep)
         try:
             while len(answers) < len(pending) and (left := deadline - time.monotonic()) > 0:
-                ready = poller.poll(left * 1000)
+                ready = poller.poll(min(left * 1000, WATCH_MS))
+                self._reap()
                 for rid, (ep, r) in pending.items():
                     if ep.sock not in ready:
                         continue
@@ -511,6 +544,13 @@ class Supervisor:
         finally:
             for ep, _ in pending.values():
                 ep.close()
+        return answers
+
+    def cluster_status(self) -> dict[str, Any]:
+        """Ask every replica for its status at once; one that does not answer is ``down``.
+        A shard's key and byte counts come from its leader (else any replica)."""
+        answers = self._ask([(r, Header(Kind.STATUS, next(self._ids))) for r in self.replicas],
+                            STATUS_TIMEOUT)
         shards = []
         for shard in range(self.config.shards):
             replicas = []
@@ -525,7 +565,8 @@ class Supervisor:
                     replica.update({k: a[k] for k in ("role", "term", "commit_index",
                                                       "applied_index", "pid")})
                     replica["digest"] = a.get("digest")
-                    for k in ("lease_reads", "read_index_reads", "workers"):
+                    for k in ("lease_reads", "read_index_reads", "peer_down_notices",
+                              "workers"):
                         if k in a:  # workers: those this replica heard from (its leader's)
                             replica[k] = a[k]
                 replicas.append(replica)

@@ -3,9 +3,10 @@
 Owns ``failover_section``: starts ``pserver serve --shards 1 --replicas 3``; one
 client thread pushes small updates back to back. Each round kills the current
 leader with SIGKILL and measures the time from the kill to the first push
-acknowledged by the new leader: the first acknowledgement more than 50 ms after
-the kill (one that comes sooner was sent by the old leader before it died; no
-election can finish that fast, the timeout alone is 300 ms or more). It then
+acknowledged by the new leader: the acknowledgement of the first push sent after
+the kill (one sent before may have been answered by the old leader just before it
+died; this counts at most one round trip more than the first answer of the new
+leader). It then
 waits until the supervisor has restarted the killed replica and it has caught
 up, so every round starts with three healthy replicas. Reports p50/p90/p99/max
 in milliseconds; the targets (issue 4) are p50 <= 500 ms and p99 <= 1000 ms.
@@ -31,7 +32,6 @@ Progress = Callable[[str], None]
 
 TARGET_P50_MS = 500.0
 TARGET_P99_MS = 1000.0
-LATE_S = 0.05  # acknowledgements sooner than this after the kill came from the old leader
 
 
 def _replicas(address: str) -> list[dict[str, Any]]:
@@ -62,7 +62,7 @@ def failover_times(kills: int, progress: Progress | None = None) -> list[float]:
     """Seconds from each SIGKILL of the leader to the first push the new one acknowledged."""
     times: list[float] = []
     with LocalCluster.start(shards=1, replicas=3) as cluster:
-        acks: list[float] = []
+        acks: list[tuple[float, float]] = []  # (sent, acknowledged) per push
         stop = threading.Event()
         failed: list[BaseException] = []
 
@@ -72,8 +72,9 @@ def failover_times(kills: int, progress: Progress | None = None) -> list[float]:
                     c.init({"w": np.zeros(1024, np.float32)}, optimizer={"name": "sum"})
                     g = np.ones(1024, np.float32)
                     while not stop.is_set():
+                        sent = time.monotonic()
                         c.push({"w": g})
-                        acks.append(time.monotonic())
+                        acks.append((sent, time.monotonic()))
             except BaseException as exc:  # surfaced by the waits below
                 failed.append(exc)
 
@@ -87,14 +88,14 @@ def failover_times(kills: int, progress: Progress | None = None) -> list[float]:
                 n = len(acks)
                 os.kill(lead["pid"], signal.SIGKILL)
                 killed = time.monotonic()
-                late = killed + LATE_S
-                def acked(n: int = n, k: float = late) -> bool:
-                    return bool(failed) or any(a > k for a in acks[n:])
 
-                _wait(acked, 30, "a push acknowledged after the kill")
+                def acked(n: int = n, k: float = killed) -> bool:
+                    return bool(failed) or any(s > k for s, _ in acks[n:])
+
+                _wait(acked, 30, "a push sent after the kill acknowledged")
                 if failed:
                     raise RuntimeError(f"the load client failed: {failed[0]!r}")
-                times.append(next(a for a in acks[n:] if a > late) - killed)
+                times.append(next(a for s, a in acks[n:] if s > killed) - killed)
                 if progress is not None:
                     progress(f"failover {times[-1] * 1e3:.0f} ms")
                 pid = int(lead["pid"])

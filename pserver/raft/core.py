@@ -2,7 +2,7 @@
 
 Owns one node's Raft state: term, vote, role, the log, the commit and applied
 indices, and (as leader) each follower's progress. It changes state only in
-``tick``, ``step``, ``propose`` and ``transfer_leadership``, and reports work in
+``tick``, ``step``, ``propose``, ``transfer_leadership`` and ``peer_down``, and reports work in
 ``ready()``: entries and hard state to persist, messages to send, committed
 entries to apply. The driver persists, then sends, then applies, then calls
 ``advance``. Elections use PreVote (thesis §9.6) and CheckQuorum (§6.2) when
@@ -99,6 +99,10 @@ class RaftCore:
         # first election timeout after a start (a lease may have been acknowledged
         # just before a crash).
         self._quiet_until = config.election_tick if config.lease_reads else 0
+        # the leader whose message set _quiet_until, and its term ((0, 0): the start)
+        self._quiet_for = (0, 0)
+        self._gone: dict[int, int] = {}  # dead peer -> the last term it led in
+        self.notices = 0  # peer_down calls that ended waiting on a dead leader
         self._told_to_campaign = 0  # the last term in which this leader sent TIMEOUT_NOW
         self.stamp = 0  # the last heartbeat round this node sent as leader
         self.msgs: list[Message] = []
@@ -272,6 +276,36 @@ class RaftCore:
         else:
             self._send_append(to)
 
+    def peer_down(self, node: int) -> None:
+        """The driver knows for certain that ``node``'s process is gone (its
+        supervisor reaped it just now, before starting it again): it answers
+        nothing and serves no reads. When it is the leader this node follows (or
+        last heard from), waiting out an election timeout only to notice its
+        silence, and refusing votes to keep the promise behind its lease, serve
+        nobody: forget it, drop what it sent in this term and is still on its
+        way, and campaign at the next tick. The live peers go in id order, two
+        heartbeat intervals apart, so that followers told at once do not split
+        the vote; if the first cannot win (its log is behind), the next one
+        does. Only a dead process may be reported: a leader that is alive would
+        keep serving reads under a lease that no longer holds."""
+        if node == self.id or node not in self.cfg.peers or self.role == Role.LEADER:
+            return
+        if node == self.lead:
+            self._gone[node] = self.term
+            self.lead = 0
+        elif node == self._quiet_for[0]:
+            self._gone[node] = self._quiet_for[1]
+        else:
+            return  # not a leader this node waits on
+        if self._quiet_for[0] == node:
+            self._quiet_until = min(self._quiet_until, self.ticks)
+            self._quiet_for = (0, 0)
+        if self.role == Role.FOLLOWER:
+            live = sorted(p for p in self.cfg.peers if p != node)
+            rank = live.index(self.id)
+            self.timeout = self.election_elapsed + 1 + 2 * rank * self.cfg.heartbeat_tick
+            self.notices += 1
+
     def _send_timeout_now(self, to: int) -> None:
         # Its votes ignore the followers' leases, and may arrive after this transfer
         # was abandoned: no lease holds for the rest of this term.
@@ -351,6 +385,10 @@ class RaftCore:
         """Handle one message from a peer (any order, duplicates and stale ones included)."""
         if m.frm not in self.cfg.peers or m.to != self.id:
             return
+        if m.term <= self._gone.get(m.frm, -1) and m.type in (
+                MsgType.APP, MsgType.HEARTBEAT, MsgType.SNAP):
+            return  # sent by a leader before it died (peer_down), delivered late: a
+            # new process of that node leads only in a later term
         if m.term > self.term:
             if m.type in (MsgType.VOTE, MsgType.PRE_VOTE) and self._ignores(m):
                 return  # a live leader exists: ignore disruptive candidates (§6 / §9.6)
@@ -421,6 +459,7 @@ class RaftCore:
     def _step_follower(self, m: Message) -> None:
         if self.cfg.lease_reads and m.type in (MsgType.APP, MsgType.HEARTBEAT, MsgType.SNAP):
             self._quiet_until = max(self._quiet_until, self.ticks + self.cfg.election_tick)
+            self._quiet_for = (m.frm, m.term)
         if m.type == MsgType.APP:
             self.election_elapsed, self.lead = 0, m.frm
             self._handle_append(m)

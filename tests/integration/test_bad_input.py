@@ -484,7 +484,8 @@ def test_unsupported_version_and_unknown_kind_get_error_replies(victim: Victim,
             expect_error(reply, ErrorCode.UNKNOWN_KIND, rid)
     # kinds the protocol knows but a shard does not serve
     peer = raw_peer(victim.tcp(1))
-    for rid, kind in ((920, Kind.MAP), (921, Kind.REPLY)):
+    for rid, kind in ((920, Kind.MAP), (921, Kind.REPLY), (922, Kind.PEER_DOWN),
+                      (923, Kind.RAFT)):
         header, _ = peer.request(hdr(kind, rid))
         assert header.request_id == rid, header
         assert header.error != 0, header

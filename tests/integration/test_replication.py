@@ -24,6 +24,10 @@ import pytest
 import pserver
 from pserver import Unavailable
 from pserver.clients.client import cluster_status
+from pserver.protocol.codec import encode_header
+from pserver.protocol.errors import ErrorCode
+from pserver.protocol.schema import Header, Kind
+from pserver.supervisor import SUPERVISOR_TOKEN_ENV
 
 from .support import run_workers, wait_until
 
@@ -210,7 +214,7 @@ def test_a_stopped_leader_is_replaced_and_catches_up_when_it_resumes(cluster_fac
     c = replicated(cluster_factory)
     try:
         init_oracle(c.address)
-        old = leader(c.address, 0)
+        old = wait_until(lambda: _settled_leader(c.address), 30, "one leader, followed by all")
         os.kill(old["pid"], signal.SIGSTOP)  # alive but silent for several election timeouts
         try:
             with Writers(c.address) as w:
@@ -479,3 +483,75 @@ def test_a_leader_stopped_past_its_lease_answers_no_read_without_a_quorum(
 def _stopped(pid: int) -> bool:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_killed_leader_is_replaced_on_the_supervisors_report(cluster_factory: Any) -> None:
+    """The supervisor reaps the SIGKILLed leader and reports it to the followers, which
+    elect a new leader at once instead of after an election timeout. The leader is
+    stopped for a moment first, so the followers have handled everything it sent
+    before its death is seen (else the report is not acted on, and the timeout
+    elects the leader as before)."""
+    c = replicated(cluster_factory)
+    try:
+        init_oracle(c.address)
+        old = wait_until(lambda: _settled_leader(c.address), 30, "one leader, followed by all")
+        os.kill(old["pid"], signal.SIGSTOP)
+        wait_until(lambda: _stopped(old["pid"]), 10, "the leader stopped")
+        time.sleep(0.15)  # the followers handle its last heartbeat (under the 300 ms timeout)
+        os.kill(old["pid"], signal.SIGKILL)
+        new = wait_until(lambda: next((r for r in replicas(c.address, 0) if r["role"] == "leader"
+                                       and r["pid"] != old["pid"]), None), 15, "a new leader")
+        assert new["term"] > old["term"]
+        told = [r.get("peer_down_notices") for r in replicas(c.address, 0)
+                if r["id"] != old["id"]]
+        assert sum(n or 0 for n in told) >= 1, told
+        with Writers(c.address) as w:
+            wait_until(lambda: w.done() >= 20, 60, "20 pushes after the failover")
+        check_oracle(c.address, w.acked, w.failed)
+    finally:
+        assert c.stop() == 0
+
+
+def _settled_leader(address: str) -> dict[str, Any] | None:
+    """Shard 0's leader once every replica is in its term, the others following."""
+    rs = replicas(address, 0)
+    lead = [r for r in rs if r["role"] == "leader"]
+    if len(lead) != 1 or any(r["role"] != "follower" for r in rs if r is not lead[0]):
+        return None
+    return lead[0] if len({r["term"] for r in rs}) == 1 else None
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(kv.decode().split("=", 1) for kv in raw if b"=" in kv)
+
+
+def test_a_death_report_needs_the_token_and_no_word_from_the_dead_since(
+        cluster_factory: Any, raw_peer: Any) -> None:
+    """PEER_DOWN is refused without the supervisor's token or with a bad replica or
+    time (INVALID_ARGUMENT), and not acted on when the reported leader was heard
+    from after the reported death: the leader stays, no election starts."""
+    c = replicated(cluster_factory)
+    try:
+        lead = wait_until(lambda: _settled_leader(c.address), 30, "one leader, followed by all")
+        f = next(r for r in replicas(c.address, 0) if r["role"] == "follower")
+        token = _environ(f["pid"])[SUPERVISOR_TOKEN_ENV]
+        peer = raw_peer(f["address"])
+
+        def report(rid: int, **opts: Any) -> Any:
+            full = {"token": token, "replica": lead["id"], "at": time.monotonic(), **opts}
+            return peer.request(encode_header(Header(Kind.PEER_DOWN, rid, opts=full)))[0]
+
+        for rid, bad in enumerate([{"token": "not-the-token"}, {"token": None},
+                                   {"replica": f["id"]}, {"replica": 7}, {"replica": "0"},
+                                   {"at": "now"}, {"at": True}], start=1):
+            h = report(rid, **bad)
+            assert h.error == ErrorCode.INVALID_ARGUMENT, (bad, h)
+        h = report(10, at=time.monotonic() - 5.0)  # heartbeats came since
+        assert not h.error and h.opts["accepted"] is False
+        now = next(r for r in replicas(c.address, 0) if r["id"] == f["id"])
+        assert now["peer_down_notices"] == 0 and now["role"] == "follower"
+        after = leader(c.address, 0)
+        assert (after["pid"], after["term"]) == (lead["pid"], lead["term"])
+    finally:
+        assert c.stop() == 0

@@ -450,7 +450,8 @@ def test_a_restarted_node_refuses_votes_for_its_first_election_timeout() -> None
 
 @pytest.mark.parametrize("seed", range(int(os.environ.get("RAFT_SEEDS", "300")) // 3))
 def test_a_leader_within_its_lease_holds_the_newest_commit(seed: int) -> None:
-    """Random partitions, drops, duplicates, late messages, crash-restarts and
+    """Random partitions, drops, duplicates, late messages, crash-restarts (half
+    of them reported to the other nodes, as a supervisor does: ``peer_down``) and
     stalls (a node that neither ticks nor hears anything for up to three election
     timeouts, as a SIGSTOPped process), the other nodes ticking at the same rate: whenever a
     leader's lease holds (a round a quorum acknowledged, sent less than
@@ -482,6 +483,11 @@ def test_a_leader_within_its_lease_holds_the_newest_commit(seed: int) -> None:
             victim = rng.choice(list(c.nodes))
             c.crash_restart(victim)
             sent = {k: t for k, t in sent.items() if k[0] != victim}
+            if rng.random() < 0.5:  # its supervisor reports the death (what the dead
+                for i in c.nodes:  # process sent may still arrive, late)
+                    if i != victim and i not in asleep:
+                        c.nodes[i].core.peer_down(victim)
+                        c.process(i)
         before = {i: nd.core.stamp for i, nd in c.nodes.items()}
         for i in c.nodes:
             if i not in asleep:
@@ -589,3 +595,116 @@ def test_a_term_change_does_not_end_a_followers_promise_to_a_lease() -> None:
         for _ in range(4):
             _pump(c, lambda m: True, drop=lambda m: lead in (m.frm, m.to))
         assert cc.role != Role.LEADER, "a second leader while the lease holds"
+
+
+# -- a supervisor reports a dead process (peer_down) -----------------------------------
+
+
+def _kill(c: Cluster, dead: int) -> None:
+    """The process of node ``dead`` is gone: cut off from everyone (what it sent and
+    what was sent to it stays queued, as in the kernel's buffers)."""
+    c.cut |= {frozenset((dead, j)) for j in c.nodes if j != dead}
+
+
+def _ticks_to_new_leader(c: Cluster, dead: int, limit: int) -> int | None:
+    live = [i for i in c.nodes if i != dead]
+    for t in range(1, limit + 1):
+        for i in live:
+            c.tick(i)
+        c.deliver()
+        lead = c.leader()
+        if lead is not None and lead != dead:
+            return t
+    return None
+
+
+def test_a_dead_leader_reported_by_its_supervisor_is_replaced_at_the_next_tick() -> None:
+    """Without the report the followers wait out an election timeout and keep their
+    promise to the dead leader's lease; with it, the lowest live id campaigns at its
+    next tick and the others vote for it."""
+    for told in (False, True):
+        c = Cluster(3, seed=31, lease_reads=True)
+        lead = c.elect()
+        c.run(3)
+        _kill(c, lead)
+        if told:
+            for i in c.nodes:
+                if i != lead:
+                    c.nodes[i].core.peer_down(lead)
+                    c.process(i)
+        e = c.nodes[lead].core.cfg.election_tick
+        ticks = _ticks_to_new_leader(c, lead, 3 * e)
+        assert ticks is not None
+        if told:
+            assert ticks == 1 and c.leader() == min(i for i in c.nodes if i != lead)
+            assert sum(c.nodes[i].core.notices for i in c.nodes if i != lead) == 2
+        else:
+            assert ticks >= e  # an election timeout at least
+        c.check_invariants()
+
+
+def test_a_report_of_a_follower_or_of_a_leader_not_followed_changes_nothing() -> None:
+    c = Cluster(3, seed=32, lease_reads=True)
+    lead = c.elect()
+    c.run(2)
+    a, b = (i for i in c.nodes if i != lead)
+    core = c.nodes[a].core
+    before = (core.lead, core.timeout, core.election_elapsed, core._quiet_until)
+    core.peer_down(b)  # a follower: no leader lost
+    core.peer_down(a)  # itself
+    core.peer_down(99)  # not a peer
+    assert (core.lead, core.timeout, core.election_elapsed, core._quiet_until) == before
+    assert core.notices == 0
+    lc = c.nodes[lead].core
+    lc.peer_down(a)  # a leader has nothing to wait for
+    assert lc.role == Role.LEADER and lc.notices == 0
+
+
+def test_what_a_dead_leader_sent_before_it_died_is_dropped() -> None:
+    """A heartbeat still on its way when the report arrives would make the follower
+    take the dead node for its leader again (and refuse votes for it)."""
+    c = Cluster(3, seed=33, lease_reads=True)
+    lead = c.elect()
+    c.run(2)
+    c.tick(lead)  # a heartbeat round, not delivered yet
+    late = [m for m in c.queue if m.frm == lead and m.type == MsgType.HEARTBEAT]
+    assert late
+    c.queue = []
+    _kill(c, lead)
+    for i in c.nodes:
+        if i != lead:
+            c.nodes[i].core.peer_down(lead)
+    for m in late:
+        c.nodes[m.to].core.step(m)
+        c.process(m.to)
+        assert c.nodes[m.to].core.lead == 0
+    assert _ticks_to_new_leader(c, lead, 1) == 1
+
+
+def test_when_the_first_live_peer_cannot_win_the_next_one_does() -> None:
+    """The lowest live id campaigns first, but its log lacks a committed entry: the
+    other refuses it (§5.4.1) and campaigns itself two heartbeats later. Nothing
+    committed is lost."""
+    c = Cluster(3, seed=34, lease_reads=True)
+    lead = c.elect()
+    c.run(2)
+    low, high = sorted(i for i in c.nodes if i != lead)
+    c.cut = {frozenset((lead, low))}
+    c.nodes[lead].core.propose(b"only on two")
+    c.process(lead)
+    c.deliver()
+    lc = c.nodes[lead].core
+    assert lc.commit == lc.last_index == c.nodes[high].core.last_index  # on 2 of 3: committed
+    assert c.nodes[low].core.last_index < lc.last_index
+    c.heal()
+    _kill(c, lead)
+    for i in (low, high):
+        c.nodes[i].core.peer_down(lead)
+        c.process(i)
+    ticks = _ticks_to_new_leader(c, lead, 10)
+    hb = c.nodes[high].core.cfg.heartbeat_tick
+    assert c.leader() == high and ticks is not None and 1 < ticks <= 1 + 2 * hb + 1
+    for _ in range(3):
+        c.run(1)
+    assert b"only on two" in [e.data for e in c.nodes[low].applied]
+    c.check_invariants()

@@ -203,7 +203,13 @@ class Sim:
         elif r < 0.8:
             up = [nd for nd in self.nodes.values() if nd.up]
             if len(up) > 1:
-                self.rng.choice(up).crash()
+                dead = self.rng.choice(up)
+                dead.crash()
+                if self.rng.random() < 0.5:  # its supervisor reports it (peer_down)
+                    for nd in self.nodes.values():
+                        if nd.up:
+                            nd.log.core.peer_down(dead.id)
+                            nd.run()
         elif r < 0.9:
             down = [nd for nd in self.nodes.values() if not nd.up]
             if down:
