@@ -80,6 +80,7 @@ class Endpoint:
         self.router = router
         self.endpoints = list(endpoints)
         self._rcvtimeo = -1  # the socket's RCVTIMEO (ms; -1: none set yet)
+        self.dropped_midway = 0  # messages lost as the peer vanished while they were sent
 
     @classmethod
     def router_bound(
@@ -145,7 +146,16 @@ class Endpoint:
             return False
         last = len(frames) - 1
         for i, f in enumerate(frames):
-            _send(sock, f, more if i < last else flags, False)
+            try:
+                _send(sock, f, more if i < last else flags, False)
+            except zmq.Again:  # the peer went away mid-message: libzmq rolled it back
+                self.dropped_midway += 1
+                for j in range(i + 1, len(frames)):  # the rest is discarded by libzmq;
+                    try:  # it must still be offered, or the next message's parts are
+                        _send(sock, frames[j], more if j < last else flags, False)
+                    except zmq.Again:
+                        pass
+                return False
         return True
 
     def send_tracked(

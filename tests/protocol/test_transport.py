@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, overload
 
 import numpy as np
 import pytest
@@ -69,3 +71,82 @@ def test_messages_queued_before_the_wait_are_all_received_in_order(
     while len(ids) < 200:
         ids.append(decode_header(_recv(router).header, Limits()).request_id)
     assert ids == list(range(1, 201))
+
+
+_ECHO_PEER = """
+import sys, zmq
+sock = zmq.Context().socket(zmq.ROUTER)
+sock.bind(sys.argv[1])
+print(sock.getsockopt_string(zmq.LAST_ENDPOINT), flush=True)
+while True:
+    parts = sock.recv_multipart()
+    sock.send_multipart([parts[0], parts[1], str(len(parts) - 2).encode()])
+"""
+
+
+def _echo_peer(address: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-c", _ECHO_PEER, address],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    with proc.stdout:
+        return proc, proc.stdout.readline().strip()
+
+
+def _ping_until_echoed(dealer: Endpoint, first_id: int) -> tuple[int, Any]:
+    """Send PINGs until one is accepted and echoed; the first accepted id and the echo."""
+    deadline, rid = time.monotonic() + 10, first_id
+    while time.monotonic() < deadline:
+        if dealer.send(Header(Kind.PING, rid)):
+            return rid, _recv(dealer)
+        rid += 1
+        time.sleep(0.01)
+    raise AssertionError("the peer never took a message")
+
+
+def test_a_peer_killed_in_the_middle_of_a_message_loses_that_message_only() -> None:
+    """A leader's send to a follower SIGKILLed mid-message: libzmq refuses a later
+    frame (EAGAIN). The send reports the message as not sent instead of raising, and
+    the next message, once the peer is back, arrives whole."""
+    ctx = new_context()
+    peer, address = _echo_peer("tcp://127.0.0.1:0")
+    dealer = Endpoint.dealer_connected(ctx, address, hwm=64)
+    monitor = dealer.watch_disconnects()
+    try:
+        _ping_until_echoed(dealer, 1)
+
+        class DiesAtFrameThree(Sequence[bytes]):
+            """Six frames; the peer is killed (and gone) before the third is sent."""
+
+            def __len__(self) -> int:
+                return 6
+
+            @overload
+            def __getitem__(self, i: int) -> bytes: ...
+            @overload
+            def __getitem__(self, i: slice) -> Sequence[bytes]: ...
+            def __getitem__(self, i: int | slice) -> bytes | Sequence[bytes]:
+                if i == 2 and peer.poll() is None:
+                    peer.kill()
+                    peer.wait(10)
+                    deadline = time.monotonic() + 10
+                    while not monitor.disconnected():
+                        assert time.monotonic() < deadline, "no disconnect seen"
+                        monitor.sock.poll(100)
+                if isinstance(i, slice) or not 0 <= i < 6:
+                    raise IndexError(i)
+                return b"x" * (64 << 10)
+
+        assert not dealer.send(Header(Kind.PUSH, 100), DiesAtFrameThree())
+        assert dealer.dropped_midway == 1
+        peer, _ = _echo_peer(address)
+        rid, echo = _ping_until_echoed(dealer, 200)
+        # the first message accepted after the loss is the one that arrives (no
+        # leftover frame of the lost message, and it was not swallowed in its place)
+        assert decode_header(echo.header, Limits()).request_id == rid
+        assert bytes(echo.frames[0]) == b"0"
+    finally:
+        peer.kill()
+        peer.wait(10)
+        monitor.close()
+        dealer.close()
+        ctx.term()
