@@ -16,6 +16,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import numbers
+import operator
 import os
 import threading
 from collections import defaultdict
@@ -44,7 +46,16 @@ from pserver.protocol.frames import (
     split_rows,
     wire_dtype,
 )
-from pserver.protocol.schema import DTYPES, Header, KeyRef, Kind, Limits, TensorMeta, dtype_name
+from pserver.protocol.schema import (
+    DTYPES,
+    MAX_WORKERS,
+    Header,
+    KeyRef,
+    Kind,
+    Limits,
+    TensorMeta,
+    dtype_name,
+)
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Incoming, call, host_id, new_context
 
@@ -154,6 +165,57 @@ def _compression(raw: Any) -> tuple[Any, ...]:
     return tuple(raw)
 
 
+def _wire_value(value: Any, where: str) -> Any:
+    """``value`` as msgpack sends it: numpy scalars become Python numbers, tuples
+    lists; anything else that the wire cannot carry is ``InvalidArgument`` here,
+    not an error the server cannot tie to the request."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, bool | float | str | bytes):
+        return value
+    if isinstance(value, int):
+        if not -(1 << 63) <= value < 1 << 64:
+            raise InvalidArgument(f"{where}: {value} does not fit in 64 bits")
+        return value
+    if isinstance(value, list | tuple):
+        return [_wire_value(v, where) for v in value]
+    if isinstance(value, Mapping):
+        if not all(isinstance(k, str) for k in value):
+            raise InvalidArgument(f"{where}: setting names must be strings, not "
+                                  f"{[k for k in value if not isinstance(k, str)]!r}")
+        return {k: _wire_value(v, f"{where}[{k!r}]") for k, v in value.items()}
+    raise InvalidArgument(f"{where}: {type(value).__name__} {value!r} is not a number, "
+                          "string, list or dict")
+
+
+def _optimizer(raw: Any) -> dict[str, Any]:
+    """``optimizer=``: a dict such as ``{"name": "adam", "lr": 1e-3}``, or a name."""
+    if isinstance(raw, str):
+        raw = {"name": raw}
+    if not isinstance(raw, Mapping):
+        raise InvalidArgument(f"optimizer must be a dict such as {{'name': 'sgd', 'lr': 0.1}} "
+                              f"or a name, not {raw!r}")
+    return dict(_wire_value(raw, "optimizer"))
+
+
+def _count(value: Any, name: str, low: int) -> int:
+    """An integer setting (numpy integers too) of at least ``low``."""
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise InvalidArgument(f"{name} must be an integer, not {value!r}") from None
+    if not low <= n < 1 << 63:
+        raise InvalidArgument(f"{name} must be in [{low}, 2**63), not {n}")
+    return n
+
+
+def _dtype_name(dtype: Any) -> str:
+    try:
+        return str(np.dtype(dtype).name)
+    except TypeError:
+        raise InvalidArgument(f"dtype must be a name such as 'float32', not {dtype!r}") from None
+
+
 def _bootstrap(ctx: Any, address: str, kind: Kind, timeout: float) -> dict[str, Any]:
     header, _ = call(
         ctx, address, Header(kind, int.from_bytes(os.urandom(6), "little")), _REPLY_LIMITS, timeout
@@ -182,10 +244,18 @@ class Client:
         timeout: float = 30.0,
         ipc: bool | None = None,
     ) -> None:
-        if timeout <= 0:
-            raise ValueError("timeout must be positive")
-        if num_workers < 1 or not 0 <= worker_id < num_workers:
-            raise ValueError(f"need 0 <= worker_id < num_workers, got {worker_id} of {num_workers}")
+        given: object = timeout  # callers pass anything: check what it is
+        if isinstance(given, bool) or not isinstance(given, numbers.Real) \
+                or not math.isfinite(given) or given <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+        try:
+            worker_id, num_workers = operator.index(worker_id), operator.index(num_workers)
+        except TypeError:
+            raise ValueError(f"worker_id and num_workers must be integers, not {worker_id!r} "
+                             f"and {num_workers!r}") from None
+        if not 1 <= num_workers <= MAX_WORKERS or not 0 <= worker_id < num_workers:
+            raise ValueError(f"need 0 <= worker_id < num_workers <= {MAX_WORKERS}, got "
+                             f"{worker_id} of {num_workers}")
         self.address = address
         self.worker_id = worker_id
         self.num_workers = num_workers
@@ -290,29 +360,35 @@ class Client:
 
     def _batches(self, pieces: Iterable[_Piece]) -> list[tuple[int, list[_Piece]]]:
         """Group pieces per shard into messages of at most one chunk of data
-        (so large tensors pipeline) and at most the key and frame caps."""
+        (so large tensors pipeline) and at most the key, frame and header caps (a
+        descriptor takes its key's bytes and at most 9 per shape dimension plus 48:
+        the header cap is kept at half, the rest left to the request's options)."""
         by_shard: dict[int, list[_Piece]] = defaultdict(list)
         for p in pieces:
             by_shard[p.shard].append(p)
         out: list[tuple[int, list[_Piece]]] = []
         key_cap = min(self.limits.max_keys, 1024)
         max_bytes = min(self.chunk_bytes, self.limits.max_request_bytes)
+        max_head = self.limits.max_header_bytes // 2
         for shard, items in by_shard.items():
             batch: list[_Piece] = []
-            nbytes = nframes = 0
+            nbytes = nframes = nhead = 0
             for p in items:
                 b = p.count * p.meta.np_dtype.itemsize
                 f = frame_count(b, p.meta.np_dtype.itemsize, self.frame_bytes)
+                h = len(p.meta.key.encode()) + 9 * len(p.meta.shape) + 48
                 if batch and (
                     nbytes + b > max_bytes
                     or len(batch) >= key_cap
                     or nframes + f > self.limits.max_frames
+                    or nhead + h > max_head
                 ):
                     out.append((shard, batch))
-                    batch, nbytes, nframes = [], 0, 0
+                    batch, nbytes, nframes, nhead = [], 0, 0, 0
                 batch.append(p)
                 nbytes += b
                 nframes += f
+                nhead += h
             if batch:
                 out.append((shard, batch))
         return out
@@ -369,6 +445,9 @@ class Client:
         """The messages of a PUSH or PUSH_PULL of uncompressed keys whose arrays are
         C-contiguous and of the keys' exact shape and dtype, cut by the cached
         layout; None for anything else (the general path checks and converts)."""
+        if not isinstance(grads, Mapping):
+            raise TypeError(f"gradients must be a mapping of key -> array, not "
+                            f"{type(grads).__name__}")
         layout = self._layout(tuple(grads))
         if layout is None:
             return None
@@ -556,6 +635,9 @@ class Client:
         """Start an init; ``settings``: init's keyword arguments."""
         optimizer, mode, staleness = (settings[k] for k in ("optimizer", "mode", "staleness"))
         comp = _compression(settings["compression"])
+        if not isinstance(arrays, Mapping):
+            raise TypeError(f"init takes a mapping of key -> array, not "
+                            f"{type(arrays).__name__}")
         metas: dict[str, KeyMeta] = {}
         flats: dict[str, Array] = {}
         for key, arr in arrays.items():
@@ -566,11 +648,13 @@ class Client:
             flats[key] = flat
         opts: dict[str, Any] = {}
         if optimizer is not None:
-            opts["optimizer"] = dict(optimizer)
+            opts["optimizer"] = _optimizer(optimizer)
         if mode is not None:
+            if mode not in ("async", "sync", "ssp"):
+                raise InvalidArgument(f"mode must be 'async', 'sync' or 'ssp', not {mode!r}")
             opts["mode"] = mode
         if staleness is not None:
-            opts["staleness"] = int(staleness)
+            opts["staleness"] = _count(staleness, "staleness", 0)
         if mode in ("sync", "ssp") or self.num_workers > 1:
             opts["workers"] = self.num_workers
         if comp != ("none",):
@@ -638,8 +722,8 @@ class Client:
 
         Initializing an existing key with the same shape and dtype is a no-op (its
         value is not changed); another shape or dtype raises ``ShapeMismatch``.
-        ``optimizer`` is a dict such as ``{"name": "sgd", "lr": 0.1}`` (default sgd
-        with lr 0.01). Returns {key: True if this call created it}.
+        ``optimizer`` is a dict such as ``{"name": "sgd", "lr": 0.1}``, or a name
+        (default sgd with lr 0.01). Returns {key: True if this call created it}.
         """
         settings = {"optimizer": optimizer, "mode": mode, "staleness": staleness,
                     "compression": compression}
@@ -823,17 +907,24 @@ class Client:
 
     def create_table(self, name: str, dim: int, *, dtype: str = "float32",
                      optimizer: dict[str, Any] | None = None,
-                     init: tuple[Any, ...] = ("zeros",)) -> bool:
+                     init: tuple[Any, ...] | str = ("zeros",)) -> bool:
         """Create a sparse table of ``dim``-wide rows on every shard (absent rows
         are created on first push). ``optimizer`` defaults to adagrad lr 0.01;
-        ``init`` is ``("zeros",)``, ``("uniform", a, b)`` or ``("normal", std)``,
+        ``init`` is ``("zeros",)`` (or ``"zeros"``), ``("uniform", a, b)`` or ``("normal", std)``,
         deterministic per (table, row id). Creating an existing table with the same
         dim and dtype is a no-op (returns False); another dim or dtype raises
         ``ShapeMismatch``."""
         self._check_key(name)
-        opts: dict[str, Any] = {"table": name, "dim": dim, "dtype": dtype, "init": list(init)}
+        if isinstance(init, str):
+            init = (init,)
+        if not isinstance(init, list | tuple):
+            raise InvalidArgument(f"init must be ('zeros',), ('uniform', a, b) or "
+                                  f"('normal', std), not {init!r}")
+        opts: dict[str, Any] = {"table": name, "dim": _count(dim, "dim", 1),
+                                "dtype": dtype if isinstance(dtype, str) else _dtype_name(dtype),
+                                "init": _wire_value(init, "init")}
         if optimizer is not None:
-            opts["optimizer"] = dict(optimizer)
+            opts["optimizer"] = _optimizer(optimizer)
         messages: list[tuple[int, Header, list[Any]]] = [
             (s, self._header(Kind.CREATE_TABLE, opts=opts), [])
             for s in self.shard_map.shard_ids

@@ -41,6 +41,10 @@ class Kind(IntEnum):
     REPLY = 100
 
 
+# Worker ids are 0 .. MAX_WORKERS - 1, and no key or barrier has more workers: a
+# shard tracks each worker it hears from, so the ids it accepts are bounded.
+MAX_WORKERS = 4096
+
 MUTATING_KINDS = frozenset({Kind.INIT, Kind.PUSH, Kind.PUSH_PULL, Kind.CREATE_TABLE,
                             Kind.PUSH_ROWS})
 

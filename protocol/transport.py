@@ -123,7 +123,14 @@ class Endpoint:
             sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        sock.connect(endpoint)
+        try:
+            sock.connect(endpoint)
+        except (zmq.ZMQError, TypeError, ValueError) as exc:  # left open, ctx.term() hangs
+            sock.close(0)
+            from .errors import InvalidArgument
+
+            raise InvalidArgument(f"cannot connect to {endpoint!r}: {exc} (expected "
+                                  "tcp://HOST:PORT or ipc://PATH)") from None
         return cls(sock, router=False, endpoints=[endpoint])
 
     def send(

@@ -25,7 +25,7 @@ from pserver.protocol.errors import (
     ShapeMismatch,
 )
 from pserver.protocol.frames import join_frames, row_blocks
-from pserver.protocol.schema import Header, Kind, Limits
+from pserver.protocol.schema import MAX_WORKERS, Header, Kind, Limits
 
 from . import commands
 from .commands import Command
@@ -59,9 +59,10 @@ def mutate(state: ShardStateMachine, header: Header, data: list[list[memoryview]
             raise InvalidArgument("top-k compression does not combine with sync mode")
         workers = header.opts.get("workers", workers)
         staleness = header.opts.get("staleness", staleness)
-        if type(workers) is not int or workers < 1 or type(staleness) is not int \
-                or staleness < 0:
-            raise InvalidArgument("workers must be >= 1 and staleness >= 0 (integers)")
+        if type(workers) is not int or not 1 <= workers <= MAX_WORKERS \
+                or type(staleness) is not int or staleness < 0:
+            raise InvalidArgument(f"workers must be in [1, {MAX_WORKERS}] and staleness >= 0 "
+                                  "(integers)")
         if not apply:
             return {}
         created = state.apply_init(header.tensors, data, spec, mode, compression, workers,

@@ -231,7 +231,7 @@ def shard(
 
     from .replica import ReplicaServer
     from .server import ShardServer
-    from .supervisor import EXIT_ADDRESS_IN_USE, SUPERVISOR_TOKEN_ENV
+    from .supervisor import CLUSTER_TOKEN_ENV, EXIT_ADDRESS_IN_USE
     from .wal import WALError
 
     keep_freed_buffers()
@@ -258,7 +258,7 @@ def shard(
                 peers=peers, data_dir=data_dir, heartbeat_s=heartbeat_ms / 1000,
                 election_ticks=max(2, round(election_timeout_ms / heartbeat_ms)),
                 snapshot_log_bytes=snapshot_log_bytes,
-                supervisor_token=os.environ.get(SUPERVISOR_TOKEN_ENV), **common)
+                cluster_token=os.environ.get(CLUSTER_TOKEN_ENV), **common)
         else:
             server = ShardServer(shard_id, ShardMap.uniform(num_shards), endpoints,
                                  data_dir=data_dir, **common)

@@ -111,22 +111,25 @@ def decode(data: EntryData) -> list[Command]:
             pos += size
         return frames
 
-    for item in desc:
-        if item[0] == REQUEST:
-            _, token, header, sizes = item
-            out.append(Command(REQUEST, (int(token[0]), int(token[1])), header, take(sizes)))
-        elif item[0] == SYNC_STEP:
-            _, steps, members, sizes = item
-            frames = take(sizes)
-            out.append(Command(
-                SYNC_STEP, frames=frames,
-                steps=[(str(k), int(p), int(s), tuple(int(x) for x in w), int(n))
-                       for k, p, s, w, n in steps],
-                members=[((int(t[0]), int(t[1])), bytes(h)) for t, h in members]))
-        elif item[0] in (DROP_WORKER, REJOIN_WORKER):
-            out.append(Command(item[0], worker=int(item[1])))
-        else:
-            raise CommandError(f"unknown command {item[0]!r}")
+    try:
+        for item in desc:
+            if item[0] == REQUEST:
+                _, token, header, sizes = item
+                out.append(Command(REQUEST, (int(token[0]), int(token[1])), header, take(sizes)))
+            elif item[0] == SYNC_STEP:
+                _, steps, members, sizes = item
+                frames = take(sizes)
+                out.append(Command(
+                    SYNC_STEP, frames=frames,
+                    steps=[(str(k), int(p), int(s), tuple(int(x) for x in w), int(n))
+                           for k, p, s, w, n in steps],
+                    members=[((int(t[0]), int(t[1])), bytes(h)) for t, h in members]))
+            elif item[0] in (DROP_WORKER, REJOIN_WORKER):
+                out.append(Command(item[0], worker=int(item[1])))
+            else:
+                raise CommandError(f"unknown command {item[0]!r}")
+    except (TypeError, ValueError, IndexError, KeyError) as exc:  # not a list of commands
+        raise CommandError(f"malformed command batch: {exc!r}") from exc
     if parts is not None and taken != len(parts):
         raise CommandError("a command batch carries frames its commands do not describe")
     if parts is None and pos != len(view):

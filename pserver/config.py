@@ -17,7 +17,7 @@ from typing import Any
 import tomllib
 
 from pserver.protocol.frames import DEFAULT_CHUNK_BYTES, DEFAULT_FRAME_BYTES
-from pserver.protocol.schema import Limits
+from pserver.protocol.schema import MAX_WORKERS, Limits
 
 ENV_PREFIX = "PSERVER_"
 
@@ -68,8 +68,8 @@ class ServerConfig:
             raise ConfigError(f"mode must be async, sync or ssp, not {self.mode!r}")
         if self.device not in ("cpu", "cuda"):
             raise ConfigError(f"device must be cpu or cuda, not {self.device!r}")
-        if self.workers < 1 or self.staleness < 0:
-            raise ConfigError("workers must be >= 1 and staleness >= 0")
+        if not 1 <= self.workers <= MAX_WORKERS or self.staleness < 0:
+            raise ConfigError(f"workers must be in [1, {MAX_WORKERS}] and staleness >= 0")
         if self.heartbeat_ms < 1 or self.election_timeout_ms < 2 * self.heartbeat_ms:
             raise ConfigError("need heartbeat_ms >= 1 and election_timeout_ms >= 2 x heartbeat_ms")
         if self.frame_bytes < 4096 or self.chunk_bytes < self.frame_bytes:

@@ -11,6 +11,7 @@ dropped; Raft resends what matters).
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -40,8 +41,10 @@ def _chunks(data: bytes | memoryview, frame_bytes: int) -> list[Any]:
     return split_frames(np.frombuffer(data, dtype=np.uint8), frame_bytes)
 
 
-def encode(m: Message, frame_bytes: int = 1 << 20) -> tuple[Header, list[Any]]:
-    """The header and frames that carry ``m``."""
+def encode(m: Message, frame_bytes: int = 1 << 20,
+           token: str = "") -> tuple[Header, list[Any]]:
+    """The header and frames that carry ``m``, signed with the cluster's ``token``
+    (``tok``) when there is one."""
     frames: list[Any] = []
     entries = []
     for e in m.entries:
@@ -59,6 +62,8 @@ def encode(m: Message, frame_bytes: int = 1 << 20) -> tuple[Header, list[Any]]:
         opts["e"] = entries
     if m.context:
         opts["ctx"] = m.context
+    if token:
+        opts["tok"] = token
     if m.stamp:
         opts["hs"] = m.stamp
     if m.type in (MsgType.SNAP, MsgType.SNAP_RESP):
@@ -75,6 +80,12 @@ def _int(opts: Mapping[str, Any], name: str) -> int:
     if type(v) is not int or v < -1:
         raise ProtocolError(f"raft field {name!r} must be an integer, not {v!r}")
     return v
+
+
+def signed(header: Header, token: str) -> bool:
+    """Whether a RAFT header carries the cluster's ``token``."""
+    tok = header.opts.get("tok")
+    return isinstance(tok, str) and hmac.compare_digest(tok, token)
 
 
 def decode(header: Header, frames: Sequence[memoryview]) -> Message:
@@ -124,8 +135,10 @@ def decode(header: Header, frames: Sequence[memoryview]) -> Message:
 class Peers:
     """One non-blocking DEALER per other replica of the shard."""
 
-    def __init__(self, ctx: Any, addresses: Mapping[int, str], frame_bytes: int) -> None:
+    def __init__(self, ctx: Any, addresses: Mapping[int, str], frame_bytes: int,
+                 token: str = "") -> None:
         self.frame_bytes = frame_bytes
+        self.token = token
         self._eps = {i: Endpoint.dealer_connected(ctx, a, hwm=PEER_HWM_MESSAGES)
                      for i, a in addresses.items()}
         self.dropped = 0
@@ -135,7 +148,7 @@ class Peers:
         if ep is None:
             log.error("raft message to unknown replica %d dropped", m.to)
             return
-        header, frames = encode(m, self.frame_bytes)
+        header, frames = encode(m, self.frame_bytes, self.token)
         if not ep.send(header, frames):
             self.dropped += 1
 

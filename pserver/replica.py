@@ -56,7 +56,7 @@ from .commands import Command
 from .raft import Config, Role
 from .raft.core import ProposalDropped
 from .replog import ReplicatedLog
-from .server import DRAIN_BATCH, ShardServer
+from .server import DRAIN_BATCH, ShardServer, worker_of
 from .shard import Slot
 from .wal import WALError
 
@@ -77,15 +77,20 @@ class ReplicaServer(ShardServer):
                  replica_id: int, peers: Mapping[int, str], data_dir: str | Path,
                  heartbeat_s: float = 0.05, election_ticks: int = 6,
                  snapshot_log_bytes: int = 256 << 20, seed: int | None = None,
-                 supervisor_token: str | None = None, **kwargs: Any) -> None:
+                 cluster_token: str | None = None, **kwargs: Any) -> None:
         super().__init__(shard_id, shard_map, endpoints, data_dir=None, **kwargs)
         if replica_id not in peers:
             raise ValueError(f"replica {replica_id} is not among the peers {sorted(peers)}")
         self.replica_id = replica_id
         self.addresses = dict(peers)
         self.heartbeat_s = heartbeat_s
-        self._supervisor_token = supervisor_token
+        self._token = cluster_token or ""
+        if not self._token and len(self.addresses) > 1:
+            log.warning("shard %d replica %d: no cluster token ($PSERVER_CLUSTER_TOKEN): "
+                        "Raft messages from anyone who reaches its port are accepted",
+                        shard_id, replica_id)
         self._heard_at: dict[int, float] = {}  # Raft id -> when its last message was handled
+        self.raft_refused = 0  # RAFT messages dropped for a missing or wrong token
         ids = tuple(sorted(i + 1 for i in self.addresses))
         # No lease for a group of one (its ReadIndex needs no messages) or for fewer
         # than 3 election ticks (the lease would be empty).
@@ -102,7 +107,7 @@ class ReplicaServer(ShardServer):
             workers=self.default_workers, staleness=self.default_staleness, shard_id=shard_id,
             snapshot_log_bytes=snapshot_log_bytes)
         self.core = self.log.core
-        self._peers = peers_of(self.ctx, replica_id, peers, self.frame_bytes)
+        self._peers = peers_of(self.ctx, replica_id, peers, self.frame_bytes, self._token)
         self._batch: list[Command] = []
         self._batch_bytes = 0
         self._tokens = 0
@@ -183,6 +188,9 @@ class ReplicaServer(ShardServer):
         try:
             header = decode_header(incoming.header, self.limits)
             if header.kind == Kind.RAFT:
+                if self._token and not peers.signed(header, self._token):
+                    self.raft_refused += 1
+                    raise ProtocolError("a RAFT message without the cluster's token")
                 msg = peers.decode(header, incoming.frames)
                 self._heard_at[msg.frm] = time.monotonic()
                 self.core.step(msg)
@@ -223,8 +231,8 @@ class ReplicaServer(ShardServer):
         and then the report is not acted on (the election timeout still runs)."""
         o = header.opts
         token, replica, at = o.get("token"), o.get("replica"), o.get("at")
-        if not self._supervisor_token or not isinstance(token, str) \
-                or not hmac.compare_digest(token, self._supervisor_token):
+        if not self._token or not isinstance(token, str) \
+                or not hmac.compare_digest(token, self._token):
             raise InvalidArgument("PEER_DOWN is accepted only from this replica's supervisor")
         if isinstance(replica, bool) or not isinstance(replica, int) \
                 or replica not in self.addresses or replica == self.replica_id:
@@ -487,7 +495,7 @@ class ReplicaServer(ShardServer):
         held += [r for _, reads in self._reads_asked.values() for r in reads]
         held += [r for _, reads in self._reads_ready for r in reads]
         held += [(inc, h) for _, _, inc, h, _ in self._parked]
-        held += [r for _, waiting in self._barriers.values() for r in waiting.values()]
+        held += [r for _, waiting, _ in self._barriers.values() for r in waiting.values()]
         held += [(inc, h) for inc, h, _ in self._held]
         self._steps.reset()
         for incoming, header in held:
@@ -501,9 +509,7 @@ class ReplicaServer(ShardServer):
     # -- worker liveness as replicated commands ------------------------------------
 
     def _seen(self, header: Header) -> None:
-        worker = header.opts.get("worker")
-        if type(worker) is not int or worker < 0:
-            return
+        worker = worker_of(header)
         self._last_seen[worker] = time.monotonic()
         if worker in self.state.dropped and ("rejoin", worker) not in self._proposed_quorum \
                 and self.core.role == Role.LEADER:
@@ -544,12 +550,13 @@ class ReplicaServer(ShardServer):
             digest=self.state.digest(), wal_syncs=self.log.wal.syncs,
             peer_sends_dropped=self._peers.dropped, lease_reads=self.lease_reads,
             read_index_reads=self.read_index_reads, peer_down_notices=core.notices,
+            raft_refused=self.raft_refused, unreadable_entries=self.log.unreadable_entries,
         )
         return out
 
 
 def peers_of(ctx: Any, replica_id: int, addresses: Mapping[int, str],
-             frame_bytes: int) -> peers.Peers:
+             frame_bytes: int, token: str = "") -> peers.Peers:
     """Links to the other replicas, keyed by their Raft ids (replica id + 1)."""
     return peers.Peers(ctx, {i + 1: a for i, a in addresses.items() if i != replica_id},
-                       frame_bytes)
+                       frame_bytes, token)

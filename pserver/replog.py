@@ -84,6 +84,7 @@ class ReplicatedLog:
         self.snap_path = self.dir / RAFT_SNAPSHOT
         self.before_sync: Callable[[], None] | None = None  # the simulation's crash point
         self.on_apply: Callable[[Entry], None] | None = None  # sees every applied entry
+        self.unreadable_entries = 0  # committed entries skipped as unreadable
         self.wal, self.core = self._recover(cfg, rng)
         self.log_bytes = sum(len(e.data) for e in self.core.log)
         # Replicas under the same load would all compact at the same entry, and a
@@ -152,7 +153,7 @@ class ReplicatedLog:
                 send(m)
             for e in rd.committed:
                 if e.data:
-                    for cmd in commands.decode(e.data):
+                    for cmd in self._commands(e):
                         on_outcome(cmd, apply_command(
                             self.state, cmd, self.limits, workers=self.workers,
                             staleness=self.staleness, shard=self.shard_id))
@@ -162,6 +163,19 @@ class ReplicatedLog:
             reads.extend(rd.reads)
             core.advance(rd)
         return reads
+
+    def _commands(self, e: Entry) -> list[Command]:
+        """The commands of a committed entry. One that cannot be read (a Python
+        replica never proposes one: it would come from a foreign or broken peer) is
+        skipped, the same way on every replica that has it, rather than stop the
+        replica at every start as it is applied again."""
+        try:
+            return commands.decode(e.data)
+        except commands.CommandError as exc:
+            self.unreadable_entries += 1
+            log.error("shard %d replica %d: committed entry %d (term %d) skipped: %s",
+                      self.shard_id, self.core.id - 1, e.index, e.term, exc)
+            return []
 
     def _install(self, snap: Snapshot, hs: HardState) -> None:
         """A snapshot from the leader replaces this replica's state and log."""

@@ -38,7 +38,15 @@ from pserver.protocol.errors import (
     PServerError,
 )
 from pserver.protocol.frames import split_frames, split_rows
-from pserver.protocol.schema import MUTATING_KINDS, Header, KeyRef, Kind, Limits, TensorMeta
+from pserver.protocol.schema import (
+    MAX_WORKERS,
+    MUTATING_KINDS,
+    Header,
+    KeyRef,
+    Kind,
+    Limits,
+    TensorMeta,
+)
 from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Endpoint, Incoming, new_context
 
@@ -52,6 +60,9 @@ log = logging.getLogger(__name__)
 DRAIN_BATCH = 64
 SNAPSHOT_FILE = "state.snap"
 PARK_LIMIT_S = 600.0  # a read parked longer than any sane deadline is dropped
+# Workers enter barriers in order, so a few generations are pending at a time: more
+# than this come from a client gone wrong (each holds its requests' messages).
+MAX_PENDING_BARRIERS = 64
 
 
 class ShardServer:
@@ -92,7 +103,8 @@ class ShardServer:
         self._stop = False
         self.requests = 0
         self.errors = 0
-        self._barriers: dict[int, tuple[int, dict[int, tuple[Incoming, Header]]]] = {}
+        # gen -> (workers, each waiting worker's request, when the first one came)
+        self._barriers: dict[int, tuple[int, dict[int, tuple[Incoming, Header]], float]] = {}
         self._parked: list[tuple[float, int, Incoming, Header, list[Slot]]] = []
 
     @property
@@ -213,7 +225,8 @@ class ShardServer:
                 or self.state.memory.device != "cpu":
             return False
         worker = opts.get("worker", 0) if opts else 0
-        if (opts and opts.keys() != {"worker"}) or type(worker) is not int or worker < 0:
+        if (opts and opts.keys() != {"worker"}) or type(worker) is not int \
+                or not 0 <= worker < MAX_WORKERS:
             return False
         slots: list[Slot] = []
         seen: set[int] = set()
@@ -321,10 +334,7 @@ class ShardServer:
             self._release_parked()
 
     def _seen(self, header: Header) -> None:
-        worker = header.opts.get("worker")
-        if type(worker) is not int or worker < 0:
-            return
-        self._seen_worker(worker)
+        self._seen_worker(worker_of(header))
 
     def _seen_worker(self, worker: int) -> None:
         self._last_seen[worker] = time.monotonic()
@@ -349,9 +359,7 @@ class ShardServer:
     def _send_when_ready(self, incoming: Incoming, header: Header, slots: list[Slot]) -> None:
         """Reply with the values now, or, for sync/ssp keys the asking worker may not
         read yet, once they become readable (pushes of other workers release them)."""
-        worker = header.opts.get("worker", 0)
-        if type(worker) is not int:
-            raise InvalidArgument(f"worker must be an integer, not {worker!r}")
+        worker = worker_of(header)
         if self._readable(worker, header, slots):
             self._send_values(incoming, header, slots)
         else:
@@ -381,10 +389,19 @@ class ShardServer:
         o = header.opts
         gen, worker, workers = o.get("gen", 0), o.get("worker", -1), o.get("workers", 0)
         if not (type(gen) is int and type(worker) is int and type(workers) is int
-                and gen >= 1 and workers >= 1 and 0 <= worker < workers):
-            raise InvalidArgument("a barrier needs gen >= 1, workers >= 1 and "
-                                  "0 <= worker < workers")
-        want, waiting = self._barriers.setdefault(gen, (workers, {}))
+                and gen >= 1 and 1 <= workers <= MAX_WORKERS and 0 <= worker < workers):
+            raise InvalidArgument(f"a barrier needs gen >= 1, 1 <= workers <= {MAX_WORKERS} "
+                                  "and 0 <= worker < workers")
+        if header.tensors or incoming.frames:
+            raise InvalidArgument("a barrier carries no tensors and no data frames")
+        now = time.monotonic()
+        if gen not in self._barriers and len(self._barriers) >= MAX_PENDING_BARRIERS:
+            for old in [g for g, (_, _, t) in self._barriers.items() if now - t > PARK_LIMIT_S]:
+                del self._barriers[old]  # their clients gave up long ago
+            if len(self._barriers) >= MAX_PENDING_BARRIERS:
+                raise InvalidArgument(f"{MAX_PENDING_BARRIERS} barriers are pending already "
+                                      f"(barrier {gen} refused)")
+        want, waiting, _ = self._barriers.setdefault(gen, (workers, {}, now))
         if want != workers:
             raise InvalidArgument(f"barrier {gen} was entered with {want} workers, "
                                   f"not {workers}")
@@ -459,7 +476,7 @@ class ShardServer:
             "tables": stats["tables"],
             "rows": stats["rows"],
             "bytes": stats["bytes"],
-            "barrier_waiting": sum(len(w) for _, w in self._barriers.values()),
+            "barrier_waiting": sum(len(w) for _, w, _ in self._barriers.values()),
             "parked_reads": len(self._parked),
             "workers": {str(w): "dropped" if w in self.state.dropped else "alive"
                         for w in sorted(self._last_seen)},
@@ -471,6 +488,15 @@ class ShardServer:
 
 
 _WHOLE_KINDS = (int(Kind.PUSH), int(Kind.PUSH_PULL))
+
+
+def worker_of(header: Header) -> int:
+    """The worker id a request names in ``o.worker`` (0 when it names none)."""
+    worker = header.opts.get("worker", 0)
+    if type(worker) is not int or not 0 <= worker < MAX_WORKERS:
+        raise InvalidArgument(f"worker must be an integer in [0, {MAX_WORKERS}), "
+                              f"not {worker!r}")
+    return worker
 
 
 def _pushed_parts(header: Header) -> tuple[TensorMeta, ...]:

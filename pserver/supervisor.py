@@ -44,8 +44,9 @@ READY_PREFIX = "pserver ready: "
 # on Linux), so that the supervisor can tell a port taken since it was picked
 # from any other failure.
 EXIT_ADDRESS_IN_USE = 98
-# Replicas take this from their environment and accept PEER_DOWN only with it.
-SUPERVISOR_TOKEN_ENV = "PSERVER_SUPERVISOR_TOKEN"
+# The cluster's secret: replicas take it from their environment, put it in every
+# Raft message they send and accept Raft messages and PEER_DOWN only with it.
+CLUSTER_TOKEN_ENV = "PSERVER_CLUSTER_TOKEN"
 PORT_ATTEMPTS = 5  # fresh ports per shard group before its start-up fails
 LOWEST_PICKED_PORT = 20000
 
@@ -178,7 +179,8 @@ class Supervisor:
         self.ctx = new_context()
         self._ids = itertools.count(1)
         self._stop = False
-        self._token = secrets.token_hex(16)  # proves a PEER_DOWN report comes from here
+        # proves that a Raft message comes from a replica, a PEER_DOWN from here
+        self._token = os.environ.get(CLUSTER_TOKEN_ENV) or secrets.token_hex(16)
         self._running = False  # serving (run()): dead replicas are reaped and restarted
         self._reaping = False
         self.run_dir = tempfile.mkdtemp(prefix="pserver-")
@@ -331,7 +333,7 @@ class Supervisor:
         if "NUMBA_NUM_THREADS" not in env:
             share = (os.cpu_count() or 1) // (self.config.shards * self.config.replicas)
             env["NUMBA_NUM_THREADS"] = str(max(1, share))
-        env[SUPERVISOR_TOKEN_ENV] = self._token
+        env[CLUSTER_TOKEN_ENV] = self._token
         return env
 
     def _spawn(self, r: Replica) -> None:
@@ -566,7 +568,7 @@ class Supervisor:
                                                       "applied_index", "pid")})
                     replica["digest"] = a.get("digest")
                     for k in ("lease_reads", "read_index_reads", "peer_down_notices",
-                              "workers"):
+                              "raft_refused", "unreadable_entries", "workers"):
                         if k in a:  # workers: those this replica heard from (its leader's)
                             replica[k] = a[k]
                 replicas.append(replica)

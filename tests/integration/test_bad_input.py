@@ -22,9 +22,15 @@ import pytest
 import pserver
 from pserver.protocol.codec import decode_header, encode_header
 from pserver.protocol.errors import ErrorCode
-from pserver.protocol.schema import Header, KeyRef, Kind, TensorMeta
+from pserver.protocol.schema import MAX_WORKERS, Header, KeyRef, Kind, TensorMeta
 
-from .support import REPLY_LIMITS, assert_bits_equal, key_on_shard, shard_pids
+from .support import (
+    REPLY_LIMITS,
+    assert_bits_equal,
+    key_on_shard,
+    replica_statuses,
+    shard_pids,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -545,3 +551,77 @@ def test_a_resent_push_is_applied_once(victim: Victim, raw_peer: Any) -> None:
         assert (reply.error, reply.request_id) == (0, 1200)
     victim.canaries[key] = victim.canaries[key] - np.float32(0.5) * g
     intact(victim)
+
+
+def test_a_barrier_carries_no_data_and_few_generations_wait_at_once(
+        victim: Victim, raw_peer: Any) -> None:
+    """A shard holds a barrier request until its generation completes: one with data
+    frames is refused (it would hold them), and past MAX_PENDING_BARRIERS waiting
+    generations a new one is refused, so a client looping over fresh generations
+    cannot grow a shard's memory. Completing them empties the table."""
+    from pserver.server import MAX_PENDING_BARRIERS
+
+    peer = raw_peer(victim.tcp(0))
+    base = 10**6
+
+    def barrier(rid: int, gen: int, worker: int, **kw: Any) -> bytes:
+        return hdr(Kind.BARRIER, rid, opts={"gen": gen, "worker": worker, "workers": 2},
+                   **kw)
+
+    expect_error(peer.request(barrier(1, base, 0, tensors=(f32_meta("junk", 4, 1),)),
+                              [bytes(16)]), ErrorCode.INVALID_ARGUMENT, 1)
+    for gen in range(base, base + MAX_PENDING_BARRIERS):
+        peer.send([barrier(gen, gen, 0)])
+    expect_error(peer.request(barrier(2, base + MAX_PENDING_BARRIERS, 0)),
+                 ErrorCode.INVALID_ARGUMENT, 2)
+    waiting = [s["barrier_waiting"] for s in replica_statuses(victim.client)]
+    assert waiting[0] == MAX_PENDING_BARRIERS, waiting
+    for gen in range(base, base + MAX_PENDING_BARRIERS):  # worker 1 completes each
+        peer.send([barrier(gen, gen, 1)])
+    answered = sorted(peer.recv()[0].request_id for _ in range(2 * MAX_PENDING_BARRIERS))
+    assert answered == sorted(2 * list(range(base, base + MAX_PENDING_BARRIERS)))
+    assert replica_statuses(victim.client)[0]["barrier_waiting"] == 0
+    intact(victim)
+
+
+@pytest.mark.parametrize(("kind", "opts"), [
+    (Kind.HEARTBEAT, {"worker": -5}), (Kind.HEARTBEAT, {"worker": [1]}),
+    (Kind.HEARTBEAT, {"worker": MAX_WORKERS}), (Kind.PULL, {"worker": 2**63}),
+    (Kind.PULL, {"worker": "0"}), (Kind.INIT, {"workers": MAX_WORKERS + 1, "mode": "sync"}),
+])
+def test_worker_ids_and_counts_out_of_range_are_refused(
+        victim: Victim, raw_peer: Any, kind: Kind, opts: dict[str, Any]) -> None:
+    """A shard keeps a liveness entry per worker id it hears from: ids outside
+    [0, MAX_WORKERS) (and keys of more workers) are refused, not remembered."""
+    key, fresh = victim.on_shard[1], key_on_shard(victim.client.shard_map, 1, "many-workers")
+    peer = raw_peer(victim.tcp(1))
+    before = replica_statuses(victim.client)[1].get("workers", {})
+    if kind == Kind.PULL:
+        h = hdr(kind, 77, refs=(KeyRef(key, 0),), opts=opts)
+        frames: list[bytes] = []
+    elif kind == Kind.INIT:
+        h, frames = hdr(kind, 77, (f32_meta(fresh, 4, 1),), opts=opts), [bytes(16)]
+    else:
+        h, frames = hdr(kind, 77, opts=opts), []
+    expect_error(peer.request(h, frames), ErrorCode.INVALID_ARGUMENT, 77)
+    assert replica_statuses(victim.client)[1].get("workers", {}) == before
+    with pytest.raises(pserver.KeyNotFound):
+        victim.client.pull([fresh])
+    intact(victim)
+
+
+def test_many_long_keys_are_split_to_stay_under_the_header_cap(cluster_factory: Any) -> None:
+    """1,100 keys with 1,024-byte names on one shard: their descriptors are over the
+    1 MiB header cap together, so the client sends them in several messages (once
+    the shard answered TOO_LARGE without the request id, and the client waited out
+    its timeout)."""
+    cluster = cluster_factory("--shards", "1")
+    with pserver.connect(cluster.address, timeout=10.0) as c:
+        keys = [f"{i:06d}".ljust(1024, "k") for i in range(1100)]
+        values = {k: np.full(2, i, np.float32) for i, k in enumerate(keys)}
+        assert all(c.init(values, optimizer={"name": "sum"}).values())
+        c.push(values)
+        got = c.pull(keys)
+        assert sorted(c.keys()) == sorted(keys)
+    for k, v in values.items():
+        assert_bits_equal(got[k], v + v, k[:6])

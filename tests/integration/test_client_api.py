@@ -611,3 +611,48 @@ def test_300_pushes_in_flight_to_one_shard_are_each_applied_once(client: Any) ->
     for f in futures:
         assert f.result(timeout=60) is None
     assert_bits_equal(client.pull([key])[key], np.full(4, 300.0))
+
+
+def test_settings_the_wire_cannot_carry_are_typed_errors_before_sending(client: Any) -> None:
+    """Each of these once reached the server as a message it could not tie to the
+    request (the client then waited out its timeout: Unavailable) or raised an
+    untyped error (TypeError from msgpack, OverflowError, AttributeError)."""
+    x = {"api/wire": np.zeros(3, np.float32)}
+    for bad in ({"name": "sgd", 1: 0.5}, {"name": "sgd", "lr": 2**70},
+                {"name": "sgd", "lr": object()}, ["sgd"]):
+        with pytest.raises(pserver.InvalidArgument):
+            client.init(x, optimizer=bad)  # type: ignore[arg-type]
+    for kw in ({"staleness": "x"}, {"staleness": -1}, {"staleness": 2**70},
+               {"mode": "eventually"}):
+        with pytest.raises(pserver.InvalidArgument):
+            client.init(x, **kw)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="mapping"):
+        client.init([np.zeros(3, np.float32)])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="mapping"):
+        client.push([np.zeros(3, np.float32)])  # type: ignore[arg-type]
+    for kw in ({"dim": "8"}, {"dim": 0}, {"dim": 2**70}, {"init": 5},
+               {"init": ("uniform", object(), 1)}, {"dtype": 5}):
+        with pytest.raises(pserver.InvalidArgument):
+            client.create_table("api/wire-table", **{"dim": 8, **kw})  # type: ignore[arg-type]
+    with pytest.raises(pserver.KeyNotFound):
+        client.pull(["api/wire"])
+
+
+def test_numpy_scalars_and_names_are_accepted_as_settings(client: Any) -> None:
+    """Hyperparameters computed with numpy, an optimizer given by name and a table's
+    init given as a bare name work as their plain Python equivalents."""
+    client.init({"api/np-hp": np.ones(4, np.float32)},
+                optimizer={"name": "sgd", "lr": np.float32(0.5)}, staleness=np.int64(0))
+    client.push({"api/np-hp": np.full(4, 2.0, np.float32)})
+    np.testing.assert_array_equal(client.pull(["api/np-hp"])["api/np-hp"],
+                                  np.zeros(4, np.float32))
+    client.init({"api/by-name": np.ones(4, np.float32)}, optimizer="sum")
+    client.push({"api/by-name": np.ones(4, np.float32)})
+    np.testing.assert_array_equal(client.pull(["api/by-name"])["api/by-name"],
+                                  np.full(4, 2.0, np.float32))
+    assert client.create_table("api/np-table", np.int64(4), init="zeros",
+                               dtype=np.float32, optimizer={"name": "sgd", "lr": np.float64(1)})
+    ids = np.array([3, 9], np.uint64)
+    client.push_rows("api/np-table", ids, np.ones((2, 4), np.float32))
+    np.testing.assert_array_equal(client.pull_rows("api/np-table", ids),
+                                  np.full((2, 4), -1.0, np.float32))

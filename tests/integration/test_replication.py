@@ -27,7 +27,7 @@ from pserver.clients.client import cluster_status
 from pserver.protocol.codec import encode_header
 from pserver.protocol.errors import ErrorCode
 from pserver.protocol.schema import Header, Kind
-from pserver.supervisor import SUPERVISOR_TOKEN_ENV
+from pserver.supervisor import CLUSTER_TOKEN_ENV
 
 from .support import run_workers, wait_until
 
@@ -139,10 +139,18 @@ def test_status_shows_every_replica_with_role_term_and_indices(cluster_factory: 
         for s in st["shards"]:
             assert [r["id"] for r in s["replicas"]] == [0, 1, 2]
             assert sum(r["role"] == "leader" for r in s["replicas"]) == 1
-            for r in s["replicas"]:
-                assert r["role"] in ("leader", "follower")
-                assert r["term"] >= 1 and r["pid"] > 0
-                assert r["commit_index"] >= r["applied_index"] >= 1
+
+        def everyone_in() -> bool:
+            """The init is committed by a majority: the third replica may not have
+            heard from its leader yet (a peer link retries its connection with
+            back-off while the replica starts), so wait for it with a deadline."""
+            return all(r["role"] in ("leader", "follower") and r["term"] >= 1
+                       and r["commit_index"] >= r["applied_index"] >= 1
+                       for s in cluster_status(c.address)["shards"] for r in s["replicas"])
+
+        wait_until(everyone_in, 15, "every replica in a term, the init applied")
+        for s in cluster_status(c.address)["shards"]:
+            assert all(r["pid"] > 0 for r in s["replicas"])
         wait_until(lambda: converged(c.address), 15, "replicas converged")
     finally:
         assert c.stop() == 0
@@ -535,7 +543,7 @@ def test_a_death_report_needs_the_token_and_no_word_from_the_dead_since(
     try:
         lead = wait_until(lambda: _settled_leader(c.address), 30, "one leader, followed by all")
         f = next(r for r in replicas(c.address, 0) if r["role"] == "follower")
-        token = _environ(f["pid"])[SUPERVISOR_TOKEN_ENV]
+        token = _environ(f["pid"])[CLUSTER_TOKEN_ENV]
         peer = raw_peer(f["address"])
 
         def report(rid: int, **opts: Any) -> Any:
@@ -553,5 +561,46 @@ def test_a_death_report_needs_the_token_and_no_word_from_the_dead_since(
         assert now["peer_down_notices"] == 0 and now["role"] == "follower"
         after = leader(c.address, 0)
         assert (after["pid"], after["term"]) == (lead["pid"], lead["term"])
+    finally:
+        assert c.stop() == 0
+
+
+def test_a_raft_message_without_the_cluster_token_is_dropped(
+        cluster_factory: Any, raw_peer: Any) -> None:
+    """Raft messages come in on the port clients use: a client that forges an
+    AppendEntries (a garbage entry, committed at once) or a vote request in the
+    follower's term changes nothing there: no entry, no commit, no new term; the
+    replica counts them and keeps serving, and its digest still matches the leader's."""
+    c = replicated(cluster_factory)
+    try:
+        init_oracle(c.address)
+        lead = wait_until(lambda: _settled_leader(c.address), 30, "one leader, followed by all")
+        f = next(r for r in replicas(c.address, 0) if r["role"] == "follower")
+        peer = raw_peer(f["address"])
+        before = peer.request(encode_header(Header(Kind.STATUS, 1)))[0].opts
+        term, last = before["term"], before["last_index"]
+        forged = {"t": 1, "f": lead["id"] + 1, "to": f["id"] + 1, "term": term, "lt": term,
+                  "i": last, "c": last + 1, "e": [[term, last + 1, 1]]}
+        vote = {"t": 3, "f": lead["id"] + 1, "to": f["id"] + 1, "term": term + 5,
+                "lt": term + 5, "i": last + 100, "c": 0}
+        for opts in (forged, {**forged, "tok": "a guess"}, vote):
+            peer.send([encode_header(Header(Kind.RAFT, 0, opts=opts)), b"\xde\xad\xbe\xef" * 4])
+        now = wait_until(lambda: next(r for r in replicas(c.address, 0) if r["id"] == f["id"]
+                                      and (r.get("raft_refused") or 0) >= 3), 15,
+                         "the forged messages handled")
+        assert (now["pid"], now["role"], now["term"]) == (f["pid"], "follower", term)
+        assert now.get("unreadable_entries") == 0
+        after = leader(c.address, 0)
+        assert (after["pid"], after["term"]) == (lead["pid"], lead["term"])
+        with Writers(c.address) as w:
+            wait_until(lambda: w.done() >= 20, 60, "20 pushes after the forgeries")
+        check_oracle(c.address, w.acked, w.failed)
+
+        def caught_up() -> list[dict[str, Any]] | None:
+            rs = replicas(c.address, 0)
+            return rs if len({r["applied_index"] for r in rs}) == 1 else None
+
+        rs = wait_until(caught_up, 30, "replicas caught up")
+        assert len({r["digest"] for r in rs}) == 1, rs
     finally:
         assert c.stop() == 0

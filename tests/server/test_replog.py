@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import random
+import struct
 from pathlib import Path
 
+import msgpack
 import pytest
 
+from pserver import commands
 from pserver.protocol.schema import Limits
 from pserver.protocol.shardmap import ShardMap
 from pserver.raft import Config
@@ -63,4 +67,40 @@ def test_one_fsync_per_batch_the_commit_index_rides_on_the_next(tmp_path: Path) 
     log.close()  # a crash would keep the synced entries; the commit index may lag
     again = _open(tmp_path)
     assert again.core.last_index == index
+    again.close()
+
+
+def _leader(tmp_path: Path) -> ReplicatedLog:
+    log = _open(tmp_path)
+    for _ in range(20):
+        log.core.tick()
+        log.drive(lambda m: None, lambda c, o: None)
+    assert log.core.role.value == "leader"
+    return log
+
+
+def test_a_committed_entry_that_is_no_command_batch_is_skipped_not_fatal(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A Python replica never proposes such an entry; one from a foreign or broken
+    peer is logged and skipped (the same on every replica that has it), instead of
+    stopping the replica at every start as the entry is applied again."""
+    garbage = [b"\xde\xad\xbe\xef" * 4,  # a length past the end
+               struct.pack("<I", 1) + msgpack.packb(5),  # not a list
+               struct.pack("<I", 3) + msgpack.packb([[7]]),  # a command without fields
+               struct.pack("<I", 6) + msgpack.packb([["zz", 1]])]  # an unknown command
+    applied: list[commands.Command] = []
+    log = _leader(tmp_path)
+    for data in garbage:
+        log.core.propose(data)
+    index = log.core.propose(commands.encode([commands.Command(commands.DROP_WORKER,
+                                                               worker=3)]))
+    with caplog.at_level(logging.ERROR, logger="pserver.replog"):
+        log.drive(lambda m: None, lambda c, o: applied.append(c))
+    assert log.core.applied == index and log.state.applied_index == index
+    assert log.unreadable_entries == len(garbage)
+    assert [(c.op, c.worker) for c in applied] == [(commands.DROP_WORKER, 3)]
+    assert sum("skipped" in r.getMessage() for r in caplog.records) == len(garbage)
+    log.close()
+    again = _leader(tmp_path)  # the entries are applied again at start: still no stop
+    assert again.core.applied >= index and again.unreadable_entries == len(garbage)
     again.close()
