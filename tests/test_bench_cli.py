@@ -151,8 +151,12 @@ def _check_distributed(report: dict[str, Any]) -> None:
     failover = report["failover"]
     assert failover["kills"] == 3 and len(failover["all_ms"]) == 3
     _positive(failover, FAILOVER_FIELDS, "failover")
-    # a kill is only counted after the 50 ms an old leader's acknowledgement may take
-    assert min(failover["all_ms"]) >= 50
+    # the percentiles summarise the listed kills (the supervisor's death report can
+    # elect a new leader within one 50 ms tick, so no lower bound holds beyond > 0)
+    assert min(failover["all_ms"]) > 0
+    assert (failover["p50_ms"] <= failover["p90_ms"] <= failover["p99_ms"]
+            <= failover["max_ms"])
+    assert abs(failover["max_ms"] - max(failover["all_ms"])) <= 0.1
     assert len(_targets(report, "failover ", "<=")) == 2
     extras = report["optional_baselines"]
     assert set(extras) == {"Ray actor parameter server", "Redis SET/GET"}
