@@ -76,7 +76,10 @@ def encode(m: Message, frame_bytes: int = 1 << 20,
 
 
 def _int(opts: Mapping[str, Any], name: str) -> int:
-    v = opts.get(name, 0)
+    return _checked(opts.get(name, 0), name)
+
+
+def _checked(v: Any, name: str) -> int:
     if type(v) is not int or v < -1:
         raise ProtocolError(f"raft field {name!r} must be an integer, not {v!r}")
     return v
@@ -112,14 +115,16 @@ def decode(header: Header, frames: Sequence[memoryview]) -> Message:
         got = take(item[2])  # one frame: a read-only view; more: a Payload of them
         data: EntryData = (b"" if not got else memoryview(got[0]).toreadonly()
                            if len(got) == 1 else Payload(got))
-        entries.append(Entry(int(item[0]), int(item[1]), data))
+        entries.append(Entry(_checked(item[0], "entry term"), _checked(item[1], "entry index"),
+                             data))
     snapshot = None
     if "s" in o:
         s = o["s"]
         if not isinstance(s, list) or len(s) != 3:
             raise ProtocolError("malformed raft snapshot descriptor")
         chunk = take(s[2])  # one frame: a read-only view of it; more: joined
-        snapshot = Snapshot(int(s[0]), int(s[1]), memoryview(chunk[0]).toreadonly()
+        snapshot = Snapshot(_checked(s[0], "snapshot index"), _checked(s[1], "snapshot term"),
+                            memoryview(chunk[0]).toreadonly()
                             if len(chunk) == 1 else b"".join(chunk))
     if pos != len(frames):
         raise ProtocolError("raft message carries frames its header does not describe")

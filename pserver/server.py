@@ -65,6 +65,13 @@ PARK_LIMIT_S = 600.0  # a read parked longer than any sane deadline is dropped
 MAX_PENDING_BARRIERS = 64
 
 
+def _exact_ints(t: list[Any]) -> bool:
+    """The integer fields of a descriptor that equals ``Slot.whole_push`` are ints, not
+    the bools or floats that compare equal to them (which ``decode_header`` refuses)."""
+    return (type(t[1]) is int and type(t[4]) is int and type(t[5]) is int
+            and type(t[6]) is int and all(type(d) is int for d in t[3]))
+
+
 class ShardServer:
     """Serves one shard on a ROUTER bound to ``endpoints`` (tcp and optionally ipc)."""
 
@@ -236,7 +243,8 @@ class ShardServer:
                 slot = self.state.slots.get((t[0], t[1]))
             except (TypeError, IndexError, KeyError):  # not a list of a hashable key
                 return False
-            if slot is None or t != slot.whole_push() or frame.nbytes != slot.value.nbytes \
+            if slot is None or t != slot.whole_push() or not _exact_ints(t) \
+                    or frame.nbytes != slot.value.nbytes \
                     or frame.nbytes > self.frame_bytes or id(slot) in seen:
                 return False
             slots.append(slot)

@@ -3,6 +3,8 @@ each other, round-tripped and rejected when malformed."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -142,4 +144,20 @@ def test_a_raft_message_whose_frames_do_not_match_is_refused() -> None:
         peers.decode(header, [memoryview(b"abc"), memoryview(b"more")])
     bad = header.__class__(Kind.RAFT, 0, opts={**header.opts, "t": 99})
     with pytest.raises(ProtocolError):
+        peers.decode(bad, [memoryview(b"abc")])
+
+
+@pytest.mark.parametrize(("where", "value"), [("e", ["3", 1, 1]), ("e", [3, 1.0, 1]),
+                                         ("e", [True, 1, 1]), ("s", [9, "2", 1]),
+                                         ("s", [-5, 2, 1])])
+def test_a_raft_entry_or_snapshot_with_a_non_integer_term_or_index_is_refused(
+        where: str, value: list[Any]) -> None:
+    """A ProtocolError (the replica logs one line and drops it), not a ValueError that
+    would surface as an internal error with a traceback, nor 1.0 or True read as 1."""
+    m = Message(MsgType.APP, 1, 2, 3, entries=(Entry(3, 1, b"abc"),))
+    header, _fs = peers.encode(m)
+    opts = {k: v for k, v in header.opts.items() if k not in ("e", "s")}
+    bad = header.__class__(Kind.RAFT, 0, opts={**opts, where: [value] if where == "e"
+                                               else value})
+    with pytest.raises(ProtocolError, match="must be an integer"):
         peers.decode(bad, [memoryview(b"abc")])

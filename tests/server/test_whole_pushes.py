@@ -182,3 +182,25 @@ def test_a_malformed_header_gets_the_general_paths_error(rigs: tuple[Rig, Rig]) 
     reply, _ = fast.send(Kind.PUSH, (), [], raw_header=raw)
     assert reply.error == ErrorCode.MALFORMED and reply.request_id == 5
     assert fast.whole == 0
+
+
+@pytest.mark.parametrize(("field", "value"), [(1, False), (4, 0.0), (5, 4.0), (6, True),
+                                         (3, [4.0])])
+def test_bools_and_floats_for_integer_fields_are_refused_as_on_the_general_path(
+        rigs: tuple[Rig, Rig], field: int, value: Any) -> None:
+    """A descriptor equal to the key's in value but with a bool or float where the
+    protocol wants an int (False == 0, 4.0 == 4 in Python) is malformed on both paths
+    and changes nothing."""
+    g = np.ones(4, np.float32)
+    got = []
+    for rig in rigs:
+        rig.init("w", np.zeros(4, np.float32), optimizer={"name": "sum"})
+        desc: list[Any] = ["w", 0, "float32", [4], 0, 4, 1]
+        desc[field] = value
+        raw = msgpack.packb({"v": 1, "k": int(Kind.PUSH), "id": 9, "cid": CID, "seq": 3,
+                             "t": [desc]}, use_bin_type=True)
+        got.append(rig.send(Kind.PUSH, (), [g.tobytes()], raw_header=raw))
+        assert rig.server.state.slots[("w", 0)].value.tolist() == [0.0] * 4
+    assert got[0] == got[1]
+    assert got[0][0].error == ErrorCode.MALFORMED
+    assert rigs[0].whole == 0
