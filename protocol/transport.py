@@ -88,7 +88,9 @@ class Endpoint:
     ) -> Endpoint:
         """A ROUTER bound to every endpoint (``tcp://host:0`` picks a free port).
         A frame above the largest allowed size makes libzmq drop that peer. An
-        address already in use raises ``OSError`` with ``errno.EADDRINUSE``."""
+        address already in use raises ``OSError`` with ``errno.EADDRINUSE``; any other
+        address that cannot be bound (an unknown host, one not on this machine) an
+        ``OSError`` with libzmq's errno."""
         sock = ctx.socket(zmq.ROUTER)
         _common(sock)
         # Bound what one slow or stuck client can make the server buffer: about
@@ -106,7 +108,7 @@ class Endpoint:
             sock.close(0)
             if exc.errno == zmq.EADDRINUSE:  # an OSError, as a socket's bind raises it
                 raise OSError(errno.EADDRINUSE, f"cannot bind {ep}: address in use") from exc
-            raise
+            raise OSError(exc.errno, f"cannot bind {ep}: {exc.strerror}") from exc
         return cls(sock, router=True, endpoints=resolved)
 
     @classmethod

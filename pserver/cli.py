@@ -100,9 +100,14 @@ def serve(config_file: str | None, no_ipc: bool | None, restore_file: str | None
         options["ipc"] = False
     try:
         config = load_config(options, config_file=config_file)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
         sup = Supervisor(config)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    except OSError as exc:  # an unknown host, or an address not on this machine
+        raise click.ClickException(f"cannot serve on host {config.host!r}: {exc}") from None
     sup.install_signal_handlers()
     if stop_early:
         sup.stop()
@@ -135,6 +140,12 @@ def _restore_then_announce(sup: Any, path: str, failed: list[BaseException]) -> 
     try:
         arrays = read(Path(path))
         with connect(sup.address, timeout=60.0) as client:
+            held = list(client.keys())
+            if held:  # init would keep their values, not the file's
+                raise ValueError(
+                    f"the data dir already holds {len(held)} keys ({', '.join(held[:3])}"
+                    f"{', ...' if len(held) > 3 else ''}); --restore starts a cluster "
+                    "from the file alone: give it a fresh --data-dir")
             client.init(arrays)
         log.info("restored %d keys from %s", len(arrays), path)
         sup.announce()
@@ -165,6 +176,8 @@ def export(address: str | None, fmt: str, timeout: float, out: str) -> None:
         write(arrays, Path(out), fmt)
     except (PServerError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
     click.echo(f"exported {len(arrays)} keys to {out}")
 
 

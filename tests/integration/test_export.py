@@ -60,3 +60,58 @@ def test_restore_of_an_unreadable_file_fails_clearly(cluster_factory: Any,
     bad.write_bytes(b"not a zip file")
     with pytest.raises(RuntimeError, match="restore"):
         cluster_factory("--shards", "1", "--restore", str(bad))
+
+
+def _export(address: str, fmt: str, out: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pserver", "export", "--address", address,
+                           "--format", fmt, str(out)],
+                          check=False, capture_output=True, text=True, timeout=120)
+
+
+def test_export_keeps_every_key_name_and_restore_reads_any_file_name(
+        cluster_factory: Any, tmp_path: Path) -> None:
+    """Keys named like np.savez's own arguments are written under their names; a
+    file exported under a name with no known suffix is restored by its content;
+    an unwritable OUT is one line, no traceback, and leaves no file."""
+    arrays = {"file": np.arange(4, dtype=np.float32),
+              "allow_pickle": np.full(3, 2.5, np.float64), "w": np.ones(2, np.float32)}
+    first = cluster_factory("--shards", "2")
+    with pserver.connect(first.address) as c:
+        c.init(arrays)
+    for fmt in ("npz", "safetensors", "torch"):
+        out = tmp_path / f"{fmt}-checkpoint.bin"
+        done = _export(first.address, fmt, out)
+        assert done.returncode == 0, done.stderr
+        assert "exported 3 keys" in done.stdout
+        restored = cluster_factory("--shards", "1", "--data-dir", str(tmp_path / fmt),
+                                   "--restore", str(out))
+        with pserver.connect(restored.address) as c:
+            got = c.pull(list(arrays))
+        restored.stop()
+        for k, v in arrays.items():
+            assert got[k].dtype == v.dtype and got[k].tobytes() == v.tobytes(), (fmt, k)
+    with np.load(tmp_path / "npz-checkpoint.bin") as data:
+        assert sorted(data.files) == sorted(arrays)
+    missing = tmp_path / "no-such-dir" / "m.npz"
+    done = _export(first.address, "npz", missing)
+    assert done.returncode == 1
+    assert f"cannot write {missing}" in done.stderr and "Traceback" not in done.stderr
+    assert not missing.parent.exists()
+
+
+def test_restore_into_a_data_dir_that_holds_keys_is_refused(
+        cluster_factory: Any, tmp_path: Path) -> None:
+    """The file's values would not replace the keys the data dir holds (init keeps
+    an existing key), so the restore refuses and says why instead of serving them."""
+    data = tmp_path / "held"
+    first = cluster_factory("--replicas", "1", "--data-dir", str(data))
+    with pserver.connect(first.address) as c:
+        c.init({"w": np.zeros(4, np.float32)})
+    assert first.stop() == 0
+    ckpt = tmp_path / "ckpt.npz"
+    np.savez(ckpt, w=np.full(4, 7.0, np.float32))
+    with pytest.raises(RuntimeError, match="already holds 1 keys"):
+        cluster_factory("--replicas", "1", "--data-dir", str(data), "--restore", str(ckpt))
+    again = cluster_factory("--replicas", "1", "--data-dir", str(data))
+    with pserver.connect(again.address) as c:  # what the data dir held is untouched
+        assert c.pull(["w"])["w"].tolist() == [0.0] * 4

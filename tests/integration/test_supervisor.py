@@ -325,3 +325,17 @@ def test_a_bootstrap_port_in_use_fails_with_a_clear_message(tmp_path: Path) -> N
     assert out.returncode == 1
     assert f"cannot bind tcp://127.0.0.1:{port}: address in use" in out.stderr
     assert "Traceback" not in out.stderr and "pserver ready" not in out.stdout
+
+
+@pytest.mark.parametrize("host", ["no-such-host.invalid", "10.255.255.1"])
+def test_a_host_that_is_not_this_machine_fails_with_a_clear_message(
+        tmp_path: Path, host: str) -> None:
+    for replicas in (["--replicas", "1", "--in-memory"], ["--replicas", "3"]):
+        out = subprocess.run(
+            pserver_cmd("serve", "--port", "0", "--host", host, *replicas,
+                        "--data-dir", str(tmp_path / "d")),
+            capture_output=True, text=True, timeout=60, check=False, env=clean_env())
+        assert out.returncode == 1
+        assert f"cannot serve on host {host!r}" in out.stderr or \
+            f"cannot bind tcp://{host}:0" in out.stderr  # in memory: the first bind says it
+        assert "Traceback" not in out.stderr and "pserver ready" not in out.stdout
