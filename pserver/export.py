@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from .wal import fsync_dir
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("safetensors", "npz", "torch")
@@ -38,18 +40,19 @@ def write(arrays: dict[str, Array], path: Path, fmt: str) -> None:
             raise ValueError("--format torch needs torch installed") from None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as fh:
-            if fmt == "safetensors":
-                from safetensors.numpy import save
-
-                fh.write(save({k: np.asarray(v, order="C") for k, v in arrays.items()}))
-            elif fmt == "npz":
+        with open(tmp, "wb") as fh:  # an OSError here if the directory is missing
+            if fmt == "npz":
                 _write_npz(arrays, fh)
-            else:
+            elif fmt == "torch":
                 torch.save({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, fh)
-            fh.flush()
+        if fmt == "safetensors":  # streamed to the file by the library
+            from safetensors.numpy import save_file
+
+            save_file({k: np.asarray(v, order="C") for k, v in arrays.items()}, str(tmp))
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
