@@ -99,14 +99,11 @@ def serve(config_file: str | None, no_ipc: bool | None, restore_file: str | None
     if no_ipc:
         options["ipc"] = False
     try:
-        config = load_config(options, config_file=config_file)
-    except ConfigError as exc:
-        raise click.UsageError(str(exc)) from None
-    try:
+        config = load_config(options, config_file=config_file)  # OSError: a ConfigError
         sup = Supervisor(config)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
-    except OSError as exc:  # an unknown host, or an address not on this machine
+    except OSError as exc:  # picking ports: an unknown host, or one not on this machine
         raise click.ClickException(f"cannot serve on host {config.host!r}: {exc}") from None
     sup.install_signal_handlers()
     if stop_early:
