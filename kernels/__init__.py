@@ -14,6 +14,7 @@ from .dispatch import (
     dedup_ids,
     default_backend,
     gather_rows,
+    has_repeats,
     new_row_index,
     partition_by_shard,
     scatter_rows,
@@ -39,6 +40,7 @@ __all__ = [
     "shard_of_ids",
     "RowIndex",
     "dedup_ids",
+    "has_repeats",
     "new_row_index",
     "segment_sum",
 ]

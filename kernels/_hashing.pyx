@@ -11,8 +11,23 @@ assignment in a hot loop and leaves the GIL to other threads. The numpy twins
 in ``reference.py`` are the test oracle. Imports nothing from the package.
 """
 
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport INT32_MAX, int32_t, int64_t, uint64_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
+
+
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+    #define HASHING_PREFETCH(p, w) __builtin_prefetch((const void *)(p), (w))
+    #else
+    #define HASHING_PREFETCH(p, w) ((void)(p))
+    #endif
+    """
+    void HASHING_PREFETCH(const void *p, int w) noexcept nogil
+
+cdef enum:
+    ROWS_AHEAD = 4  # rows a scatter prefetches ahead (8 and 16 were no better)
 
 
 cdef inline uint64_t _mix(uint64_t z) noexcept nogil:
@@ -59,24 +74,31 @@ def partition_by_shard(
     """
     cdef Py_ssize_t i, n = ids.shape[0]
     cdef int64_t s
-    if num_shards <= 0:
-        raise ValueError("num_shards must be positive")
+    cdef int32_t *shard
+    if num_shards <= 0 or num_shards > INT32_MAX:
+        raise ValueError("num_shards must be in [1, 2**31)")
     if order.shape[0] != n or offsets.shape[0] != num_shards + 1:
         raise ValueError("order must have len(ids) slots and offsets num_shards + 1")
     cdef int64_t[::1] cursor = offsets.copy()
+    shard = <int32_t *>malloc((n if n else 1) * sizeof(int32_t))
+    if shard == NULL:
+        raise MemoryError("cannot allocate partition_by_shard's scratch")
     with nogil:
+        # one hash and one 64-bit modulo per id: the shard is kept for the second pass
         for s in range(num_shards + 1):
             offsets[s] = 0
         for i in range(n):
-            offsets[<int64_t>(_mix(ids[i] + seed) % <uint64_t>num_shards) + 1] += 1
+            shard[i] = <int32_t>(_mix(ids[i] + seed) % <uint64_t>num_shards)
+            offsets[shard[i] + 1] += 1
         for s in range(num_shards):
             offsets[s + 1] += offsets[s]
         for s in range(num_shards + 1):
             cursor[s] = offsets[s]
         for i in range(n):
-            s = <int64_t>(_mix(ids[i] + seed) % <uint64_t>num_shards)
+            s = shard[i]
             order[cursor[s]] = i
             cursor[s] += 1
+    free(shard)
 
 
 cdef int _check_rows(const unsigned char[:, ::1] big, const int64_t[::1] pos,
@@ -96,15 +118,24 @@ cdef int _check_rows(const unsigned char[:, ::1] big, const int64_t[::1] pos,
 cdef void _move_rows(unsigned char[:, ::1] dst, const unsigned char[:, ::1] src,
                      const int64_t[::1] pos, bint scatter) noexcept nogil:
     """Row j of ``src`` to row pos[j] of ``dst`` (scatter), or row pos[j] of ``src``
-    to row j of ``dst`` (gather); positions checked by the caller."""
-    cdef Py_ssize_t j, width = src.shape[1]
+    to row j of ``dst`` (gather); positions checked by the caller. A scatter
+    prefetches, for writing, the rows it will write ROWS_AHEAD rows later: in an
+    interleaved A/B (100k rows of 256 bytes) that took it from 4.4 to 3.7 ms, where
+    the same prefetch of a gather's source rows made the gather ~6% slower."""
+    cdef Py_ssize_t j, k, n = pos.shape[0], width = src.shape[1]
     if width == 0:
         return
-    for j in range(pos.shape[0]):
-        if scatter:
-            memcpy(&dst[pos[j], 0], &src[j, 0], width)
-        else:
+    if not scatter:
+        for j in range(n):
             memcpy(&dst[j, 0], &src[pos[j], 0], width)
+        return
+    for j in range(n):
+        if j + ROWS_AHEAD < n:
+            k = 0
+            while k < width:
+                HASHING_PREFETCH(&dst[pos[j + ROWS_AHEAD], k], 1)
+                k += 64
+        memcpy(&dst[pos[j], 0], &src[j, 0], width)
 
 
 def gather_rows(const unsigned char[:, ::1] src, const int64_t[::1] pos,

@@ -36,6 +36,7 @@ def dedup_segments(
     unique: npt.NDArray[np.uint64],
     scratch: RowIndex | None = None,
 ) -> int: ...
+def has_repeats(slots: npt.NDArray[np.int64], marks: npt.NDArray[np.uint8]) -> bool: ...
 def segment_sum(
     values: npt.NDArray[np.float32] | npt.NDArray[np.float64],
     inverse: npt.NDArray[np.int64],

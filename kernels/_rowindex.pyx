@@ -5,7 +5,8 @@ Owns the mapping of uint64 row ids to int64 row slots (``RowIndex``: an
 open-addressing hash table with linear probing, power-of-two capacity, load
 factor at most 0.7, growth by rehash and deletion by backward shift, so there
 are no tombstones), and the dedup of one push's ids with the fixed-order sum
-of their rows (``dedup_segments``, ``segment_sum``).
+of their rows (``dedup_segments``, ``segment_sum``), with a cheap test for
+whether a push repeats a row at all (``has_repeats``).
 
 Slot assignment is deterministic and independent of the table's layout
 (capacity, hash, growth history): a new id takes the most recently freed slot
@@ -626,6 +627,38 @@ def dedup_segments(const uint64_t[::1] ids not None, int64_t[::1] inverse not No
     if k < 0:
         raise MemoryError("cannot grow the dedup table")
     return k
+
+
+def has_repeats(const int64_t[::1] slots not None, unsigned char[::1] marks not None):
+    """True when a value occurs twice in ``slots``.
+
+    ``marks`` is caller-owned scratch, all zero and longer than the largest
+    slot; it is all zero again on return, so a caller keeps one and allocates
+    nothing per call. Cost: two passes over ``slots`` with one byte touched per
+    slot (a hash table for the same answer costs ~10x more). ValueError,
+    leaving ``marks`` zero, if a slot lies outside [0, len(marks)).
+    """
+    cdef Py_ssize_t i, done, n = slots.shape[0], m = marks.shape[0]
+    cdef int64_t s
+    cdef bint repeat = False, bad = False
+    with nogil:
+        done = n
+        for i in range(n):
+            s = slots[i]
+            if s < 0 or s >= m:
+                bad = True
+                done = i
+                break
+            if marks[s]:
+                repeat = True
+                done = i
+                break
+            marks[s] = 1
+        for i in range(done):
+            marks[slots[i]] = 0
+    if bad:
+        raise ValueError(f"slot {slots[done]} is outside [0, {m})")
+    return repeat
 
 
 def segment_sum(const floating[:, ::1] values not None, const int64_t[::1] inverse not None,

@@ -584,6 +584,22 @@ def dedup_ids(ids: Array, *, inverse: Array | None = None, unique: Array | None 
     return unique[:k], inverse
 
 
+def has_repeats(slots: Array, marks: Array) -> bool:
+    """True when a value occurs twice in ``slots`` (1-D int64): whether a push that
+    the row index mapped to ``slots`` named a row twice. ``marks`` is the caller's
+    zeroed uint8 scratch, longer than the largest slot, and is zero again after
+    the call. ``KernelError`` for a slot outside it."""
+    if not isinstance(slots, np.ndarray) or slots.dtype != np.int64 or slots.ndim != 1:
+        raise KernelError("slots must be a 1-D int64 array")
+    if (not isinstance(marks, np.ndarray) or marks.dtype != np.uint8 or marks.ndim != 1
+            or not marks.flags.c_contiguous or not marks.flags.writeable):
+        raise KernelError("marks must be a writeable C-contiguous 1-D uint8 array")
+    try:
+        return bool(_rowindex.has_repeats(np.ascontiguousarray(slots), marks))
+    except ValueError as exc:
+        raise KernelError(str(exc)) from exc
+
+
 def segment_sum(values: Array, inverse: Array, num_segments: int,
                 out: Array | None = None) -> Array:
     """``out[s]`` = the sum of the rows ``values[i]`` with ``inverse[i] == s``.

@@ -4,7 +4,10 @@ Owns the operations on a table stored as a 2-D array ``values`` (one row per
 slot, slots from the row index): each update changes only the rows named by
 ``slots`` (unique; repeated ids are summed by the caller first, see
 ``dedup_ids``/``segment_sum``) with ``torch.optim``'s rules, per-row step
-counts in ``steps`` (already incremented by the caller). ``cpu`` runs fused
+counts in ``steps`` (already incremented by the caller). Gradients come as one
+(len(slots), dim) array or as blocks of consecutive rows (a message's frames,
+applied where they lie: one call checks the slots and computes per-row factors
+once for all of them). ``cpu`` runs fused
 numba loops (``_cpu.rows_*``), ``numpy`` a row-by-row reference built on
 ``reference.py``. Initial values depend only on (seed, row id, column), so
 every replica creates the same row. Imports neither protocol, pserver nor
@@ -13,6 +16,7 @@ clients.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,18 +32,33 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def _check(values: Array, slots: Array, grads: Array) -> Array:
+def _check(values: Array, slots: Array, grads: Array | Sequence[Array]) -> list[Array]:
+    """The gradient blocks (one array, or blocks of consecutive rows that together
+    hold one row per slot) in ``values``' dtype, after checking the arguments."""
     if values.ndim != 2 or values.dtype not in _FLOATS or not values.flags.c_contiguous:
         raise KernelError("values must be a C-contiguous 2-D float32/float64 array")
     if slots.dtype != np.int64 or slots.ndim != 1:
         raise KernelError("slots must be a 1-D int64 array")
-    if grads.shape != (slots.size, values.shape[1]):
-        raise KernelError(
-            f"grads must have shape {(slots.size, values.shape[1])}, not {grads.shape}"
-        )
+    blocks = [grads] if isinstance(grads, np.ndarray) else list(grads)
+    if (sum(b.shape[0] for b in blocks) != slots.size
+            or any(b.ndim != 2 or b.shape[1] != values.shape[1] for b in blocks)):
+        got = ", ".join(str(b.shape) for b in blocks)
+        raise KernelError(f"grads must have shape {(slots.size, values.shape[1])}, not {got}")
     if slots.size and (slots.min() < 0 or slots.max() >= values.shape[0]):
         raise KernelError("a slot lies outside values")
-    return np.ascontiguousarray(grads, dtype=values.dtype)
+    return [np.ascontiguousarray(b, dtype=values.dtype) for b in blocks]
+
+
+def _spans(blocks: list[Array]) -> Iterator[tuple[slice, Array]]:
+    """Each block with the slice of ``slots`` (and per-row arrays) it pairs with."""
+    at = 0
+    for b in blocks:
+        yield slice(at, at + b.shape[0]), b
+        at += b.shape[0]
+
+
+def _joined(blocks: list[Array]) -> Array:
+    return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
 def _state(name: str, a: Array | None, values: Array) -> Array:
@@ -49,20 +68,21 @@ def _state(name: str, a: Array | None, values: Array) -> Array:
 
 
 def accumulate_rows(
-    values: Array, slots: Array, grads: Array, *, backend: str | None = None
+    values: Array, slots: Array, grads: Array | Sequence[Array], *, backend: str | None = None
 ) -> None:
     """``values[slots[j]] += grads[j]``."""
-    g = _check(values, slots, grads)
+    blocks = _check(values, slots, grads)
     if (backend or default_backend()) == "numpy":
-        values[slots] += g
-    else:
-        _cpu(g.size).rows_add(values, slots, g)
+        values[slots] += _joined(blocks)
+        return
+    for span, g in _spans(blocks):
+        _cpu(g.size).rows_add(values, slots[span], g)
 
 
 def sgd_rows(
     values: Array,
     slots: Array,
-    grads: Array,
+    grads: Array | Sequence[Array],
     steps: Array,
     *,
     lr: float,
@@ -75,9 +95,10 @@ def sgd_rows(
     backend: str | None = None,
 ) -> None:
     """torch.optim.SGD on the named rows; a row's first step is ``steps[row] == 1``."""
-    g = _check(values, slots, grads)
+    blocks = _check(values, slots, grads)
     buf = _state("momentum_buffer", momentum_buffer, values) if momentum != 0 else values
     if (backend or default_backend()) == "numpy":
+        g = _joined(blocks)
         for j, r in enumerate(slots):
             reference.sgd_step(
                 values[r],
@@ -93,25 +114,26 @@ def sgd_rows(
             )
         return
     t = values.dtype.type
-    _cpu(g.size).rows_sgd(
-        values,
-        buf,
-        slots,
-        g,
-        steps,
-        t(-lr),
-        t(weight_decay),
-        t(momentum),
-        t(1 - dampening),
-        nesterov,
-        t(clip_value),
-    )
+    for span, g in _spans(blocks):
+        _cpu(g.size).rows_sgd(
+            values,
+            buf,
+            slots[span],
+            g,
+            steps,
+            t(-lr),
+            t(weight_decay),
+            t(momentum),
+            t(1 - dampening),
+            nesterov,
+            t(clip_value),
+        )
 
 
 def adam_rows(
     values: Array,
     slots: Array,
-    grads: Array,
+    grads: Array | Sequence[Array],
     steps: Array,
     exp_avg: Array,
     exp_avg_sq: Array,
@@ -128,10 +150,11 @@ def adam_rows(
 ) -> None:
     """torch.optim.Adam (AdamW with ``decoupled``) on the named rows, each row with
     its own step count for the bias corrections."""
-    g = _check(values, slots, grads)
+    blocks = _check(values, slots, grads)
     m, v = _state("exp_avg", exp_avg, values), _state("exp_avg_sq", exp_avg_sq, values)
     vmax = None if max_exp_avg_sq is None else _state("max_exp_avg_sq", max_exp_avg_sq, values)
     if (backend or default_backend()) == "numpy":
+        g = _joined(blocks)
         for j, r in enumerate(slots):
             reference.adam_step(
                 values[r],
@@ -153,31 +176,32 @@ def adam_rows(
     row_steps = steps[slots].astype(np.float64)
     neg_step = (-lr / (1 - beta1**row_steps)).astype(values.dtype)
     bc2_sqrt = np.sqrt(1 - beta2**row_steps).astype(values.dtype)
-    _cpu(g.size).rows_adam(
-        values,
-        m,
-        v,
-        v if vmax is None else vmax,
-        slots,
-        g,
-        neg_step,
-        bc2_sqrt,
-        t(1 - beta1),
-        t(1) - t(1 - beta1),
-        t(beta2),
-        t(1 - beta2),
-        t(eps),
-        t(0 if decoupled else weight_decay),
-        t(1 - lr * weight_decay) if decoupled else t(1),
-        vmax is not None,
-        t(clip_value),
-    )
+    for span, g in _spans(blocks):
+        _cpu(g.size).rows_adam(
+            values,
+            m,
+            v,
+            v if vmax is None else vmax,
+            slots[span],
+            g,
+            neg_step[span],
+            bc2_sqrt[span],
+            t(1 - beta1),
+            t(1) - t(1 - beta1),
+            t(beta2),
+            t(1 - beta2),
+            t(eps),
+            t(0 if decoupled else weight_decay),
+            t(1 - lr * weight_decay) if decoupled else t(1),
+            vmax is not None,
+            t(clip_value),
+        )
 
 
 def adagrad_rows(
     values: Array,
     slots: Array,
-    grads: Array,
+    grads: Array | Sequence[Array],
     steps: Array,
     state_sum: Array,
     *,
@@ -189,9 +213,10 @@ def adagrad_rows(
     backend: str | None = None,
 ) -> None:
     """torch.optim.Adagrad on the named rows (the default for tables)."""
-    g = _check(values, slots, grads)
+    blocks = _check(values, slots, grads)
     s = _state("state_sum", state_sum, values)
     if (backend or default_backend()) == "numpy":
+        g = _joined(blocks)
         for j, r in enumerate(slots):
             reference.adagrad_step(
                 values[r],
@@ -207,7 +232,9 @@ def adagrad_rows(
         return
     t = values.dtype.type
     neg_clr = (-lr / (1 + (steps[slots] - 1) * lr_decay)).astype(values.dtype)
-    _cpu(g.size).rows_adagrad(values, s, slots, g, neg_clr, t(weight_decay), t(eps), t(clip_value))
+    for span, g in _spans(blocks):
+        _cpu(g.size).rows_adagrad(values, s, slots[span], g, neg_clr[span], t(weight_decay),
+                                  t(eps), t(clip_value))
 
 
 def _uniform01(ids: Array, dim: int, seed: int, stream: int) -> Array:

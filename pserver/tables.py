@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from pserver.kernels import dedup_ids, gather_rows, new_row_index, segment_sum, sparse
+from pserver.kernels import (
+    dedup_ids,
+    gather_rows,
+    has_repeats,
+    new_row_index,
+    segment_sum,
+    sparse,
+)
 from pserver.protocol.errors import InvalidArgument, ShapeMismatch
 
 from .optim import OptimizerSpec
@@ -98,6 +105,7 @@ class Table:
         self.values: Array = np.empty((0, spec.dim), spec.np_dtype)
         self.state: dict[str, Array] = {}
         self.steps: Array = np.empty(0, np.int64)
+        self._marks: Array = np.zeros(0, np.uint8)  # has_repeats' scratch, one per slot
         self.reserve(_INITIAL_ROWS)
 
     def reserve(self, rows: int) -> None:
@@ -116,6 +124,7 @@ class Table:
         steps = np.zeros(cap, np.int64)
         steps[:old] = self.steps
         self.values, self.state, self.steps, self.capacity = values, state, steps, cap
+        self._marks = np.zeros(cap, np.uint8)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -163,25 +172,26 @@ class Table:
         """``push`` with the gradients as blocks of consecutive rows (the frames of a
         message, not joined): without repeated ids each block is applied where it
         lies; repeated ids are summed over the joined gradients first."""
-        unique, inverse = dedup_ids(ids)
-        # unique keeps first-appearance order: without repeats it is ids itself
-        if unique.shape[0] != ids.shape[0]:
-            joined = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
-            blocks = [segment_sum(joined, inverse, unique.shape[0])]
-        slots, created = self.index.lookup_or_insert(unique)
+        # New ids get slots in the order they first appear, a repeat the slot of its
+        # first occurrence: the same map as inserting the deduplicated ids.
+        slots, created = self.index.lookup_or_insert(ids)
         self.reserve(self.index.num_slots)
         if created.size:
             new = slots[created]
             fresh = np.empty((created.size, self.spec.dim), self.spec.np_dtype)
-            sparse.init_rows(fresh, unique[created], self.spec.init, self.spec.seed)
+            sparse.init_rows(fresh, ids[created], self.spec.init, self.spec.seed)
             self.values[new] = fresh
+        if has_repeats(slots, self._marks):
+            unique, inverse = dedup_ids(ids)  # first-appearance order, as the slots
+            joined = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+            blocks = [segment_sum(joined, inverse, unique.shape[0])]
+            unique_slots = np.empty(unique.shape[0], np.int64)
+            unique_slots[inverse] = slots
+            slots = unique_slots
         self.steps[slots] += 1
-        at = 0
-        for block in blocks:
-            self._apply(slots[at:at + block.shape[0]], block)
-            at += block.shape[0]
+        self._apply(slots, blocks)
 
-    def _apply(self, slots: Array, grads: Array) -> None:
+    def _apply(self, slots: Array, grads: Sequence[Array]) -> None:
         opt, hp, v = self.spec.optimizer, self.spec.optimizer.hp, self.values
         if opt.name == "sum":
             sparse.accumulate_rows(v, slots, grads)

@@ -461,3 +461,27 @@ def test_raw_module_checks_lengths() -> None:
     np.testing.assert_array_equal(out, [0, 0])
     with pytest.raises(ValueError, match="inverse"):
         _rowindex.dedup_segments(u64([1]), np.empty(2, np.int64), np.empty(1, np.uint64))
+
+
+# --- repeated slots ----------------------------------------------------------------------
+
+
+@given(xs=st.lists(st.integers(0, 40), max_size=80))
+@example(xs=[])
+@example(xs=[40, 40])
+def test_has_repeats_answers_as_a_set_and_leaves_its_scratch_zero(xs: list[int]) -> None:
+    marks = np.zeros(41, np.uint8)
+    assert kernels.has_repeats(np.array(xs, np.int64), marks) == (len(set(xs)) != len(xs))
+    assert not marks.any()
+
+
+@pytest.mark.parametrize("bad", [41, -1])
+def test_has_repeats_refuses_a_slot_outside_its_scratch(bad: int) -> None:
+    marks = np.zeros(41, np.uint8)
+    with pytest.raises(KernelError, match="outside"):
+        kernels.has_repeats(np.array([3, 7, bad, 9], np.int64), marks)
+    assert not marks.any()  # the slots marked before the bad one are cleared
+    with pytest.raises(KernelError):
+        kernels.has_repeats(np.array([1], np.int32), marks)
+    with pytest.raises(KernelError):
+        kernels.has_repeats(np.array([1], np.int64), np.zeros(4, np.int8))

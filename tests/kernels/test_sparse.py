@@ -57,6 +57,56 @@ def test_row_updates_match_the_reference(name: str, dim: int, dtype: Any) -> Non
         np.testing.assert_allclose(state["cpu"][k], state["numpy"][k], **tol)
 
 
+def _update(name: str, v: Any, st: dict[str, Any], slots: Any, grads: Any, steps: Any,
+            backend: str) -> None:
+    if name == "sum":
+        sparse.accumulate_rows(v, slots, grads, backend=backend)
+    elif name == "momentum":
+        sparse.sgd_rows(v, slots, grads, steps, lr=0.05, momentum=0.9, nesterov=True,
+                        momentum_buffer=st["a"], backend=backend)
+    elif name == "adam":
+        sparse.adam_rows(v, slots, grads, steps, st["a"], st["b"], lr=0.01, backend=backend)
+    else:
+        sparse.adagrad_rows(v, slots, grads, steps, st["a"], lr=0.1, lr_decay=0.01,
+                            backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "numpy"])
+@pytest.mark.parametrize("name", ["sum", "momentum", "adam", "adagrad"])
+def test_gradients_in_blocks_update_as_the_whole_array(name: str, backend: str) -> None:
+    """Blocks of consecutive rows (a message's frames) give the bits of one array,
+    per-row factors included (each block takes its own rows' step counts)."""
+    rng = np.random.default_rng(5)
+    rows, dim = 64, 5
+    start = rng.standard_normal((rows, dim)).astype(np.float32)
+    rounds = [(rng.permutation(rows)[:40].astype(np.int64),
+               rng.standard_normal((40, dim)).astype(np.float32)) for _ in range(4)]
+    ends = []
+    for blocked in (False, True):
+        v = start.copy()
+        st = {k: np.zeros((rows, dim), np.float32) for k in ("a", "b")}
+        steps = np.zeros(rows, np.int64)
+        for slots, grads in rounds:
+            steps[slots] += 1
+            parts = [grads[a:b] for a, b in ((0, 0), (0, 7), (7, 8), (8, 40))]
+            _update(name, v, st, slots, parts if blocked else grads, steps, backend)
+        ends.append((v, st["a"], st["b"]))
+    for whole, parts in zip(ends[0], ends[1], strict=True):
+        np.testing.assert_array_equal(whole, parts)
+    assert not np.array_equal(ends[0][0], start)
+
+
+def test_blocks_that_do_not_match_the_slots_raise_kernel_error() -> None:
+    v = np.zeros((5, 2), np.float32)
+    slots = np.array([0, 1, 2], np.int64)
+    for blocks in ([np.ones((2, 2), np.float32)],
+                   [np.ones((2, 2), np.float32), np.ones((1, 3), np.float32)],
+                   [np.ones((4, 2), np.float32)]):
+        with pytest.raises(KernelError):
+            sparse.accumulate_rows(v, slots, blocks)
+    assert not v.any()
+
+
 def test_only_the_named_rows_change() -> None:
     v = np.zeros((5, 2), np.float32)
     sparse.accumulate_rows(v, np.array([3, 1], np.int64), np.ones((2, 2), np.float32))

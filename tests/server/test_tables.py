@@ -38,6 +38,34 @@ def test_repeated_ids_in_one_push_are_summed_before_one_update() -> None:
     assert len(t) == 2
 
 
+def test_slots_and_steps_follow_first_appearance_with_repeats_of_old_and_new_ids() -> None:
+    """A push that repeats rows (old ones and ones it creates) maps ids to slots as
+    if its distinct ids were inserted in first-appearance order, counts one step
+    per distinct row, and sums the repeats: a dict model of all three."""
+    t = _table(optimizer={"name": "sgd", "lr": 1.0})
+    rng = np.random.default_rng(11)
+    model_slots: dict[int, int] = {}
+    model_steps: dict[int, int] = {}
+    model_values: dict[int, np.ndarray] = {}
+    for _ in range(6):
+        ids = rng.integers(0, 30, rng.integers(1, 25)).astype(np.uint64)
+        grads = rng.integers(-3, 4, (ids.size, 4)).astype(np.float32)
+        t.push_blocks(ids, [grads[:5], grads[5:]])
+        summed: dict[int, np.ndarray] = {}
+        for i, g in zip(ids.tolist(), grads, strict=True):
+            model_slots.setdefault(i, len(model_slots))
+            summed[i] = summed.get(i, np.zeros(4, np.float32)) + g
+        for i, g in summed.items():
+            model_steps[i] = model_steps.get(i, 0) + 1
+            model_values[i] = model_values.get(i, np.zeros(4, np.float32)) - g
+    held, slots = t.index.items()
+    assert dict(zip(held.tolist(), slots.tolist(), strict=True)) == model_slots
+    for i, slot in model_slots.items():
+        assert t.steps[slot] == model_steps[i]
+    probe = np.array(sorted(model_slots), np.uint64)
+    np.testing.assert_array_equal(t.pull(probe), [model_values[i] for i in probe.tolist()])
+
+
 def test_adagrad_is_the_default_and_follows_the_reference_per_row() -> None:
     t = _table(init=["uniform", -1, 1])
     rng = np.random.default_rng(0)
