@@ -203,6 +203,18 @@ def _grad(grad: Array, param: Array) -> Array:
     return g
 
 
+def _read_only(a: Array) -> Array:
+    """``a``, or a read-only view of it: numba types a tuple of arrays that differ only
+    in writeability as heterogeneous and cannot index it in a loop, so ``aggregate``
+    hands its kernel read-only arrays only (gradients in received frames are, a
+    widened float16 gradient or a caller's array is not)."""
+    if not a.flags.writeable:
+        return a
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
 def _state(name: str, a: Array | None, param: Array) -> Array:
     if a is None:
         raise KernelError(f"{name} is required")
@@ -238,7 +250,7 @@ def aggregate(grads: Sequence[Array], out: Array, *, mean: bool = False,
         _aggregate_cuda(grads, out, mean)
         return
     o = _param(out)
-    gs = [_grad(g, out) for g in grads]
+    gs = [_read_only(_grad(g, out)) for g in grads]
     if chosen == "numpy" or o.dtype not in _FLOATS:
         reference.aggregate(gs, o, mean)
         return

@@ -8,6 +8,7 @@ is started with the ``pserver`` command.
 
 from pserver.clients import Client, connect
 from pserver.protocol.errors import (
+    InternalError,
     InvalidArgument,
     KeyNotFound,
     NotLeader,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Client",
+    "InternalError",
     "InvalidArgument",
     "KeyNotFound",
     "NotLeader",

@@ -5,7 +5,8 @@ shard``), waits until each answers, serves the cluster map and the cluster statu
 on the bootstrap address, restarts a replica process that dies (logged, with
 exponential backoff, on the same endpoints), and on SIGTERM/SIGINT stops every
 process and returns. Prints exactly one ``pserver ready: tcp://HOST:PORT`` line
-once every shard answers.
+once every shard answers. The data dir records the layout of the cluster that
+made it (``cluster.json``) and refuses a cluster of another one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 from pserver.protocol.codec import decode_header, reply_header
@@ -33,6 +35,7 @@ from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.transport import Endpoint, Poller, call, host_id, new_context
 
 from .config import ServerConfig
+from .wal import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,53 @@ EXIT_ADDRESS_IN_USE = 98
 CLUSTER_TOKEN_ENV = "PSERVER_CLUSTER_TOKEN"
 PORT_ATTEMPTS = 5  # fresh ports per shard group before its start-up fails
 LOWEST_PICKED_PORT = 20000
+# Written into the data dir by the first cluster that uses it: the settings that
+# decide where its data lies, which every later cluster on the dir must share.
+LAYOUT_FILE = "cluster.json"
+
+
+class DataDirMismatch(RuntimeError):
+    """The data dir was made by a cluster of another layout (shards, replicas,
+    chunk size, logged or in memory): starting on it would lose data silently."""
+
+
+def _layout(config: ServerConfig) -> dict[str, Any]:
+    return {"shards": config.shards, "replicas": config.replicas,
+            "chunk_bytes": config.chunk_bytes, "in_memory": config.in_memory}
+
+
+def _describe(layout: dict[str, Any]) -> str:
+    return (f"{layout.get('shards')} shard(s) x {layout.get('replicas')} replica(s), "
+            f"chunk_bytes {layout.get('chunk_bytes')}"
+            f"{', in memory' if layout.get('in_memory') else ', logged'}")
+
+
+def claim_data_dir(config: ServerConfig, record: bool = True) -> None:
+    """Raise ``DataDirMismatch`` if the data dir was made by a cluster of another
+    layout, else (with ``record``) write this cluster's layout into a dir that has
+    none. ``start`` checks before it spawns a replica and records once the cluster
+    is up (a start that fails, say on a bad host, claims nothing). Another layout: keys
+    would be looked for on other shards or in other parts (``--shards``,
+    ``--chunk-bytes``), a fresh majority of replicas could elect a leader with an
+    empty log (``--replicas``), and a logged shard's state is not where an
+    in-memory one looks (``--in-memory``)."""
+    path = os.path.join(config.data_dir, LAYOUT_FILE)
+    want = _layout(config)
+    try:
+        with open(path, encoding="utf-8") as f:
+            found = json.load(f)
+    except FileNotFoundError:
+        if record:
+            atomic_write(Path(path), (json.dumps(want) + "\n").encode())
+        return
+    except (OSError, ValueError) as exc:
+        raise DataDirMismatch(f"cannot read {path}: {exc}") from None
+    if not isinstance(found, dict) or {k: found.get(k) for k in want} != want:
+        raise DataDirMismatch(
+            f"the data dir {config.data_dir} belongs to a cluster of "
+            f"{_describe(found if isinstance(found, dict) else {})}, not "
+            f"{_describe(want)}: start with its settings, or export its keys "
+            "(pserver export) and start on a fresh --data-dir with --restore")
 
 
 def _ephemeral_low() -> int:
@@ -213,6 +263,7 @@ class Supervisor:
     def start(self) -> str:
         """Start every replica and the bootstrap endpoint; return the bootstrap address."""
         os.makedirs(self.config.data_dir, exist_ok=True)
+        claim_data_dir(self.config, record=False)
         self.bootstrap = Endpoint.router_bound(
             self.ctx, [f"tcp://{self.config.host}:{self.config.port}"], self.config.limits
         )
@@ -227,6 +278,7 @@ class Supervisor:
         for r in self.replicas:
             self._ping(r, deadline)
         self._await_leaders(time.monotonic() + STARTUP_TIMEOUT)
+        claim_data_dir(self.config)
         log.info("cluster of %d shard(s) x %d replica(s) ready at %s", self.config.shards,
                  self.config.replicas, self.address)
         return self.address

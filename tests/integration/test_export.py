@@ -46,7 +46,8 @@ def test_export_then_restore_into_a_cluster_of_another_size(
     for k, v in arrays.items():
         assert loaded[k].dtype == v.dtype and loaded[k].shape == v.shape, k
         np.testing.assert_array_equal(loaded[k], v)
-    second = cluster_factory("--shards", "2", "--restore", str(out))
+    second = cluster_factory("--shards", "2", "--restore", str(out),
+                             "--data-dir", str(tmp_path / "restored"))
     with pserver.connect(second.address) as c:
         got = c.pull(list(arrays))
     for k, v in arrays.items():

@@ -97,6 +97,28 @@ def test_a_single_replica_keeps_every_acknowledged_update_through_sigkill(
         assert before[1][0] == 3.0
 
 
+@pytest.mark.parametrize("memory", [[], ["--in-memory"]], ids=["logged", "in-memory"])
+def test_a_sync_step_half_pushed_before_a_clean_stop_completes_after_it(
+        cluster_factory: Any, memory: list[str]) -> None:
+    """Worker 0's acknowledged push of a sync step is saved by the clean stop; after
+    the restart worker 1's push completes the step with the mean of the two. (The
+    saved gradient comes back as a writeable array, the new one in read-only frames:
+    the aggregation kernel once refused that mix and the key was stuck.)"""
+    args = ("--shards", "1", "--replicas", "1", *memory)
+    first = cluster_factory(*args)
+    with pserver.connect(first.address, worker_id=0, num_workers=2) as w0:
+        w0.init({"s": np.zeros(4, np.float32)}, optimizer={"name": "sgd", "lr": 0.5},
+                mode="sync")
+        w0.push({"s": np.ones(4, np.float32)})
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(30) == 0
+
+    second = cluster_factory(*args)
+    with pserver.connect(second.address, worker_id=1, num_workers=2, timeout=20) as w1:
+        w1.push({"s": np.full(4, 3, np.float32)})
+        np.testing.assert_array_equal(w1.pull(["s"])["s"], np.full(4, -1, np.float32))
+
+
 def test_a_killed_single_replica_comes_back_with_its_state(cluster_factory: Any) -> None:
     """The supervisor restarts a SIGKILLed shard of one replica; it recovers from its
     log, and the client's next calls see every acknowledged update."""

@@ -339,3 +339,29 @@ def test_a_host_that_is_not_this_machine_fails_with_a_clear_message(
         assert f"cannot serve on host {host!r}" in out.stderr or \
             f"cannot bind tcp://{host}:0" in out.stderr  # in memory: the first bind says it
         assert "Traceback" not in out.stderr and "pserver ready" not in out.stdout
+
+
+def test_a_data_dir_refuses_a_cluster_of_another_layout(cluster_factory: Any,
+                                                        tmp_path: Path) -> None:
+    """Keys are placed by the shard count and the chunk size, and a logged shard's
+    state is not where an in-memory one looks: a restart with other settings on
+    the same data dir would lose data without a word, so it is refused (exit 1, one
+    line saying why) and the data stays; the same settings start again."""
+    first = cluster_factory("--shards", "2")
+    with pserver.connect(first.address) as c:
+        c.init({"w": np.arange(4 << 20, dtype=np.float32)})  # 16 MiB: parts on both shards
+    first.stop()
+    assert json.loads((tmp_path / "data" / "cluster.json").read_text())["shards"] == 2
+    for other in (["--shards", "3"], ["--shards", "2", "--chunk-bytes", str(1 << 20)],
+                  ["--shards", "2", "--replicas", "3"]):
+        out = subprocess.run(
+            pserver_cmd("serve", "--port", "0", "--data-dir", str(tmp_path / "data"),
+                        *(["--replicas", "1", "--in-memory"] if "--replicas" not in other
+                          else []), *other),
+            capture_output=True, text=True, timeout=60, check=False, env=clean_env())
+        assert out.returncode == 1, (other, out.stderr)
+        assert "belongs to a cluster of 2 shard(s) x 1 replica(s)" in out.stderr, other
+        assert "Traceback" not in out.stderr and "pserver ready" not in out.stdout
+    again = cluster_factory("--shards", "2")
+    with pserver.connect(again.address) as c:
+        np.testing.assert_array_equal(c.pull(["w"])["w"], np.arange(4 << 20, dtype=np.float32))

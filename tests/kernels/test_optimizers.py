@@ -187,6 +187,24 @@ def test_aggregate_sums_in_order_and_takes_the_mean(backend: str) -> None:
     assert _bits(out) == _bits(want / np.float32(4))
 
 
+def test_aggregate_takes_read_only_writeable_and_float16_gradients_together() -> None:
+    """A sync step mixes gradients in received frames (read-only), widened float16
+    ones and arrays restored from a snapshot (writeable); numba once refused the mix
+    (a tuple of differently typed arrays) and the step failed."""
+    rng = np.random.default_rng(6)
+    plain = rng.standard_normal(1001).astype(np.float32)
+    frame = np.frombuffer(rng.standard_normal(1001).astype(np.float32).tobytes(), np.float32)
+    half = rng.standard_normal(1001).astype(np.float16)
+    assert not frame.flags.writeable
+    for grads in ([plain, frame], [frame, plain], [half, frame], [frame, half, plain]):
+        out = np.empty(1001, np.float32)
+        kernels.aggregate(grads, out, mean=True)
+        want = np.empty(1001, np.float32)
+        kernels.aggregate(grads, want, mean=True, backend="numpy")
+        assert _bits(out) == _bits(want)
+    assert plain.flags.writeable  # the caller's array is left as it was
+
+
 def test_float16_gradients_go_into_float32_parameters() -> None:
     p = np.ones(8, np.float32)
     kernels.sgd(p, np.full(8, 0.5, np.float16), lr=1.0)

@@ -122,6 +122,21 @@ def test_a_float16_gradient_counts_as_its_float32_value() -> None:
     np.testing.assert_array_equal(_value(sm), before - np.float32(1.0))
 
 
+def test_a_step_of_received_frames_and_a_widened_float16_gradient_applies() -> None:
+    """Frames as a socket delivers them (read-only bytes) from one worker and a
+    float16 gradient (widened into a writeable copy) from the other: the step
+    applies their mean (it used to fail in the kernel and leave the key stuck)."""
+    sm = _cluster_of({"name": "sgd", "lr": 1.0})
+    before = _value(sm)
+    for worker, g in ((0, np.full(N, 0.5, np.float16)), (1, np.full(N, 1.5, np.float32))):
+        # frames of 1024 elements each, so the step goes piece by piece (not joined)
+        frames = [bytes(f) for f in split_frames(g, 1024 * g.itemsize)]
+        meta = _meta(g, len(frames))
+        sm.check_push([meta])
+        sm.apply_push([meta], [frames], {"worker": worker})
+    np.testing.assert_array_equal(_value(sm), before - np.float32(1.0))
+
+
 def test_the_leaders_mean_equals_the_whole_array_mean_for_any_cut() -> None:
     rng = np.random.default_rng(3)
     g = [rng.standard_normal(N).astype(np.float32) for _ in range(3)]
