@@ -57,7 +57,8 @@ def _spans(blocks: list[Array]) -> Iterator[tuple[slice, Array]]:
         at += b.shape[0]
 
 
-def _joined(blocks: list[Array]) -> Array:
+def join_blocks(blocks: Sequence[Array]) -> Array:
+    """Blocks of consecutive rows as one array (the block itself when there is one)."""
     return blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
 
 
@@ -73,7 +74,7 @@ def accumulate_rows(
     """``values[slots[j]] += grads[j]``."""
     blocks = _check(values, slots, grads)
     if (backend or default_backend()) == "numpy":
-        values[slots] += _joined(blocks)
+        values[slots] += join_blocks(blocks)
         return
     for span, g in _spans(blocks):
         _cpu(g.size).rows_add(values, slots[span], g)
@@ -98,7 +99,7 @@ def sgd_rows(
     blocks = _check(values, slots, grads)
     buf = _state("momentum_buffer", momentum_buffer, values) if momentum != 0 else values
     if (backend or default_backend()) == "numpy":
-        g = _joined(blocks)
+        g = join_blocks(blocks)
         for j, r in enumerate(slots):
             reference.sgd_step(
                 values[r],
@@ -154,7 +155,7 @@ def adam_rows(
     m, v = _state("exp_avg", exp_avg, values), _state("exp_avg_sq", exp_avg_sq, values)
     vmax = None if max_exp_avg_sq is None else _state("max_exp_avg_sq", max_exp_avg_sq, values)
     if (backend or default_backend()) == "numpy":
-        g = _joined(blocks)
+        g = join_blocks(blocks)
         for j, r in enumerate(slots):
             reference.adam_step(
                 values[r],
@@ -216,7 +217,7 @@ def adagrad_rows(
     blocks = _check(values, slots, grads)
     s = _state("state_sum", state_sum, values)
     if (backend or default_backend()) == "numpy":
-        g = _joined(blocks)
+        g = join_blocks(blocks)
         for j, r in enumerate(slots):
             reference.adagrad_step(
                 values[r],

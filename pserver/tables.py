@@ -183,8 +183,7 @@ class Table:
             self.values[new] = fresh
         if has_repeats(slots, self._marks):
             unique, inverse = dedup_ids(ids)  # first-appearance order, as the slots
-            joined = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
-            blocks = [segment_sum(joined, inverse, unique.shape[0])]
+            blocks = [segment_sum(sparse.join_blocks(blocks), inverse, unique.shape[0])]
             unique_slots = np.empty(unique.shape[0], np.int64)
             unique_slots[inverse] = slots
             slots = unique_slots
