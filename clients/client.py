@@ -199,7 +199,9 @@ def _optimizer(raw: Any) -> dict[str, Any]:
 
 
 def _count(value: Any, name: str, low: int) -> int:
-    """An integer setting (numpy integers too) of at least ``low``."""
+    """An integer setting (numpy integers too, not bools) of at least ``low``."""
+    if isinstance(value, bool | np.bool_):
+        raise InvalidArgument(f"{name} must be an integer, not {value!r}")
     try:
         n = operator.index(value)
     except TypeError:
@@ -210,6 +212,8 @@ def _count(value: Any, name: str, low: int) -> int:
 
 
 def _dtype_name(dtype: Any) -> str:
+    if dtype is None:  # np.dtype(None) would be float64
+        raise InvalidArgument("dtype must be a name such as 'float32', not None")
     try:
         return str(np.dtype(dtype).name)
     except TypeError:
@@ -678,8 +682,11 @@ class Client:
             return self._run(messages, on_reply, finish).as_future()
 
         def done() -> dict[str, bool]:
+            # A key that already existed keeps its own compression (init is then a
+            # no-op): only keys this call created are cached with its settings; the
+            # others are looked up (META) on first use unless already known.
             with self._meta_lock:
-                self._meta.update(metas)
+                self._meta.update((k, m) for k, m in metas.items() if created[k])
             return created
 
         # Part 0 decides: its shard refuses a key that exists with another shape or

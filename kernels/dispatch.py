@@ -72,8 +72,9 @@ def _cuda() -> Any:
     if not mod.available():
         raise BackendUnavailable(
             "the cuda backend needs a CUDA GPU and driver, and numba.cuda.is_available() is "
-            "False on this machine; use backend='cpu', or set NUMBA_ENABLE_CUDASIM=1 before "
-            "numba is imported to run the CUDA kernels in numba's simulator")
+            "False on this machine; use the cpu backend instead, or set "
+            "NUMBA_ENABLE_CUDASIM=1 before numba is imported to run the CUDA kernels in "
+            "numba's simulator")
     return mod
 
 

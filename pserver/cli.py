@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from pserver.kernels import BackendUnavailable
+from pserver.kernels import BackendUnavailable, Memory
 from pserver.protocol.errors import PServerError
 from pserver.protocol.schema import Limits
 from pserver.protocol.shardmap import ShardMap
@@ -100,9 +100,13 @@ def serve(config_file: str | None, no_ipc: bool | None, restore_file: str | None
         options["ipc"] = False
     try:
         config = load_config(options, config_file=config_file)  # OSError: a ConfigError
+        if config.device != "cpu":  # refused here once, not by every replica it would start
+            Memory(config.device)
         sup = Supervisor(config)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    except BackendUnavailable as exc:
+        raise click.ClickException(f"--device {config.device}: {exc}") from None
     except OSError as exc:  # picking ports: an unknown host, or one not on this machine
         raise click.ClickException(f"cannot serve on host {config.host!r}: {exc}") from None
     sup.install_signal_handlers()

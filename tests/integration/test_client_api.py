@@ -14,6 +14,7 @@ import time
 import zlib
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -546,6 +547,32 @@ def test_float16_gradients_go_into_float32_keys(client: Any) -> None:
     client.init({key: np.zeros(8, np.float32)}, optimizer={"name": "sgd", "lr": 0.5})
     client.push({key: np.ones(8, np.float16)})
     np.testing.assert_array_equal(client.pull([key])[key], np.full(8, -0.5, np.float32))
+
+
+@pytest.mark.parametrize(("made_with", "reinit_with"),
+                         [(None, "float16"), (("topk", 0.25), None), ("bfloat16", "float16")])
+def test_init_of_an_existing_key_keeps_its_compression(client: Any, made_with: Any,
+                                                       reinit_with: Any) -> None:
+    """A second client's init of an existing key is a no-op: its pushes use the
+    compression the key was made with, not the one that init asked for."""
+    key = f"api/comp-reinit-{made_with}-{reinit_with}"
+    client.init({key: np.zeros(8, np.float32)}, optimizer={"name": "sum"},
+                compression=made_with)
+    g = np.arange(1, 9, dtype=np.float32) / 3
+    with pserver.connect(client.address) as other:
+        assert other.init({key: np.zeros(8, np.float32)}, optimizer={"name": "sum"},
+                          compression=reinit_with) == {key: False}
+        other.push({key: g})
+    with pserver.connect(client.address) as fresh:  # a client that never called init
+        fresh.push({key: g})
+    got = client.pull([key])[key]
+    if made_with is None:
+        want = 2 * g  # exact: nothing was cast to float16 on the way
+    elif made_with == "bfloat16":
+        want = 2 * g.astype(ml_dtypes.bfloat16).astype(np.float32)
+    else:  # top-k 25 %: the 2 largest entries, twice (the second client's first push)
+        want = np.where(np.arange(8) >= 6, 2 * g, 0).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_bad_compression_settings_are_refused(client: Any) -> None:

@@ -5,6 +5,8 @@ shard processes), so tensors stay small (each CUDA thread is a Python thread).""
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,6 +14,8 @@ import pytest
 
 import pserver
 from pserver.kernels import reference
+
+from .test_supervisor import clean_env, pserver_cmd
 
 pytestmark = pytest.mark.integration
 
@@ -40,3 +44,21 @@ def test_cuda_without_a_gpu_fails_with_a_clear_message(cluster_factory: Any) -> 
     with pytest.raises(RuntimeError) as info:
         cluster_factory("--shards", "1", "--device", "cuda", env={"CUDA_VISIBLE_DEVICES": ""})
     assert "CUDA GPU" in str(info.value)
+
+
+@pytest.mark.timeout(120)
+def test_cuda_without_a_gpu_is_one_line_before_any_replica_starts(tmp_path: Path) -> None:
+    """The supervisor checks the device once: one error line, exit 1, and no replica
+    started (each would have printed the same error)."""
+    env = {k: v for k, v in clean_env().items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    data = tmp_path / "data"
+    res = subprocess.run(pserver_cmd("serve", "--device", "cuda", "--shards", "2",
+                                     "--replicas", "3", "--port", "0", "--data-dir", str(data)),
+                         capture_output=True, text=True, env=env, timeout=100, check=False)
+    assert res.returncode == 1
+    assert res.stdout == ""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("Error: --device cuda: ") and "CUDA GPU" in lines[0]
+    assert not data.exists()  # nothing was started, so nothing was written

@@ -66,6 +66,14 @@ def test_bad_table_calls_give_typed_errors_and_change_nothing(client: Any) -> No
         client.pull_rows("t/bad", np.ones((2, 2), np.uint64))
     with pytest.raises(pserver.InvalidArgument):
         client.create_table("t/bad-init", 4, init=("xavier",))
+    for dim in (True, np.bool_(True), 2.0):  # the protocol refuses bools and floats
+        with pytest.raises(pserver.InvalidArgument):
+            client.create_table("t/bad-dim", dim)
+    with pytest.raises(pserver.InvalidArgument):  # not numpy's float64 default
+        client.create_table("t/bad-dtype", 4, dtype=None)  # type: ignore[arg-type]
+    for name in ("t/bad-dim", "t/bad-dtype", "t/bad-init"):
+        with pytest.raises(pserver.KeyNotFound):
+            client.pull_rows(name, ids)
     assert not client.pull_rows("t/bad", ids).any()
 
 
