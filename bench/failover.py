@@ -5,9 +5,10 @@
 SIGKILLs the leader of a 3-replica shard under load ``--kills`` times and prints
 the time from each kill to the first push the new leader acknowledged
 (p50/p90/p99/max; targets p50 <= 500 ms, p99 <= 1000 ms). ``--throughput`` also
-times a synchronous step of a 64 MiB model by 4 worker processes against R=3
-and R=1 clusters in the same run (target: R=3 at least 0.5 of R=1's steps/s).
-``pserver bench --failover-kills N`` runs the same measurement.
+times a synchronous step of a 64 MiB model by 4 worker processes on R=3 and R=1
+clusters in the same run (target: R=3 at least 0.5 of R=1's steps/s, both keeping
+their logs; R=1 in memory is shown too): the replication section of ``pserver
+bench``. ``pserver bench --failover-kills N`` runs the kills.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import json
 from typing import Any
 
-from pserver.benchmark.distributed import DistSettings, sync_section
+from pserver.benchmark.distributed import DistSettings, replication_section
 from pserver.benchmark.failover import failover_section
 from pserver.benchmark.workers import WorkerPool
 
@@ -34,15 +35,17 @@ def main() -> None:
           f"  p99 {f['p99_ms']:.0f} ms  max {f['max_ms']:.0f} ms"
           "  (targets p50 <= 500, p99 <= 1000)")
     if args.throughput:
-        settings = DistSettings(sync_workers=4, sync_replicas=(3, 1),
-                                sync_variants=(("ipc", None),), sync_steps=5)
-        with WorkerPool(4) as pool:
-            sync = sync_section(pool, settings, [])
-        by_r = {r["replicas"]: 1e3 / r["step_ms_median"] for r in sync["rows"]}
-        result["sync_64mib_4_workers"] = {"r3_steps_per_s": by_r[3], "r1_steps_per_s": by_r[1],
-                                          "ratio": by_r[3] / by_r[1], "detail": sync}
-        print(f"sync 64 MiB, 4 workers: R=3 {by_r[3]:.2f} steps/s, R=1 {by_r[1]:.2f} steps/s, "
-              f"ratio {by_r[3] / by_r[1]:.2f} (target >= 0.5)")
+        settings = DistSettings()
+        with WorkerPool(settings.replication_workers) as pool:
+            repl = replication_section(pool, settings, lambda s: print(s, flush=True))
+        assert repl is not None
+        result["replication"] = repl
+        for r in repl["rows"]:
+            print(f"sync 64 MiB, {repl['workers']} workers, R={r['replicas']} "
+                  f"{'logged' if r['logged'] else 'in memory'}: {1e3 / r['step_ms_median']:.2f}"
+                  " steps/s")
+        print(f"R=3 / R=1: {repl['r3_over_r1_logged']:.2f} both logged (target >= 0.5), "
+              f"{repl['r3_over_r1_in_memory']:.2f} against R=1 in memory")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=2)

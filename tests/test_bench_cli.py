@@ -138,6 +138,7 @@ def _check_distributed(report: dict[str, Any]) -> None:
                                                               "bfloat16" else 1)
                                         + r["model_bytes"])
     assert len(_targets(report, "sync step ", "<=")) == 2
+    assert report["replication"] is None  # not with --quick (3 more clusters)
     scaling = report["scaling"]
     labels = {(r["label"], r["workers"]) for r in scaling["rows"]}
     assert {("pserver 1 shards R=1", 2), ("pserver 4 shards R=1", 2), ("plain", 2)} <= labels
@@ -182,3 +183,37 @@ def _check_report_from(report: dict[str, Any], tmp_path: Path) -> None:
         png = docs / "img" / f"bench-{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"img/bench-{name}.png" in md
+
+
+@pytest.mark.timeout(300)
+def test_replication_section_compares_logged_r3_with_logged_r1() -> None:
+    """Issue 4's measure, scaled down: a cluster per (replicas, log) configuration;
+    the logged ones wrote every step's mean gradient, the in-memory one no log, and
+    the one target is R=3 against the logged R=1."""
+    from pserver.benchmark.distributed import (
+        DistSettings,
+        replication_section,
+        replication_targets,
+    )
+    from pserver.benchmark.workers import WorkerPool
+
+    settings = DistSettings(sync_model_bytes=2 << 20, sync_steps=2, sync_warmup=1,
+                            replication_workers=2, replication_rounds=1)
+    with WorkerPool(2) as pool:
+        repl = replication_section(pool, settings)
+    assert repl is not None and repl["workers"] == 2 and repl["rounds"] == 1
+    rows = {(r["replicas"], r["logged"]): r for r in repl["rows"]}
+    assert set(rows) == {(1, True), (3, True), (1, False)}
+    for r in rows.values():
+        assert r["steps"] == 2
+        _positive(r, ("step_ms_median", "step_ms_best"), f"replication[R={r['replicas']}]")
+        assert r["step_ms_best"] <= r["step_ms_median"]
+    model = repl["model_bytes"]  # 3 steps logged (1 warm-up), on every replica
+    assert rows[(1, True)]["data_dir_bytes"] >= 3 * model
+    assert rows[(3, True)]["data_dir_bytes"] >= 9 * model
+    assert rows[(1, False)]["data_dir_bytes"] < model
+    ratio = rows[(1, True)]["step_ms_median"] / rows[(3, True)]["step_ms_median"]
+    assert abs(repl["r3_over_r1_logged"] - ratio) < 1e-9
+    [target] = replication_targets(repl)
+    assert target["name"].startswith("sync steps/s R=3 / R=1, 2 workers")
+    assert target["target"] == ">= 0.5" and target["met"] == (ratio >= 0.5)

@@ -206,4 +206,7 @@ def memory_bandwidth(nbytes: int = 64 << 20, repeats: int = 5) -> float:
 
 
 if __name__ == "__main__":
-    _echo_main(sys.argv[1])
+    try:
+        _echo_main(sys.argv[1])
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: no traceback
+        sys.exit(130)

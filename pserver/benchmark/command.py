@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import click
+
+from pserver.protocol.errors import PServerError
 
 from .distributed import DistSettings, distributed_report, format_distributed
 from .extras import optional, ray_section, redis_section
@@ -25,6 +28,8 @@ from .kernels import KernelSettings, format_kernels, kernel_report
 from .scenarios import TRANSPORTS, LocalCluster, RunInfo, Settings, format_table, parse_size, run
 from .sparse import SparseSettings, format_sparse, sparse_report
 
+ADDRESS_TIMEOUT_S = 10.0  # --address: the first status request's deadline
+
 
 def _sizes(
     _ctx: click.Context, _param: click.Parameter, value: str | None
@@ -32,9 +37,53 @@ def _sizes(
     if value is None:
         return None
     try:
-        return tuple(parse_size(v) for v in value.split(",") if v.strip())
+        sizes = tuple(parse_size(v) for v in value.split(",") if v.strip())
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    if not sizes:
+        raise click.BadParameter("no size given (e.g. 4K,1M)")
+    return sizes
+
+
+# the options of a run: --report-from runs nothing and takes none of them
+RUN_OPTIONS = ("address", "shards", "replicas", "sizes", "rounds", "latency_count",
+               "transports", "with_kernels", "with_sparse", "with_distributed", "with_extras",
+               "failover_kills", "quick", "with_report", "results_dir", "as_json", "out")
+
+
+def _check_writable_dir(path: Path, what: str) -> None:
+    """Create ``path`` (and its parents) and write a scratch file in it, so that a
+    run does not end in an error after minutes of measuring."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {what} in {path}: {exc.strerror or exc}"
+                                   ) from None
+
+
+def _check_writable_file(path: Path, what: str) -> None:
+    _check_writable_dir(path.parent, what)
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {what} to {path}: {exc.strerror or exc}"
+                                   ) from None
+
+
+def _reachable(address: str) -> None:
+    """Fail in seconds, in one line, when no cluster answers at ``address``."""
+    from pserver.clients.client import cluster_status
+
+    try:
+        cluster_status(address, timeout=ADDRESS_TIMEOUT_S)
+    except PServerError as exc:
+        raise click.ClickException(f"cannot reach a cluster at {address}: {exc}") from None
 
 
 @click.command()
@@ -107,7 +156,8 @@ def _sizes(
     show_default=True,
     help="multi-worker scenarios in worker processes: sync step of a 64 MiB model with 2 "
     "workers (R=1 and R=3, tcp/ipc, float32/bfloat16) against gloo all_reduce and the "
-    "transport bound; async scaling by shards (1, 2, 4), workers (1, 2, 4) and replicas; "
+    "transport bound; with 4 workers, R=3 against R=1 (both logged, and R=1 in memory; "
+    "not with --quick); async scaling by shards (1, 2, 4), workers (1, 2, 4) and replicas; "
     "the plain single-process pyzmq server by size, many keys and latency",
 )
 @click.option(
@@ -200,21 +250,40 @@ def bench(
     rows of dim 64 (and other batches and dims) through the cluster against a raw
     echo of the same bytes.
     With --distributed (the default): the multi-worker scenarios (sync step
-    against gloo, scaling, the plain server). --failover-kills: leader kills.
+    against gloo, R=3 against R=1 with 4 workers, scaling, the plain server).
+    --failover-kills: leader kills.
     --report: docs/benchmarks.md and plots from the run.
     """
+    ctx = click.get_current_context()
     if report_from is not None:
         from .report import write_report
 
+        flags = {p.name: "/".join(p.opts + p.secondary_opts) for p in ctx.command.params}
+        given = [flags[n] for n in RUN_OPTIONS
+                 if ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT)]
+        if given:
+            raise click.UsageError(f"--report-from runs nothing and takes only --docs-dir, "
+                                   f"not {', '.join(given)}")
+        _check_writable_dir(docs_dir / "img", "the report")
         try:
             saved = json.loads(report_from.read_text())
             paths = write_report(saved, docs_dir, str(report_from))
         except (ValueError, KeyError, TypeError) as exc:
             raise click.ClickException(f"{report_from} is not a pserver bench report: "
                                        f"{exc!r}") from None
+        except OSError as exc:
+            raise click.ClickException(f"cannot write the report: {exc}") from None
         for p in paths:
             click.echo(f"wrote {p}")
         return
+    if out is not None:
+        _check_writable_file(out, "the JSON report")
+    if with_report:
+        if out is None:
+            _check_writable_dir(results_dir, "the JSON report")
+        _check_writable_dir(docs_dir / "img", "the report")
+    if address is not None:
+        _reachable(address)
     t_start = time.monotonic()
     overrides: dict[str, Any] = {}
     if sizes:
@@ -256,8 +325,8 @@ def bench(
     cluster: LocalCluster | None = None
     kernels_section: dict[str, Any] | None = None
     sparse_section: dict[str, Any] | None = None
-    dist: dict[str, Any] = {"sync": None, "scaling": None, "plain": None, "overlap": None,
-                            "targets": []}
+    dist: dict[str, Any] = {"sync": None, "replication": None, "scaling": None,
+                            "plain": None, "overlap": None, "targets": []}
     failover: dict[str, Any] | None = None
     extras_section: dict[str, Any] = {}
     try:
@@ -279,7 +348,7 @@ def bench(
                 sparse_section = sparse_report(address, sset, step, report["notes"])
             if with_distributed:
                 dist = distributed_report(address, dset, report["notes"], step)
-        except (RuntimeError, OSError, TimeoutError) as exc:
+        except (RuntimeError, OSError, TimeoutError, PServerError) as exc:
             raise click.ClickException(f"benchmark failed: {exc}") from None
         finally:
             if cluster is not None:  # stopped first: the later clusters get the CPUs
@@ -298,7 +367,7 @@ def bench(
         if kills:
             try:
                 failover = failover_section(kills, step)
-            except (RuntimeError, OSError, TimeoutError) as exc:
+            except (RuntimeError, OSError, TimeoutError, PServerError) as exc:
                 raise click.ClickException(f"failover benchmark failed: {exc}") from None
     finally:
         bar.close()
@@ -306,7 +375,7 @@ def bench(
             cluster.stop()
 
     add_sections(report, kernels_section, sparse_section)
-    for name in ("sync", "scaling", "plain", "overlap"):
+    for name in ("sync", "replication", "scaling", "plain", "overlap"):
         report[name] = dist[name]
     report["targets"].extend(dist["targets"])
     report["failover"] = failover
@@ -318,15 +387,18 @@ def bench(
     if with_report and out is None:
         stamp = report["started_at"][:10]
         out = results_dir / f"{stamp}-{(report['git_commit'] or 'nogit')[:10]}.json"
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-    click.echo(text if as_json else format_report(report))
-    if with_report:
-        from .report import write_report
+    click.echo(text if as_json else format_report(report))  # first: never lost
+    try:
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+        if with_report:
+            from .report import write_report
 
-        for p in write_report(report, docs_dir, str(out)):
-            click.echo(f"wrote {p}", err=as_json)
+            for p in write_report(report, docs_dir, str(out)):
+                click.echo(f"wrote {p}", err=as_json)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the report: {exc}") from None
 
 
 def add_sections(report: dict[str, Any], kernels_section: dict[str, Any] | None,

@@ -11,6 +11,10 @@ its baseline in the same run:
   number of processes, and against the transport bound (the bytes all workers
   move, at the rate one raw echo stream reaches in the same chunking: on this
   2-core host the loopback is CPU-bound, so concurrent streams share that rate).
+- ``replication_section``: issue 4's measure, the synchronous step of the same
+  model by 4 workers over tcp on 4 shards of R=1 and of R=3, both keeping their
+  logs as ``pserver serve`` does by default, and of R=1 in memory (no log) for
+  reference; the configurations alternate round by round.
 - ``scaling_section``: aggregate ``push_pull`` GB/s of 1, 2 and 4 workers on one
   16 MiB key in ``async`` mode, for 1, 2 and 4 shards (R=1), for the largest
   shard count with R=3, and for the plain single-process server
@@ -31,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,7 +62,10 @@ KiB = 1 << 10
 
 TARGET_SYNC_BOUND = 1.1  # tcp float32 step / transport bound
 TARGET_SYNC_GLOO = 1.0  # ipc or bfloat16 step / gloo float32 all_reduce
-TARGET_R3_R1 = 0.5  # R=3 steps/s / R=1 steps/s, same variant (issue 4)
+TARGET_R3_R1 = 0.5  # R=3 steps/s / R=1 steps/s, both logged (issue 4)
+
+# (replicas, logged) of the replication section; the target compares the logged ones
+REPLICATION_CONFIGS: tuple[tuple[int, bool], ...] = ((1, True), (3, True), (1, False))
 
 # (transport, wire dtype of gradients) measured per replica count
 SYNC_VARIANTS: tuple[tuple[str, str | None], ...] = (
@@ -77,6 +85,8 @@ class DistSettings:
     sync_replicas: tuple[int, ...] = (1, 3)
     sync_variants: tuple[tuple[str, str | None], ...] = SYNC_VARIANTS
     echo_rounds: int = 5
+    replication_workers: int = 4  # issue 4: 4 workers, a 64 MiB model
+    replication_rounds: int = 2   # each round runs every REPLICATION_CONFIGS cluster
     scaling_shards: tuple[int, ...] = (1, 2, 4)
     scaling_workers: tuple[int, ...] = (1, 2, 4)
     scaling_replicas: int = 3  # also measured at the largest shard count
@@ -95,7 +105,8 @@ class DistSettings:
         base: dict[str, Any] = {
             "sync_model_bytes": 16 * MiB, "sync_steps": 3, "sync_warmup": 1,
             "sync_replicas": (1,), "sync_variants": (("tcp", None), ("ipc", "bfloat16")),
-            "echo_rounds": 3, "scaling_shards": (1, 4), "scaling_workers": (1, 2),
+            "echo_rounds": 3, "replication_rounds": 0,
+            "scaling_shards": (1, 4), "scaling_workers": (1, 2),
             "scaling_replicas": 0, "scaling_bytes": 4 * MiB, "scaling_steps": 5,
             "plain_sizes": (4 * KiB, 1 * MiB, 16 * MiB), "plain_rounds": 3,
             "many_keys": 50, "latency_count": 300, "quick": True,
@@ -105,11 +116,12 @@ class DistSettings:
         return cls(**base)
 
     def pool_size(self) -> int:
-        return max(self.sync_workers, *self.scaling_workers)
+        return max(self.sync_workers, self.replication_workers, *self.scaling_workers)
 
     def steps(self) -> int:
         """Progress steps: one per measured configuration."""
         sync = len(self.sync_replicas) * len(self.sync_variants) + 2  # + gloo, echo
+        sync += self.replication_rounds * len(REPLICATION_CONFIGS)
         clusters = len(self.scaling_shards) + (1 if self.scaling_replicas > 1 else 0) + 1
         plain = len(self.plain_sizes) + 2
         return sync + clusters * len(self.scaling_workers) + plain + self.overlap.rounds
@@ -212,15 +224,73 @@ def sync_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
             out.append({"name": name + " / gloo all_reduce float32",
                         "value": r["ratio_to_gloo"], "target": f"<= {TARGET_SYNC_GLOO}",
                         "met": r["ratio_to_gloo"] <= TARGET_SYNC_GLOO})
-    by = {(r["replicas"], r["transport"], r["wire_dtype"]): r for r in section["rows"]}
-    for (replicas, transport, wire), r in by.items():
-        r1 = by.get((1, transport, wire))
-        if replicas > 1 and r1 is not None:
-            ratio = r1["step_ms_median"] / r["step_ms_median"]
-            out.append({"name": f"sync steps/s R={replicas} / R=1 ({transport} {wire})",
-                        "value": ratio, "target": f">= {TARGET_R3_R1}",
-                        "met": ratio >= TARGET_R3_R1})
     return out
+
+
+# -- replication (issue 4) ----------------------------------------------------------------
+
+
+def replication_section(pool: WorkerPool, settings: DistSettings,
+                        progress: Progress | None = None) -> dict[str, Any] | None:
+    """Sync steps of the model by ``replication_workers`` workers (tcp, float32) on
+    4-shard clusters of each ``REPLICATION_CONFIGS`` entry, a fresh cluster per
+    configuration and round, the order reversed every other round; None when
+    ``replication_rounds`` is 0. Each row also gives the bytes in the cluster's data
+    dir after its last run (its logs: next to nothing in memory)."""
+    s = settings
+    if s.replication_rounds <= 0:
+        return None
+    tick = progress or (lambda _label: None)
+    w = s.replication_workers
+    times: dict[tuple[int, bool], list[float]] = {c: [] for c in REPLICATION_CONFIGS}
+    disk: dict[tuple[int, bool], int] = {}
+    for rnd in range(s.replication_rounds):
+        order = REPLICATION_CONFIGS if rnd % 2 == 0 else REPLICATION_CONFIGS[::-1]
+        for replicas, logged in order:
+            label = f"R={replicas} {'logged' if logged else 'in memory'}"
+            with LocalCluster.start(shards=s.sync_shards, replicas=replicas,
+                                    extra=("--workers", str(w)),
+                                    in_memory=not logged) as cluster:
+                res = pool.run("sync", w, address=cluster.address, workers=w,
+                               prefix=f"{KEY_PREFIX}/replication-r{replicas}-"
+                                      f"{'log' if logged else 'mem'}-{rnd}",
+                               model_bytes=s.sync_model_bytes, tensors=s.sync_tensors,
+                               steps=s.sync_steps, warmup=s.sync_warmup, ipc=False,
+                               compression=None)
+                disk[(replicas, logged)] = _tree_bytes(cluster.workdir / "data")
+            times[(replicas, logged)] += [t * 1e3 for t in step_times(res)]
+            tick(f"replication {label}")
+    rows = [{"replicas": r, "logged": logged, "steps": len(times[(r, logged)]),
+             "step_ms_median": statistics.median(times[(r, logged)]),
+             "step_ms_best": min(times[(r, logged)]),
+             "data_dir_bytes": disk[(r, logged)]}
+            for r, logged in REPLICATION_CONFIGS]
+    med = {(r["replicas"], r["logged"]): r["step_ms_median"] for r in rows}
+    return {"rows": rows, "workers": w, "shards": s.sync_shards,
+            "model_bytes": s.sync_model_bytes, "tensors": s.sync_tensors,
+            "transport": "tcp", "wire_dtype": "float32", "rounds": s.replication_rounds,
+            "r3_over_r1_logged": med[(1, True)] / med[(3, True)],
+            "r3_over_r1_in_memory": med[(1, False)] / med[(3, True)]}
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (a cluster's data dir, read while it runs)."""
+    total = 0
+    for f in path.rglob("*"):
+        try:
+            total += f.stat().st_size if f.is_file() else 0
+        except OSError:  # a file the cluster removed meanwhile
+            pass
+    return total
+
+
+def replication_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
+    """R=3 against R=1 in steps/s, both keeping their logs (the in-memory R=1 is
+    reported in the section, not as a target)."""
+    ratio = section["r3_over_r1_logged"]
+    return [{"name": f"sync steps/s R=3 / R=1, {section['workers']} workers, "
+                     f"{section['model_bytes'] >> 20} MiB, tcp float32 (both logged)",
+             "value": ratio, "target": f">= {TARGET_R3_R1}", "met": ratio >= TARGET_R3_R1}]
 
 
 # -- scaling ----------------------------------------------------------------------------
@@ -364,15 +434,20 @@ def plain_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
 
 def distributed_report(address: str, settings: DistSettings, notes: list[str],
                        progress: Progress | None = None,
-                       sections: Sequence[str] = ("sync", "scaling", "plain", "overlap")
+                       sections: Sequence[str] = ("sync", "replication", "scaling", "plain",
+                                                  "overlap")
                        ) -> dict[str, Any]:
     """The multi-worker sections; ``address`` is the main run's cluster (plain, overlap)."""
-    out: dict[str, Any] = {"sync": None, "scaling": None, "plain": None, "overlap": None,
-                           "targets": []}
+    out: dict[str, Any] = {"sync": None, "replication": None, "scaling": None,
+                           "plain": None, "overlap": None, "targets": []}
     with WorkerPool(settings.pool_size()) as pool:
         if "sync" in sections:
             out["sync"] = sync_section(pool, settings, notes, progress)
             out["targets"] += sync_targets(out["sync"])
+        if "replication" in sections:
+            out["replication"] = replication_section(pool, settings, progress)
+            if out["replication"] is not None:
+                out["targets"] += replication_targets(out["replication"])
         if "scaling" in sections:
             out["scaling"] = scaling_section(pool, settings, progress)
             out["targets"] += scaling_targets(out["scaling"])
@@ -389,8 +464,8 @@ def distributed_report(address: str, settings: DistSettings, notes: list[str],
 
 
 def format_distributed(report: dict[str, Any]) -> str:
-    """The sync, scaling, plain, overlap, optional-baseline and failover sections of
-    ``report`` as text ('' if none)."""
+    """The sync, replication, scaling, plain, overlap, optional-baseline and failover
+    sections of ``report`` as text ('' if none)."""
     lines: list[str] = []
     sync = report.get("sync")
     if sync:
@@ -406,6 +481,16 @@ def format_distributed(report: dict[str, Any]) -> str:
                          f"{r['step_ms_median']:>8.1f} {r['step_ms_best']:>7.1f} | "
                          f"{r['transport_bound_ms']:>8.1f} {r['ratio_to_bound']:>6.2f} | {g:>6}")
         lines.append("")
+    repl = report.get("replication")
+    if repl:
+        lines.append(f"Replication: sync step, {repl['workers']} workers, "
+                     f"{repl['model_bytes'] >> 20} MiB model, tcp float32, median of "
+                     f"{repl['rounds']} rounds")
+        for r in repl["rows"]:
+            lines.append(f"  R={r['replicas']} {'logged' if r['logged'] else 'in memory':<9} "
+                         f"{r['step_ms_median']:>8.1f} ms (best {r['step_ms_best']:.1f})")
+        lines += [f"  R=3 / R=1 steps/s: {repl['r3_over_r1_logged']:.2f} (both logged), "
+                  f"{repl['r3_over_r1_in_memory']:.2f} (R=1 in memory)", ""]
     scaling = report.get("scaling")
     if scaling:
         lines.append(f"Scaling: async push_pull of {scaling['size_bytes'] >> 20} MiB, "

@@ -118,4 +118,7 @@ class PlainClient:
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1])
+    try:
+        _serve(sys.argv[1])
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: no traceback
+        sys.exit(130)

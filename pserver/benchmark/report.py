@@ -65,8 +65,9 @@ def markdown(report: dict[str, Any], images: dict[str, str], source: str) -> str
         f"{' (in memory: no log)' if report['cluster'].get('in_memory') else ''}, chunks of "
         f"{format_size(report['cluster']['chunk_bytes'])} in frames of "
         f"{format_size(report['cluster']['frame_bytes'])}",
-        "- Clusters the benchmark starts with R=1 run `--in-memory` (no log on disk); "
-        "R=3 clusters keep their logs, as `pserver serve` does by default.",
+        "- Clusters the benchmark starts with R=1 run `--in-memory` (no log on disk), "
+        "except the replication section's, which has one of each; R=3 clusters keep their "
+        "logs, as `pserver serve` does by default.",
         "",
         "Units: GB/s = 1e9 bytes/s of pushed + pulled bytes; sizes are binary (KiB, MiB); "
         "latencies in µs, steps in ms.",
@@ -83,6 +84,7 @@ def markdown(report: dict[str, Any], images: dict[str, str], source: str) -> str
                      for t in report["targets"]])
     lines += _dense(report, images)
     lines += _sync(report.get("sync"), images)
+    lines += _replication(report.get("replication"))
     lines += _scaling(report.get("scaling"), images)
     lines += _plain(report.get("plain"))
     lines += _sparse(report.get("sparse"))
@@ -138,6 +140,25 @@ def _sync(section: dict[str, Any] | None, images: dict[str, str]) -> list[str]:
                     r["ratio_to_gloo"]) for r in section["rows"]])
     if "sync" in images:
         out += [f"![sync step]({images['sync']})", ""]
+    return out
+
+
+def _replication(section: dict[str, Any] | None) -> list[str]:
+    if not section:
+        return []
+    out = ["## Replication: R=3 against R=1", "",
+           f"Issue 4's measure: {section['workers']} worker processes train a "
+           f"{format_size(section['model_bytes'])} model ({section['tensors']} float32 "
+           f"tensors) in `sync` mode over tcp on {section['shards']} shards; a fresh cluster "
+           f"per configuration and round, {section['rounds']} rounds in alternating order, "
+           "median step. The target compares R=3 with R=1 as `pserver serve` runs them by "
+           "default (each replica keeps its log and fsyncs it); R=1 in memory (no log) is "
+           f"shown for reference: R=3 reaches {section['r3_over_r1_logged']:.2f} of the "
+           f"logged R=1's steps/s and {section['r3_over_r1_in_memory']:.2f} of the in-memory "
+           "one's.", ""]
+    out += _table(["replicas", "log", "steps", "step ms", "best ms"],
+                  [(r["replicas"], "yes" if r["logged"] else "no (in memory)", r["steps"],
+                    r["step_ms_median"], r["step_ms_best"]) for r in section["rows"]])
     return out
 
 
