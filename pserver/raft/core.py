@@ -47,6 +47,7 @@ class Progress:
     next: int = 1
     recent_active: bool = False
     inflight: list[int] = field(default_factory=list)  # last index of each APP in flight
+    sent_stamp: int = 0  # the leader's heartbeat round when the oldest in flight was sent
     snap_offset: int = 0  # bytes of our snapshot the follower acknowledged holding
     stamp: int = 0  # the latest heartbeat round the follower acknowledged
 
@@ -560,6 +561,8 @@ class RaftCore:
         self._send(MsgType.APP, to, index=prev, log_term=self.term_at(prev) or 0,
                    entries=tuple(entries), commit=self.commit)
         if entries:
+            if not pr.inflight:
+                pr.sent_stamp = self.stamp
             pr.next = entries[-1].index + 1  # optimistic: pipeline the next batch
             pr.inflight.append(entries[-1].index)
 
@@ -575,6 +578,7 @@ class RaftCore:
         chunk = snap.data[start:start + self.cfg.snapshot_chunk_bytes]
         self._send(MsgType.SNAP, to, snapshot=Snapshot(snap.index, snap.term, chunk),
                    snap_offset=start, snap_total=len(snap.data), snap_crc=self._snap_crc)
+        pr.sent_stamp = self.stamp
         pr.inflight.append(snap.index)
 
     def _broadcast_append(self, pending_only: bool = False) -> None:
@@ -602,6 +606,7 @@ class RaftCore:
                 return
             while pr.inflight and pr.inflight[0] <= m.index:
                 pr.inflight.pop(0)
+            pr.sent_stamp = self.stamp  # what is left was sent no later than now
             pr.next = max(pr.next, m.index + 1)  # it holds m.index: never send from below
             if m.index > pr.match:
                 pr.match = m.index
@@ -621,8 +626,14 @@ class RaftCore:
             if m.context in self._reads:
                 self._reads[m.context][1].add(m.frm)
                 self._confirm_reads()
-            if pr.match < self.last_index:
-                pr.next = pr.match + 1  # resend what may have been lost
+            # Behind: send its entries if none are in flight. Those in flight are
+            # resent (from its match) only if this heartbeat left after the oldest of
+            # them: on an ordered channel the follower had it first, so it was lost.
+            # A heartbeat sent just before a large append, answered while the append
+            # is on its way, must not send that append a second time.
+            if pr.match < self.last_index and (not pr.inflight
+                                               or m.stamp > pr.sent_stamp):
+                pr.next = pr.match + 1
                 pr.inflight.clear()
                 self._send_append(m.frm)
 

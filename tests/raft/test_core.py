@@ -278,6 +278,61 @@ def test_flow_control_bounds_bytes_per_message_and_messages_in_flight() -> None:
     assert len(more) == 1  # one acknowledged, one more sent
 
 
+def _leader_with_one_follower(max_inflight: int = 4) -> RaftCore:
+    cfg = Config(1, (1, 2), pre_vote=False, max_inflight=max_inflight)
+    core = RaftCore(cfg, random.Random(0))
+    core.campaign()
+    core.step(Message(MsgType.VOTE_RESP, 2, 1, term=1))
+    core.advance(core.ready())
+    core.step(Message(MsgType.APP_RESP, 2, 1, term=1, index=1))  # the no-op
+    core.advance(core.ready())
+    return core
+
+
+def _heartbeat_round(core: RaftCore) -> int:
+    """Tick until the leader sends a heartbeat round; its stamp."""
+    for _ in range(core.cfg.heartbeat_tick):
+        core.tick()
+    rd = core.ready()
+    [hb] = [m for m in rd.messages if m.type == MsgType.HEARTBEAT]
+    core.advance(rd)
+    return hb.stamp
+
+
+def _apps(core: RaftCore) -> list[Message]:
+    rd = core.ready()
+    core.advance(rd)
+    return [m for m in rd.messages if m.type == MsgType.APP and m.entries]
+
+
+def test_an_append_in_flight_is_not_sent_again_for_an_earlier_heartbeat() -> None:
+    """§5.3 retries lost appends. A heartbeat the leader sent before an append,
+    answered while the append is still on its way (a large entry being written),
+    proves nothing lost: the append is not sent again (it used to be, once per
+    heartbeat, so each large entry could cross the network twice)."""
+    core = _leader_with_one_follower()
+    before = _heartbeat_round(core)
+    core.propose(b"x" * 4096)
+    [app] = _apps(core)
+    core.step(Message(MsgType.HEARTBEAT_RESP, 2, 1, term=1, stamp=before))
+    assert _apps(core) == []  # still in flight: nothing sent again
+    core.step(Message(MsgType.APP_RESP, 2, 1, term=1, index=app.entries[-1].index))
+    assert core.commit == app.entries[-1].index
+
+
+def test_an_append_lost_on_the_way_is_sent_again_after_a_later_heartbeat() -> None:
+    """The follower answered a heartbeat the leader sent after the append without
+    acknowledging the append: on an ordered channel the append was lost, so the
+    leader sends it again from the follower's match."""
+    core = _leader_with_one_follower()
+    core.propose(b"x" * 4096)
+    [app] = _apps(core)
+    after = _heartbeat_round(core)
+    core.step(Message(MsgType.HEARTBEAT_RESP, 2, 1, term=1, stamp=after))
+    [again] = _apps(core)
+    assert again.index == app.index and again.entries == app.entries
+
+
 def test_a_follower_behind_a_compacted_log_catches_up_by_snapshot() -> None:
     """§7: entries a follower needs were compacted away, so the leader sends its
     snapshot; the follower restores it and continues from there."""
