@@ -155,10 +155,14 @@ def _replication(section: dict[str, Any] | None) -> list[str]:
            "default (each replica keeps its log and fsyncs it); R=1 in memory (no log) is "
            f"shown for reference: R=3 reaches {section['r3_over_r1_logged']:.2f} of the "
            f"logged R=1's steps/s and {section['r3_over_r1_in_memory']:.2f} of the in-memory "
-           "one's.", ""]
-    out += _table(["replicas", "log", "steps", "step ms", "best ms"],
+           "one's. A logged group of one writes each worker's push as it comes (a push is "
+           "acknowledged once buffered): the workers times the model a step; R=3 writes "
+           "the aggregated mean, the model once a step on each replica. `data dir bytes`: "
+           "what each cluster's data dir held after its run.", ""]
+    out += _table(["replicas", "log", "steps", "step ms", "best ms", "data dir bytes"],
                   [(r["replicas"], "yes" if r["logged"] else "no (in memory)", r["steps"],
-                    r["step_ms_median"], r["step_ms_best"]) for r in section["rows"]])
+                    r["step_ms_median"], r["step_ms_best"], r["data_dir_bytes"])
+                   for r in section["rows"]])
     return out
 
 
