@@ -131,7 +131,8 @@ def check_oracle(address: str, acked: set[int], failed: set[int]) -> None:
 
 
 def test_status_shows_every_replica_with_role_term_and_indices(cluster_factory: Any) -> None:
-    c = replicated(cluster_factory)
+    """Also: the Raft timing settings of `serve` reach every replica process."""
+    c = replicated(cluster_factory, "--heartbeat-ms", "40", "--election-timeout-ms", "400")
     try:
         init_oracle(c.address)
         st = cluster_status(c.address)
@@ -151,6 +152,10 @@ def test_status_shows_every_replica_with_role_term_and_indices(cluster_factory: 
         wait_until(everyone_in, 15, "every replica in a term, the init applied")
         for s in cluster_status(c.address)["shards"]:
             assert all(r["pid"] > 0 for r in s["replicas"])
+            for r in s["replicas"]:
+                argv = Path(f"/proc/{r['pid']}/cmdline").read_bytes().split(b"\0")
+                timing = argv[argv.index(b"--heartbeat-ms"):argv.index(b"--heartbeat-ms") + 4]
+                assert timing == [b"--heartbeat-ms", b"40", b"--election-timeout-ms", b"400"]
         wait_until(lambda: converged(c.address), 15, "replicas converged")
     finally:
         assert c.stop() == 0

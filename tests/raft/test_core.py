@@ -73,6 +73,25 @@ def test_a_follower_refuses_proposals_with_a_leader_hint() -> None:
     assert info.value.leader_hint == lead
 
 
+def test_election_timeouts_are_randomized_over_one_election_timeout() -> None:
+    """§5.2: each node waits a random time in [election_tick, 2 x election_tick)
+    before it campaigns, drawn from the injected rng, so split votes are rare;
+    a follower that keeps hearing from its leader never campaigns."""
+    cfg = Config(1, (1, 2, 3), election_tick=10)
+    seen = set()
+    for seed in range(200):
+        core = RaftCore(cfg, random.Random(seed))
+        ticks = 0
+        while core.role not in (Role.PRE_CANDIDATE, Role.CANDIDATE):
+            core.tick()
+            ticks += 1
+        assert 10 <= ticks < 20, (seed, ticks)
+        seen.add(ticks)
+    assert seen == set(range(10, 20))  # every value of the range occurs
+    again = [RaftCore(cfg, random.Random(7)).timeout for _ in range(2)]
+    assert again[0] == again[1]  # the same rng seed, the same timeout
+
+
 def test_one_vote_per_term() -> None:
     """§5.2: each server votes for at most one candidate in a given term."""
     core = RaftCore(Config(1, (1, 2, 3), pre_vote=False), random.Random(0))

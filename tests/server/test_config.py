@@ -28,6 +28,7 @@ def test_defaults() -> None:
     assert (cfg.chunk_bytes, cfg.frame_bytes) == (DEFAULT_CHUNK_BYTES, DEFAULT_FRAME_BYTES)
     assert cfg.ipc is True
     assert cfg.limits == Limits()
+    assert (cfg.heartbeat_ms, cfg.election_timeout_ms) == (50, 300)  # Raft timing (issue 4)
 
 
 def test_process_environment_is_not_read_when_env_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -143,6 +144,9 @@ def test_bad_env_values_raise_config_error(env: dict[str, str]) -> None:
         pytest.param({"shards": 0}, id="shards-0"),
         pytest.param({"mode": "foo"}, id="mode-foo"),
         pytest.param({"port": "abc"}, id="port-not-a-number"),
+        pytest.param({"heartbeat_ms": 0}, id="heartbeat-0"),
+        pytest.param({"heartbeat_ms": 100, "election_timeout_ms": 150},
+                     id="election-below-two-heartbeats"),
     ],
 )
 def test_bad_cli_values_raise_config_error(cli: dict[str, Any]) -> None:
