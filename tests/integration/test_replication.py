@@ -29,7 +29,7 @@ from pserver.protocol.errors import ErrorCode
 from pserver.protocol.schema import Header, Kind
 from pserver.supervisor import CLUSTER_TOKEN_ENV
 
-from .support import run_workers, wait_until
+from .support import assert_bits_equal, key_on_shard, run_workers, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.failover]
 
@@ -607,5 +607,28 @@ def test_a_raft_message_without_the_cluster_token_is_dropped(
 
         rs = wait_until(caught_up, 30, "replicas caught up")
         assert len({r["digest"] for r in rs}) == 1, rs
+    finally:
+        assert c.stop() == 0
+
+
+def test_concurrent_async_pushes_share_log_entries(cluster_factory: Any) -> None:
+    """Async pushes that reach a leader together are proposed as one entry (group
+    commit): 64 pushes sent at once take far fewer than 64 entries, and each is
+    applied exactly once."""
+    c = replicated(cluster_factory)
+    try:
+        with pserver.connect(c.address, timeout=30) as client:
+            key = key_on_shard(client.shard_map, 0, "batched")
+            client.init({key: np.zeros(16, np.float32)}, optimizer={"name": "sum"})
+            wait_until(lambda: converged(c.address), 15, "replicas converged")
+            before = leader(c.address, 0)["applied_index"]
+            futures = [client.push_async({key: np.ones(16, np.float32)}) for _ in range(64)]
+            wait_futures(futures, timeout=30)
+            for f in futures:
+                f.result()
+            assert_bits_equal(client.pull([key])[key], np.full(16, 64, np.float32))
+            wait_until(lambda: converged(c.address), 15, "replicas converged")
+            entries = leader(c.address, 0)["applied_index"] - before
+            assert 1 <= entries <= 16, entries
     finally:
         assert c.stop() == 0
