@@ -227,8 +227,9 @@ class Endpoint:
         (the peer process died or closed it): poll ``Monitor.sock``."""
         return Monitor(self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED))
 
-    def close(self) -> None:
-        self.sock.close(0)
+    def close(self, linger_ms: int = 0) -> None:
+        """Close; with ``linger_ms``, messages still queued get that long to leave."""
+        self.sock.close(linger_ms)
 
 
 class Monitor:

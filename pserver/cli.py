@@ -288,6 +288,9 @@ def shard(
     except SnapshotError as exc:
         raise click.ClickException(f"cannot restore the shard's state: {exc}") from None
     server.install_signal_handlers()
+    # A file-size limit (ulimit -f) makes a log write fail with EFBIG, handled as a
+    # failed write (the replica stops), instead of killing the process unannounced.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     print(
         json.dumps({"shard": shard_id, "pid": os.getpid(), "endpoints": server.endpoints}),
         flush=True,

@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH_BYTES = 64 << 20  # one log entry's commands, at most (one command may exceed it)
 READ_TIMEOUT_S = 30.0  # a read whose ReadIndex never confirmed is dropped (client retries)
 LEASE_SAFETY = 0.9  # of the time no other leader can be elected: room for clock drift
+STOP_LINGER_MS = 1000  # a replica stopping on a log failure: time for its last replies
 READS = frozenset({Kind.PULL, Kind.META, Kind.KEYS, Kind.TABLE_META, Kind.PULL_ROWS})
 LEADER_ONLY = READS | MUTATING_KINDS | {Kind.BARRIER, Kind.HEARTBEAT}
 
@@ -172,7 +173,7 @@ class ReplicaServer(ShardServer):
 
     def close(self) -> None:
         try:
-            if self.core.applied > self.core.snap_index:
+            if self.core.applied > self.core.snap_index and not self.log.wal.failed:
                 self.log.compact()
         except (OSError, WALError) as exc:
             log.error("shard %d replica %d: snapshot on stop failed: %s", self.shard_id,
@@ -382,9 +383,18 @@ class ReplicaServer(ShardServer):
             reads = self.log.drive(self._peers.send, self._answer)
         except WALError as exc:
             # Nothing unpersisted may be acknowledged: stop; the supervisor restarts
-            # this replica from what its disk holds.
+            # this replica from what its disk holds. Every request it holds is
+            # answered NotLeader first (no hint: not back here), a retryable error:
+            # the client sends it again, same sequence number, to whichever replica
+            # leads next, so a full disk (WALFull) or a failed write costs a retry,
+            # not a client's whole deadline. The replies get a moment to leave.
             log.critical("shard %d replica %d: %s; stopping", self.shard_id, self.replica_id,
                          exc)
+            self._abandon_clients(NotLeader(
+                f"replica {self.replica_id} of shard {self.shard_id} cannot write its log "
+                f"({exc}) and stops; send the request again", shard=self.shard_id,
+                leader_hint=None))
+            self.close_linger_ms = STOP_LINGER_MS
             raise SystemExit(3) from exc
         for ctx, index in reads:
             asked = self._reads_asked.pop(ctx, None)
@@ -486,11 +496,13 @@ class ReplicaServer(ShardServer):
             self._abandon_clients()
         self._was_leader = leader
 
-    def _abandon_clients(self) -> None:
-        """Answer every request held for the leader's role with NotLeader: the client
-        retries at the new leader with the same sequence number."""
-        exc = NotLeader(f"replica {self.replica_id} of shard {self.shard_id} lost the "
-                        "leadership", shard=self.shard_id, leader_hint=self.leader_hint)
+    def _abandon_clients(self, exc: NotLeader | None = None) -> None:
+        """Answer every request held for the leader's role with NotLeader (``exc``, by
+        default: the leadership was lost): the client retries at the new leader with
+        the same sequence number."""
+        if exc is None:
+            exc = NotLeader(f"replica {self.replica_id} of shard {self.shard_id} lost the "
+                            "leadership", shard=self.shard_id, leader_hint=self.leader_hint)
         held = [w for ws in self._waiters.values() for w in ws] + self._reads_new
         held += [r for _, reads in self._reads_asked.values() for r in reads]
         held += [r for _, reads in self._reads_ready for r in reads]

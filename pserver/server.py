@@ -106,6 +106,7 @@ class ShardServer:
         self._restore()
         self.ctx = new_context()
         self.endpoint = Endpoint.router_bound(self.ctx, endpoints, self.limits)
+        self.close_linger_ms = 0  # how long replies queued at close may take to leave
         self.started = time.time()
         self._stop = False
         self.requests = 0
@@ -151,7 +152,7 @@ class ShardServer:
             self.close()
 
     def close(self) -> None:
-        self.endpoint.close()
+        self.endpoint.close(self.close_linger_ms)
         self.ctx.term()
         if self.snapshot_path is not None:
             size = snapshot.save(self.state, self.snapshot_path)

@@ -179,6 +179,11 @@ class WAL:
 
     # -- writing -------------------------------------------------------------------------
 
+    @property
+    def failed(self) -> bool:
+        """A write or fsync failed: the log takes no more records."""
+        return self._failed is not None
+
     def _check(self) -> None:
         if self._failed is not None:
             raise WALError(f"the log stopped after a failed write: {self._failed}")
@@ -299,7 +304,13 @@ class WAL:
                     self._fh.truncate(self._size)
                     self._dirty = True
                 self.sync()
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:
+                if self._failed is None:
+                    raise
+                # A failed log's buffered bytes cannot be written either; they were
+                # never acknowledged, and recovery cuts whatever part of them landed.
 
 
 def _replay(path: Path, into: Recovered, last: bool) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import signal
 import threading
 import time
@@ -630,5 +631,37 @@ def test_concurrent_async_pushes_share_log_entries(cluster_factory: Any) -> None
             wait_until(lambda: converged(c.address), 15, "replicas converged")
             entries = leader(c.address, 0)["applied_index"] - before
             assert 1 <= entries <= 16, entries
+    finally:
+        assert c.stop() == 0
+
+
+def test_a_leader_that_cannot_write_its_log_is_retried_elsewhere(cluster_factory: Any) -> None:
+    """A log write that fails is never acknowledged, and the client gets a retryable
+    answer at once instead of waiting out its deadline. Here the write fails with
+    EFBIG (the leader's file-size limit lowered under its log, a real failed write;
+    a full disk, ENOSPC, takes the same path): the leader answers the push NotLeader
+    and stops, the client sends it again to the next leader, the push is applied
+    exactly once, and the supervisor restarts the replica, which catches up."""
+    c = replicated(cluster_factory)
+    try:
+        with pserver.connect(c.address, timeout=30) as client:
+            key = key_on_shard(client.shard_map, 0, "disk")
+            ones = np.ones(1 << 18, np.float32)  # 1 MiB
+            client.init({key: np.zeros_like(ones)}, optimizer={"name": "sum"})
+            client.push({key: ones})
+            wait_until(lambda: converged(c.address), 15, "replicas converged")
+            old = leader(c.address, 0)
+            resource.prlimit(old["pid"], resource.RLIMIT_FSIZE, (1, 1))
+            started = time.monotonic()
+            client.push({key: ones})  # answered by the next leader
+            took = time.monotonic() - started
+            assert_bits_equal(client.pull([key])[key], 2 * ones)
+        assert took < 15, f"the push waited {took:.1f} s: no prompt retryable answer"
+        wait_until(lambda: leader(c.address, 0)["pid"] != old["pid"], 15, "a new leader")
+        wait_until(lambda: all(r["role"] != "down" and r["pid"] != old["pid"]
+                               for r in replicas(c.address, 0)), 30, "the replica restarted")
+        wait_until(lambda: converged(c.address), 30, "replicas converged")
+        # it stopped itself on the failed write (exit 3), not killed by SIGXFSZ
+        assert f"(pid {old['pid']}) exited with 3" in c.stderr()
     finally:
         assert c.stop() == 0

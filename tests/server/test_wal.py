@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +158,46 @@ def test_a_failed_fsync_stops_the_log(tmp_path: Path, monkeypatch: pytest.Monkey
     with pytest.raises(WALError):
         wal.sync()
     wal.close()
+
+
+_WRITE_FAILS = """
+import resource, signal, sys
+from pathlib import Path
+from pserver.raft.types import Entry
+from pserver.wal import WAL, WALError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+wal, _ = WAL.open(Path(sys.argv[1]))
+wal.append([Entry(1, 1, b"a" * 100)])
+wal.sync()
+resource.setrlimit(resource.RLIMIT_FSIZE, (200, resource.RLIM_INFINITY))
+try:
+    wal.append([Entry(1, 2, b"b" * 150)])  # buffered: refused at the flush
+    wal.sync()
+except WALError as exc:
+    print("failed:", exc)
+try:
+    wal.append([Entry(1, 3, b"c")])
+except WALError:
+    print("stopped")
+wal.close()  # the buffered record cannot be written: dropped, no exception
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+again, rec = WAL.open(Path(sys.argv[1]))
+print("recovered", [e.index for e in rec.entries])
+again.close()
+"""
+
+
+def test_a_real_failed_write_stops_the_log_and_close_drops_the_rest(tmp_path: Path) -> None:
+    """A write the OS refuses (EFBIG under a file-size limit, in a process of its own)
+    stops the log; closing it drops what could not be written instead of raising
+    (a replica stopping on a failed write exits with its own code), and the log
+    reopens with the records synced before the failure, the torn part cut."""
+    res = subprocess.run([sys.executable, "-c", _WRITE_FAILS, str(tmp_path)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("failed: ") and "File too large" in lines[0], lines
+    assert lines[1:] == ["stopped", "recovered [1]"], lines
 
 
 def test_atomic_write_replaces_the_whole_file(tmp_path: Path) -> None:
