@@ -13,12 +13,16 @@ import os
 import random
 import resource
 import signal
+import struct
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import pytest
 
@@ -665,3 +669,44 @@ def test_a_leader_that_cannot_write_its_log_is_retried_elsewhere(cluster_factory
         assert f"(pid {old['pid']}) exited with 3" in c.stderr()
     finally:
         assert c.stop() == 0
+
+
+def test_replicas_that_hold_different_state_are_reported_loudly(
+        cluster_factory: Any, tmp_path: Path) -> None:
+    """Replicas must apply identically; if one ever holds other state at the same
+    applied index, the supervisor says so: `digest_mismatch` in the status, an
+    ERROR line in `pserver status`, an error in its log. The divergence is made by
+    hand: one value byte of one replica's snapshot changed (checksum made valid
+    again) while the cluster is stopped."""
+    c = replicated(cluster_factory)
+    with pserver.connect(c.address, timeout=30) as client:
+        key = key_on_shard(client.shard_map, 0, "digest")
+        client.init({key: np.zeros(1024, np.float32)}, optimizer={"name": "sum"})
+        client.push({key: np.ones(1024, np.float32)})
+    wait_until(lambda: converged(c.address), 15, "replicas converged")
+    assert not any(s["digest_mismatch"] for s in cluster_status(c.address)["shards"])
+    assert c.stop() == 0
+    snap = tmp_path / "data" / "shard-0" / "replica-2" / "raft.snap"
+    raw = bytearray(snap.read_bytes())
+    crc_at = len(raw) - 4
+    raw[crc_at - 1] ^= 0x40  # the last byte of the last array: the key's value
+    body_from = raw.index(b"PSNAP01\n")  # the shard snapshot after the Raft header
+    raw[crc_at:] = struct.pack("<I", google_crc32c.value(bytes(raw[body_from:crc_at])))
+    snap.write_bytes(bytes(raw))
+    c2 = replicated(cluster_factory)
+    try:
+        def mismatch() -> bool:
+            st = cluster_status(c2.address)["shards"][0]
+            ups = [r for r in st["replicas"] if r["role"] != "down"]
+            return len(ups) == 3 and bool(st["digest_mismatch"])
+
+        wait_until(mismatch, 30, "the divergent replica reported")
+        text = subprocess.run([sys.executable, "-m", "pserver", "status", "--address",
+                               c2.address], capture_output=True, text=True, timeout=30,
+                              check=False)
+        assert "ERROR: the replicas of shard 0 hold different state" in text.stdout
+        assert "hold different state" in c2.stderr()
+        st = cluster_status(c2.address)["shards"]
+        assert not st[1]["digest_mismatch"]  # only the shard that differs
+    finally:
+        assert c2.stop() == 0
