@@ -424,9 +424,10 @@ def test_sync_steps_give_the_same_bits_replicated_and_not_even_across_a_failover
         assert np.array_equal(got[k], want[k]), f"{k}: replicated sync differs from R=1"
     wait_until(lambda: converged(c.address), 30, "replicas converged")
     st = cluster_status(c.address)
-    # one log entry per step and part group, not one per push: well under 2 x steps
-    assert all(r["applied_index"] < SYNC_STEPS * 3 for s in st["shards"]
-               for r in s["replicas"])
+    # one log entry per step and shard, not one per push (2 x steps, 60 and more):
+    # the steps plus a few (the init, each term's no-op; 35 and 37 seen)
+    applied = [r["applied_index"] for s in st["shards"] for r in s["replicas"]]
+    assert all(SYNC_STEPS <= i < SYNC_STEPS * 3 // 2 for i in applied), applied
     c2 = replicated(cluster_factory, "--workers", "2", "--data-dir", str(tmp_path / "r3-kill"))
     failed_over = _sync_run(c2.address, kill_at=SYNC_STEPS // 2)
     for k in want:
