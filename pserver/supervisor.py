@@ -145,6 +145,10 @@ class _PortTaken(RuntimeError):
     """A replica exited during start-up because its port was no longer free."""
 
 
+class _ReplicaExited(RuntimeError):
+    """A replica exited during start-up (for another reason than its port)."""
+
+
 class Stopping(Exception):
     """SIGTERM or SIGINT came while the supervisor waited for replicas to start."""
 
@@ -400,12 +404,24 @@ class Supervisor:
     def _await_group(self, shard: int, deadline: float) -> None:
         """Wait for every replica of ``shard`` to report its endpoints. A replica that
         found its port taken sends the whole group (whose replicas know each other's
-        addresses from their command lines) to fresh ports, up to PORT_ATTEMPTS times."""
+        addresses from their command lines) to fresh ports, up to PORT_ATTEMPTS times.
+        A replica that exits for another reason (a log it refuses to trust, say) does
+        not stop the shard while a majority of its group started: it is logged as an
+        error, shown down, and restarted with back-off once the cluster serves."""
         group = [r for r in self.replicas if r.shard == shard]
         for attempt in range(1, PORT_ATTEMPTS + 1):
             try:
+                exited: list[_ReplicaExited] = []
                 for r in group:
-                    self._await_ready(r, deadline)
+                    try:
+                        self._await_ready(r, deadline)
+                    except _ReplicaExited as exc:
+                        exited.append(exc)
+                if exited and len(group) - len(exited) <= len(group) // 2:
+                    raise exited[0]
+                for gone in exited:
+                    log.error("%s; shard %d starts without it (a majority of its replicas "
+                              "is up), and it is restarted with back-off", gone, shard)
                 return
             except _PortTaken as exc:
                 if attempt == PORT_ATTEMPTS:
@@ -443,7 +459,8 @@ class Supervisor:
                     if code == EXIT_ADDRESS_IN_USE and self.config.logged:
                         raise _PortTaken(f"shard {r.shard} replica {r.replica} found "
                                          f"{r.tcp} taken")
-                    raise RuntimeError(f"shard {r.shard} exited during start-up (code {code})")
+                    raise _ReplicaExited(f"shard {r.shard} replica {r.replica} exited during "
+                                         f"start-up (code {code})")
                 line += chunk
         r.proc.stdout.close()
         r.info = json.loads(line)
@@ -472,9 +489,13 @@ class Supervisor:
             time.sleep(0.05)
 
     def _ping(self, r: Replica, deadline: float) -> None:
-        """Ping ``r`` until it answers; its last failure once ``deadline`` passed."""
+        """Ping ``r`` until it answers; its last failure once ``deadline`` passed. A
+        replica whose process is not running (one a started group goes on without)
+        is not waited for."""
         while True:
             self._check_stop()
+            if r.proc is None or r.proc.poll() is not None:
+                return
             header = Header(Kind.PING, next(self._ids))
             left = deadline - time.monotonic()
             try:

@@ -162,6 +162,17 @@ def test_status_shows_every_replica_with_role_term_and_indices(cluster_factory: 
                 timing = argv[argv.index(b"--heartbeat-ms"):argv.index(b"--heartbeat-ms") + 4]
                 assert timing == [b"--heartbeat-ms", b"40", b"--election-timeout-ms", b"400"]
         wait_until(lambda: converged(c.address), 15, "replicas converged")
+        # the text form: a row per replica with its role, term and indices
+        text = subprocess.run([sys.executable, "-m", "pserver", "status", "--address",
+                               c.address], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.splitlines()
+        st = cluster_status(c.address)
+        for s in st["shards"]:
+            for r in s["replicas"]:
+                row = [ln.split() for ln in text if ln.endswith(r["address"])]
+                assert row and row[0][:7] == [str(s["id"]), str(r["id"]), r["role"], str(r["pid"]),
+                                              str(r["term"]), str(r["commit_index"]),
+                                              str(r["applied_index"])], (row, r)
     finally:
         assert c.stop() == 0
 
@@ -711,3 +722,36 @@ def test_replicas_that_hold_different_state_are_reported_loudly(
         assert not st[1]["digest_mismatch"]  # only the shard that differs
     finally:
         assert c2.stop() == 0
+
+
+def test_a_log_corrupt_before_its_end_stops_that_replica_with_a_clear_message(
+        cluster_factory: Any, tmp_path: Path) -> None:
+    """A bad record followed by good ones is not a torn write: the replica refuses to
+    start and says why (restore it from a peer), and is never served from a log it
+    cannot trust; its shard goes on with the two others."""
+    c = replicated(cluster_factory)
+    init_oracle(c.address)
+    with Writers(c.address) as w:
+        wait_until(lambda: w.done() >= 100, 60, "100 pushes")
+    _crash_whole_cluster(c)
+    wal_dir = tmp_path / "data" / "shard-0" / "replica-1" / "wal"
+    segment = max(wal_dir.glob("*.wal"))
+    data = bytearray(segment.read_bytes())
+    assert len(data) > 4096
+    data[len(data) // 3] ^= 0xFF  # inside some record, with good records after it
+    segment.write_bytes(bytes(data))
+    c2 = replicated(cluster_factory)
+    try:
+        wait_until(lambda: "corrupt record at byte" in c2.stderr(), 30,
+                   "the replica's refusal")
+        assert "refusing to start" in c2.stderr() and str(segment) in c2.stderr()
+        check_oracle_on = [r for r in replicas(c2.address, 0) if r["id"] != 1]
+        assert any(r["role"] == "leader" for r in check_oracle_on)
+        with pserver.connect(c2.address, timeout=30) as client:  # the shard still serves
+            key = key_on_shard(client.shard_map, 0, "after-corruption")
+            client.init({key: np.zeros(4, np.float32)}, optimizer={"name": "sum"})
+            client.push({key: np.ones(4, np.float32)})
+            assert_bits_equal(client.pull([key])[key], np.ones(4, np.float32))
+        assert replicas(c2.address, 0)[1]["role"] == "down"
+    finally:
+        c2.stop()

@@ -17,6 +17,8 @@ from .harness import Cluster
 
 
 def test_a_single_node_elects_itself_and_commits() -> None:
+    """§5.2/§5.3: a group of one is its own majority: it wins its election at once
+    and commits what it appends."""
     c = Cluster(1)
     lead = c.elect()
     c.nodes[lead].core.propose(b"x")
@@ -65,6 +67,8 @@ def test_entries_replicate_and_commit_on_every_node() -> None:
 
 
 def test_a_follower_refuses_proposals_with_a_leader_hint() -> None:
+    """§5.1 and §8: only the leader takes client requests; a follower redirects the
+    client to the leader it knows."""
     c = Cluster(3, seed=3)
     lead = c.elect()
     follower = next(i for i in c.nodes if i != lead)
@@ -388,6 +392,7 @@ def test_a_follower_behind_a_compacted_log_catches_up_by_snapshot() -> None:
 
 
 def test_compaction_only_covers_applied_entries() -> None:
+    """§7: a snapshot covers only entries the state machine applied."""
     core = RaftCore(Config(1, (1,)), random.Random(0))
     core.campaign()
     core.advance(core.ready())
@@ -457,6 +462,8 @@ def test_read_index_confirms_leadership_with_a_quorum_first() -> None:
 
 
 def test_a_cut_off_leader_never_confirms_a_read() -> None:
+    """§8 (thesis §6.4): a ReadIndex read is served only after a quorum confirms the
+    leadership; a leader cut off from the majority never confirms one."""
     c = Cluster(3, seed=10)
     lead = c.elect()
     c.partition({lead}, set(c.nodes) - {lead})
