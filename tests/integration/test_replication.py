@@ -33,6 +33,7 @@ from pserver.protocol.codec import encode_header
 from pserver.protocol.errors import ErrorCode
 from pserver.protocol.schema import Header, Kind
 from pserver.supervisor import CLUSTER_TOKEN_ENV
+from pserver.wal import _record_end
 
 from .support import assert_bits_equal, key_on_shard, run_workers, wait_until
 
@@ -300,14 +301,19 @@ def test_a_torn_wal_tail_is_cut_on_restart_and_nothing_acknowledged_is_lost(
     shard, replica = rng.randrange(2), rng.randrange(3)
     wal_dir = tmp_path / "data" / f"shard-{shard}" / f"replica-{replica}" / "wal"
     segment = max(wal_dir.glob("*.wal"))
-    size = segment.stat().st_size
-    assert size > 0
-    cut = rng.randrange(max(1, size - 4096), size)
+    data = segment.read_bytes()
+    last, pos = 0, 0  # where the last whole record starts: the cut lands inside it
+    while (end := _record_end(data, pos, int(segment.stem, 16))) is not None:
+        last, pos = pos, end
+    assert pos > last > 0
+    cut = rng.randrange(last + 1, pos)
     with open(segment, "r+b") as fh:
         fh.truncate(cut)
     c2 = replicated(cluster_factory)
     try:
         check_oracle(c2.address, w.acked, w.failed)
+        assert f"{segment}: cutting a torn tail of {cut - last} bytes at byte {last}" \
+            in c2.stderr()
     finally:
         assert c2.stop() == 0
 

@@ -243,6 +243,42 @@ def test_leadership_transfer_hands_over_to_the_named_follower() -> None:
     c.check_invariants()
 
 
+def test_leadership_transfer_to_a_lagging_follower_catches_it_up_first() -> None:
+    """Thesis §3.10: a target missing entries gets them before TIMEOUT_NOW, so it
+    can win the election (a stale log would lose it), and nothing is lost."""
+    c = Cluster(3, seed=7)
+    lead = c.elect()
+    target = next(i for i in c.nodes if i != lead)
+    c.partition({target}, set(c.nodes) - {target})
+    for i in range(5):
+        c.nodes[lead].core.propose(f"while-away-{i}".encode())
+        c.process(lead)
+        c.deliver()
+    c.run(2)
+    assert c.nodes[target].core.last_index < c.nodes[lead].core.last_index
+    c.heal()
+    sent: list[MsgType] = []
+    real_step = c.nodes[target].core.step
+
+    def spy(m: Message) -> None:
+        sent.append(m.type)
+        real_step(m)
+
+    c.nodes[target].core.step = spy  # type: ignore[method-assign]
+    c.nodes[lead].core.transfer_leadership(target)
+    c.process(lead)
+    c.deliver()
+    c.run(8)
+    assert c.leader() == target
+    appends = [i for i, t in enumerate(sent) if t == MsgType.APP]
+    assert appends and MsgType.TIMEOUT_NOW in sent
+    assert appends[0] < sent.index(MsgType.TIMEOUT_NOW)  # caught up, then told to campaign
+    data = [e.data for e in c.nodes[target].core.log if e.data]
+    assert [f"while-away-{i}".encode() for i in range(5)] == [d for d in data
+                                                                if d.startswith(b"while")]
+    c.check_invariants()
+
+
 @pytest.mark.parametrize("seed", range(int(os.environ.get("RAFT_SEEDS", "300"))))
 def test_random_faults_never_break_safety(seed: int) -> None:
     """Drops, duplicates, reordering, partitions, snapshots (§7) and crash-restarts

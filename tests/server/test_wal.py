@@ -208,6 +208,31 @@ def test_atomic_write_replaces_the_whole_file(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["snapshot"]
 
 
+def test_atomic_write_syncs_the_data_before_the_rename_and_the_directory_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order that makes a crash leave the old file or the new one: the new
+    bytes are durable before the rename, and the rename is durable (the directory
+    synced) before atomic_write returns. The real calls run; they are recorded."""
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append(("replace", str(src)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "snapshot"
+    atomic_write(target, b"new contents")
+    tmp = str(target) + ".tmp"
+    assert events == [("fsync", tmp), ("replace", tmp), ("fsync", str(tmp_path))]
+    assert target.read_bytes() == b"new contents"
+
+
 def test_compaction_keeps_only_the_entries_after_the_snapshot(tmp_path: Path) -> None:
     wal, _ = WAL.open(tmp_path, segment_bytes=256)
     wal.append(_entries(30), HardState(1, 1, 30))
