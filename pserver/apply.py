@@ -118,6 +118,16 @@ def apply_command(state: ShardStateMachine, cmd: Command, limits: Limits, *,
         return []
     if cmd.op == commands.SYNC_STEP:
         return _apply_sync_step(state, cmd, limits, shard)
+    if cmd.op == commands.DIGEST:
+        state.mark_digest(cmd.token)
+        return []
+    if cmd.op == commands.DIGEST_CHECK:
+        if state.check_digest(cmd.token, cmd.digest) is False:
+            log.critical("shard %d: this replica's state differs from its leader's at the "
+                         "same log position (digest %s against %s): replicas must apply "
+                         "identically; restore this one from a peer", shard,
+                         state.last_mismatch[0], cmd.digest)
+        return []
     header = decode_header(cmd.header, limits)
     try:
         cached = state.sessions.duplicate(header.client_id, header.seq)

@@ -7,8 +7,9 @@ command is a client mutation exactly as the client sent it (its header bytes
 and data frames) with the proposer's token, so only the replica that received
 the request answers it; a sync step the leader aggregated (the mean gradient of
 each part and the headers of the pushes it answers, whose own data is not
-logged); or a change of the step quorum (a worker dropped after its heartbeats
-stopped, or back again). An encoded batch is a ``raft.Payload``: the length and
+logged); a change of the step quorum (a worker dropped after its heartbeats
+stopped, or back again); or a state digest mark and its check. An encoded batch
+is a ``raft.Payload``: the length and
 description in one buffer, then the commands' frames themselves, never copied
 into one buffer. Decoding returns views of the frames (of the payload's parts, or
 of one contiguous buffer read back from the log), without copying the tensors.
@@ -28,6 +29,9 @@ from .raft import EntryData, Payload
 
 _LEN = struct.Struct("<I")
 REQUEST, DROP_WORKER, REJOIN_WORKER, SYNC_STEP = "req", "drop", "rejoin", "step"
+# State digests exchanged through the log: every replica hashes its state where it
+# applies DIGEST; the leader then logs its own hash in DIGEST_CHECK for all to compare.
+DIGEST, DIGEST_CHECK = "digest", "check"
 
 
 class CommandError(Exception):
@@ -49,6 +53,7 @@ class Command:
     # is the mean)
     steps: Sequence[tuple[str, int, int, tuple[int, ...], int]] = ()
     members: Sequence[tuple[tuple[int, int], bytes]] = ()
+    digest: str = ""  # DIGEST_CHECK: the leader's state digest at DIGEST ``token``
 
 
 def encode(commands: Sequence[Command]) -> Payload:
@@ -66,6 +71,10 @@ def encode(commands: Sequence[Command]) -> Payload:
                          [[list(t), bytes(h)] for t, h in c.members],
                          [memoryview(f).nbytes for f in c.frames]])
             blobs.extend(c.frames)
+        elif c.op == DIGEST:
+            desc.append([c.op, list(c.token)])
+        elif c.op == DIGEST_CHECK:
+            desc.append([c.op, list(c.token), c.digest])
         else:
             desc.append([c.op, c.worker])
     head = msgpack.packb(desc, use_bin_type=True)
@@ -126,6 +135,13 @@ def decode(data: EntryData) -> list[Command]:
                     members=[((int(t[0]), int(t[1])), bytes(h)) for t, h in members]))
             elif item[0] in (DROP_WORKER, REJOIN_WORKER):
                 out.append(Command(item[0], worker=int(item[1])))
+            elif item[0] == DIGEST:
+                out.append(Command(DIGEST, (int(item[1][0]), int(item[1][1]))))
+            elif item[0] == DIGEST_CHECK:
+                if not isinstance(item[2], str):
+                    raise CommandError(f"a digest check carries {item[2]!r}")
+                out.append(Command(DIGEST_CHECK, (int(item[1][0]), int(item[1][1])),
+                                   digest=item[2]))
             else:
                 raise CommandError(f"unknown command {item[0]!r}")
     except (TypeError, ValueError, IndexError, KeyError) as exc:  # not a list of commands

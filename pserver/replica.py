@@ -66,6 +66,7 @@ MAX_BATCH_BYTES = 64 << 20  # one log entry's commands, at most (one command may
 READ_TIMEOUT_S = 30.0  # a read whose ReadIndex never confirmed is dropped (client retries)
 LEASE_SAFETY = 0.9  # of the time no other leader can be elected: room for clock drift
 STOP_LINGER_MS = 1000  # a replica stopping on a log failure: time for its last replies
+DIGEST_EVERY_S = 10.0  # a leader marks a digest this often while entries are applied
 READS = frozenset({Kind.PULL, Kind.META, Kind.KEYS, Kind.TABLE_META, Kind.PULL_ROWS})
 LEADER_ONLY = READS | MUTATING_KINDS | {Kind.BARRIER, Kind.HEARTBEAT}
 
@@ -112,6 +113,9 @@ class ReplicaServer(ShardServer):
         self._batch: list[Command] = []
         self._batch_bytes = 0
         self._tokens = 0
+        self._next_digest = time.monotonic() + DIGEST_EVERY_S  # see _mark_digest
+        self._digest_applied = -1
+        self._digest_token: tuple[int, int] | None = None
         # token -> the requests a proposed mutation answers (copies sent again share it)
         self._waiters: dict[tuple[int, int], list[tuple[Incoming, Header]]] = {}
         # (client id, seq) -> token of a mutation proposed here and not yet applied
@@ -153,6 +157,7 @@ class ReplicaServer(ShardServer):
                     next_tick = max(next_tick + self.heartbeat_s, now)
                     self._check_workers()
                     self._expire_reads(now)
+                    self._mark_digest(now)
                 self._flush()
                 if now >= next_parent_check:
                     next_parent_check = now + 1.0
@@ -417,6 +422,10 @@ class ReplicaServer(ShardServer):
             self._steps.logged(outcomes[0].header, -1)
         if cmd.op == commands.SYNC_STEP and outcomes and outcomes[0].error is not None:
             self._abandon_steps()  # the leader's step numbers went wrong: start over
+        if cmd.op == commands.DIGEST and cmd.token == self._digest_token \
+                and self.core.role == Role.LEADER and cmd.token in self.state.digest_marks:
+            self._queue(Command(commands.DIGEST_CHECK, cmd.token,
+                                digest=self.state.digest_marks[cmd.token]))
         for outcome in outcomes:
             self._in_log.pop((outcome.header.client_id, outcome.header.seq), None)
             for incoming, header in self._waiters.pop(outcome.token, []):
@@ -429,6 +438,21 @@ class ReplicaServer(ShardServer):
         if cmd.op == commands.DROP_WORKER and self.core.role == Role.LEADER:
             for step in self._steps.ready():  # steps waiting only for that worker
                 self._queue(step)
+
+    def _mark_digest(self, now: float) -> None:
+        """As leader, every DIGEST_EVERY_S while entries get applied, log a DIGEST
+        mark: each replica hashes its state where it applies it, and once the leader
+        has applied it, it logs its own hash (DIGEST_CHECK) for every replica to
+        compare with its own. The log is the exchange: the same position on every
+        replica, hand-started ones included."""
+        if (now < self._next_digest or self.core.role != Role.LEADER
+                or self.core.applied == self._digest_applied or not self._own_term_applied()):
+            return
+        self._next_digest = now + DIGEST_EVERY_S
+        self._digest_applied = self.core.applied
+        self._tokens += 1
+        self._digest_token = (self.core.term, self._tokens)
+        self._queue(Command(commands.DIGEST, self._digest_token))
 
     def _abandon_steps(self) -> None:
         """Send back every push waiting for its step (NotLeader: resend it)."""
@@ -563,6 +587,8 @@ class ReplicaServer(ShardServer):
             peer_sends_dropped=self._peers.dropped, lease_reads=self.lease_reads,
             read_index_reads=self.read_index_reads, peer_down_notices=core.notices,
             raft_refused=self.raft_refused, unreadable_entries=self.log.unreadable_entries,
+            digest_checks=self.state.digest_checks,
+            digest_mismatches=self.state.digest_mismatches,
         )
         return out
 

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 MODES = ("async", "sync", "ssp")
 COMPRESSIONS = ("none", "float16", "bfloat16", "topk")
 _HALF = ("float16", "bfloat16")
+DIGEST_MARKS = 8  # digest marks kept waiting for their check
 AVAILABLE_MODES = MODES
 Pieces = list[np.ndarray[Any, Any]]  # a gradient as consecutive 1-D pieces (its frames)
 
@@ -208,6 +209,12 @@ class ShardStateMachine:
         self.slots: dict[tuple[str, int], Slot] = {}
         self.applied_index = 0
         self._scratch: dict[np.dtype[Any], np.ndarray[Any, Any]] = {}  # see _means
+        # Digest marks (commands.DIGEST): this replica's digest where it applied each of
+        # the last few marks, kept until the leader's check; not part of the state.
+        self.digest_marks: dict[tuple[int, int], str] = {}
+        self.digest_checks = 0  # checks compared here (marks this replica also applied)
+        self.digest_mismatches = 0
+        self.last_mismatch: tuple[str, str] = ("", "")  # (ours, the leader's)
 
     # -- validation ---------------------------------------------------------
 
@@ -573,6 +580,27 @@ class ShardStateMachine:
             h.update(t.values[slots[order]].tobytes())
         h.update(repr(sorted(self.dropped)).encode())
         return h.hexdigest()
+
+    def mark_digest(self, token: tuple[int, int]) -> str:
+        """Remember the digest of the state at the DIGEST command ``token`` (the last
+        DIGEST_MARKS of them) and return it."""
+        self.digest_marks[token] = mine = self.digest()
+        while len(self.digest_marks) > DIGEST_MARKS:
+            del self.digest_marks[next(iter(self.digest_marks))]
+        return mine
+
+    def check_digest(self, token: tuple[int, int], theirs: str) -> bool | None:
+        """Compare the leader's digest at mark ``token`` with ours: None when this
+        replica did not apply that mark (it restored a later snapshot)."""
+        mine = self.digest_marks.pop(token, None)
+        if mine is None:
+            return None
+        self.digest_checks += 1
+        if mine != theirs:
+            self.digest_mismatches += 1
+            self.last_mismatch = (mine, theirs)
+            return False
+        return True
 
     def stats(self) -> dict[str, Any]:
         keys = {k for k, _ in self.slots}

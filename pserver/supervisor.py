@@ -641,7 +641,8 @@ class Supervisor:
                                                       "applied_index", "pid")})
                     replica["digest"] = a.get("digest")
                     for k in ("lease_reads", "read_index_reads", "peer_down_notices",
-                              "raft_refused", "unreadable_entries", "workers"):
+                              "raft_refused", "unreadable_entries", "digest_checks",
+                              "digest_mismatches", "workers"):
                         if k in a:  # workers: those this replica heard from (its leader's)
                             replica[k] = a[k]
                 replicas.append(replica)
@@ -654,7 +655,10 @@ class Supervisor:
             # quorum after --worker-timeout without a heartbeat
             shard_info["workers"] = dict(a.get("workers", {})) if a else {}
             shard_info["replicas"] = replicas
-            shard_info["digest_mismatch"] = _digest_mismatch(shard, replicas)
+            # compared here (replicas idle at one index) or by the replicas themselves
+            # through the log's digest marks (any replica that counted a mismatch)
+            shard_info["digest_mismatch"] = _digest_mismatch(shard, replicas) or any(
+                r.get("digest_mismatches") for r in replicas)
             shards.append(shard_info)
         return {
             "address": self.address,

@@ -441,10 +441,10 @@ def test_sync_steps_give_the_same_bits_replicated_and_not_even_across_a_failover
         assert np.array_equal(got[k], want[k]), f"{k}: replicated sync differs from R=1"
     wait_until(lambda: converged(c.address), 30, "replicas converged")
     st = cluster_status(c.address)
-    # one log entry per step and shard, not one per push (2 x steps, 60 and more):
-    # the steps plus a few (the init, each term's no-op; 35 and 37 seen)
+    # one log entry per step and shard, not one per push (2 x steps and more): the
+    # steps plus a few (the init, each term's no-op, two per digest mark; 35-37 seen)
     applied = [r["applied_index"] for s in st["shards"] for r in s["replicas"]]
-    assert all(SYNC_STEPS <= i < SYNC_STEPS * 3 // 2 for i in applied), applied
+    assert all(SYNC_STEPS <= i < 2 * SYNC_STEPS for i in applied), applied
     c2 = replicated(cluster_factory, "--workers", "2", "--data-dir", str(tmp_path / "r3-kill"))
     failed_over = _sync_run(c2.address, kill_at=SYNC_STEPS // 2)
     for k in want:
@@ -724,8 +724,21 @@ def test_replicas_that_hold_different_state_are_reported_loudly(
                               check=False)
         assert "ERROR: the replicas of shard 0 hold different state" in text.stdout
         assert "hold different state" in c2.stderr()
+        # The replicas find it themselves too, through the log's digest marks (every
+        # 10 s while entries are applied): the leader and the odd one out disagree.
+        with pserver.connect(c2.address, timeout=30) as client:
+            def counted() -> bool:
+                client.push({key: np.ones(1024, np.float32)})  # entries to mark
+                rs = replicas(c2.address, 0)
+                return sum(r.get("digest_mismatches", 0) for r in rs) >= 1
+
+            wait_until(counted, 40, "a replica counting the mismatch itself")
+        rs = replicas(c2.address, 0)
+        assert sum(r.get("digest_checks", 0) for r in rs) >= 2  # the same ones agreed
+        assert "differs from its leader's at the same log position" in c2.stderr()
         st = cluster_status(c2.address)["shards"]
         assert not st[1]["digest_mismatch"]  # only the shard that differs
+        assert not any(r.get("digest_mismatches") for r in st[1]["replicas"])
     finally:
         assert c2.stop() == 0
 

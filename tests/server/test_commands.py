@@ -39,6 +39,18 @@ def test_a_command_batch_round_trips(items: list[tuple]) -> None:  # type: ignor
             assert [bytes(f) for f in a.frames] == [bytes(f) for f in b.frames]
 
 
+def test_digest_marks_and_checks_round_trip() -> None:
+    cmds = [commands.Command(commands.DIGEST, (4, 17)),
+            commands.Command(commands.DIGEST_CHECK, (4, 17), digest="0123abcd")]
+    back = commands.decode(commands.encode(cmds))
+    assert [(c.op, c.token, c.digest) for c in back] == [
+        (commands.DIGEST, (4, 17), ""), (commands.DIGEST_CHECK, (4, 17), "0123abcd")]
+    bad = commands.encode([commands.Command(commands.DIGEST_CHECK, (4, 17),
+                                            digest=5)])  # type: ignore[arg-type]
+    with pytest.raises(commands.CommandError):  # a check must carry a digest string
+        commands.decode(bad)
+
+
 @pytest.mark.parametrize("data", [b"", b"\x01", b"\x05\x00\x00\x00abc",
                                   bytes(commands.encode([])) + b"extra"])
 def test_a_malformed_batch_raises_command_error(data: bytes) -> None:

@@ -481,3 +481,35 @@ def test_the_supervisor_reports_replicas_that_differ_at_the_same_index(
     assert not _digest_mismatch(0, same)
     assert _digest_mismatch(1, [*same, {"applied_index": 5, "digest": "c"}])
     assert "different state" in caplog.text
+
+
+def test_digest_marks_compare_replicas_at_the_same_log_position(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Two replicas apply a DIGEST mark at the same position; the leader's check
+    matches the one that holds the same state and is reported by the one that
+    does not (loudly: a critical log line and a count in its status)."""
+    from pserver import commands
+    from pserver.apply import apply_command
+    from pserver.protocol.schema import Limits
+
+    same = ShardStateMachine(0, ShardMap.uniform(1))
+    differs = ShardStateMachine(0, ShardMap.uniform(1))
+    for m in (same, differs):
+        m.drop_worker(3)
+    differs.drop_worker(4)  # the divergence
+    leader = ShardStateMachine(0, ShardMap.uniform(1))
+    leader.drop_worker(3)
+    mark = commands.Command(commands.DIGEST, (2, 9))
+    for m in (leader, same, differs):
+        assert apply_command(m, mark, Limits()) == []
+    check = commands.Command(commands.DIGEST_CHECK, (2, 9), digest=leader.digest_marks[(2, 9)])
+    for m in (leader, same, differs):
+        apply_command(m, check, Limits(), shard=0)
+    assert (same.digest_checks, same.digest_mismatches) == (1, 0)
+    assert (leader.digest_checks, leader.digest_mismatches) == (1, 0)
+    assert (differs.digest_checks, differs.digest_mismatches) == (1, 1)
+    assert "differs from its leader's" in caplog.text
+    assert not same.digest_marks and not differs.digest_marks  # a mark goes with its check
+    fresh = ShardStateMachine(0, ShardMap.uniform(1))  # restored after the mark: no verdict
+    apply_command(fresh, check, Limits())
+    assert (fresh.digest_checks, fresh.digest_mismatches) == (0, 0)
