@@ -114,7 +114,7 @@ class ReplicaServer(ShardServer):
         self._batch_bytes = 0
         self._tokens = 0
         self._next_digest = time.monotonic() + DIGEST_EVERY_S  # see _mark_digest
-        self._digest_applied = -1
+        self._changed_since_mark = False  # commands other than digest marks applied
         self._digest_token: tuple[int, int] | None = None
         # token -> the requests a proposed mutation answers (copies sent again share it)
         self._waiters: dict[tuple[int, int], list[tuple[Incoming, Header]]] = {}
@@ -422,6 +422,8 @@ class ReplicaServer(ShardServer):
             self._steps.logged(outcomes[0].header, -1)
         if cmd.op == commands.SYNC_STEP and outcomes and outcomes[0].error is not None:
             self._abandon_steps()  # the leader's step numbers went wrong: start over
+        if cmd.op not in (commands.DIGEST, commands.DIGEST_CHECK):
+            self._changed_since_mark = True
         if cmd.op == commands.DIGEST and cmd.token == self._digest_token \
                 and self.core.role == Role.LEADER and cmd.token in self.state.digest_marks:
             self._queue(Command(commands.DIGEST_CHECK, cmd.token,
@@ -446,10 +448,10 @@ class ReplicaServer(ShardServer):
         compare with its own. The log is the exchange: the same position on every
         replica, hand-started ones included."""
         if (now < self._next_digest or self.core.role != Role.LEADER
-                or self.core.applied == self._digest_applied or not self._own_term_applied()):
+                or not self._changed_since_mark or not self._own_term_applied()):
             return
         self._next_digest = now + DIGEST_EVERY_S
-        self._digest_applied = self.core.applied
+        self._changed_since_mark = False  # an idle cluster logs no marks
         self._tokens += 1
         self._digest_token = (self.core.term, self._tokens)
         self._queue(Command(commands.DIGEST, self._digest_token))
