@@ -243,28 +243,41 @@ def test_leadership_transfer_hands_over_to_the_named_follower() -> None:
     c.check_invariants()
 
 
-def test_leadership_transfer_to_a_lagging_follower_catches_it_up_first() -> None:
-    """Thesis §3.10: a target missing entries gets them before TIMEOUT_NOW, so it
-    can win the election (a stale log would lose it), and nothing is lost."""
-    c = Cluster(3, seed=7)
+def _entries_while_a_follower_is_cut_off(c: Cluster, data: list[str]) -> tuple[int, int]:
+    """Elect a leader, cut one follower off, have the leader commit ``data`` with the
+    other: (leader, the follower cut off)."""
     lead = c.elect()
-    target = next(i for i in c.nodes if i != lead)
-    c.partition({target}, set(c.nodes) - {target})
-    for i in range(5):
-        c.nodes[lead].core.propose(f"while-away-{i}".encode())
+    away = next(i for i in c.nodes if i != lead)
+    c.partition({away}, set(c.nodes) - {away})
+    for d in data:
+        c.nodes[lead].core.propose(d.encode())
         c.process(lead)
         c.deliver()
-    c.run(2)
-    assert c.nodes[target].core.last_index < c.nodes[lead].core.last_index
-    c.heal()
+    return lead, away
+
+
+def _record_steps(c: Cluster, node: int) -> list[MsgType]:
+    """The types of the messages ``node`` steps from now on, in order."""
     sent: list[MsgType] = []
-    real_step = c.nodes[target].core.step
+    real_step = c.nodes[node].core.step
 
     def spy(m: Message) -> None:
         sent.append(m.type)
         real_step(m)
 
-    c.nodes[target].core.step = spy  # type: ignore[method-assign]
+    c.nodes[node].core.step = spy  # type: ignore[method-assign]
+    return sent
+
+
+def test_leadership_transfer_to_a_lagging_follower_catches_it_up_first() -> None:
+    """Thesis §3.10: a target missing entries gets them before TIMEOUT_NOW, so it
+    can win the election (a stale log would lose it), and nothing is lost."""
+    c = Cluster(3, seed=7)
+    lead, target = _entries_while_a_follower_is_cut_off(c, [f"while-away-{i}" for i in range(5)])
+    c.run(2)
+    assert c.nodes[target].core.last_index < c.nodes[lead].core.last_index
+    c.heal()
+    sent = _record_steps(c, target)
     c.nodes[lead].core.transfer_leadership(target)
     c.process(lead)
     c.deliver()
@@ -396,24 +409,11 @@ def test_a_follower_behind_a_compacted_log_catches_up_by_snapshot() -> None:
     """§7: entries a follower needs were compacted away, so the leader sends its
     snapshot; the follower restores it and continues from there."""
     c = Cluster(3, seed=8)
-    lead = c.elect()
-    slow = next(i for i in c.nodes if i != lead)
-    c.partition({slow}, set(c.nodes) - {slow})
-    for i in range(10):
-        c.nodes[lead].core.propose(f"e{i}".encode())
-        c.process(lead)
-        c.deliver()
+    lead, slow = _entries_while_a_follower_is_cut_off(c, [f"e{i}" for i in range(10)])
     c.run(3)
     c.compact(lead)
     assert c.nodes[lead].core.snap_index > 1
-    sent: list[MsgType] = []
-    real_step = c.nodes[slow].core.step
-
-    def spy(m: Message) -> None:
-        sent.append(m.type)
-        real_step(m)
-
-    c.nodes[slow].core.step = spy  # type: ignore[method-assign]
+    sent = _record_steps(c, slow)
     c.heal()
     c.run(5)
     assert MsgType.SNAP in sent
