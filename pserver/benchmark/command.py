@@ -21,7 +21,13 @@ import click
 
 from pserver.protocol.errors import PServerError
 
-from .distributed import DistSettings, distributed_report, format_distributed
+from .distributed import (
+    DIST_SECTIONS,
+    DistSettings,
+    distributed_report,
+    empty_distributed,
+    format_distributed,
+)
 from .extras import optional, ray_section, redis_section
 from .failover import failover_section, failover_targets
 from .kernels import KernelSettings, format_kernels, kernel_report
@@ -325,8 +331,7 @@ def bench(
     cluster: LocalCluster | None = None
     kernels_section: dict[str, Any] | None = None
     sparse_section: dict[str, Any] | None = None
-    dist: dict[str, Any] = {"sync": None, "replication": None, "scaling": None,
-                            "plain": None, "overlap": None, "targets": []}
+    dist = empty_distributed()
     failover: dict[str, Any] | None = None
     extras_section: dict[str, Any] = {}
     try:
@@ -375,7 +380,7 @@ def bench(
             cluster.stop()
 
     add_sections(report, kernels_section, sparse_section)
-    for name in ("sync", "replication", "scaling", "plain", "overlap"):
+    for name in DIST_SECTIONS:
         report[name] = dist[name]
     report["targets"].extend(dist["targets"])
     report["failover"] = failover

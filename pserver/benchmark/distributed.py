@@ -432,14 +432,19 @@ def plain_targets(section: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+DIST_SECTIONS = ("sync", "replication", "scaling", "plain", "overlap")
+
+
+def empty_distributed() -> dict[str, Any]:
+    """``distributed_report``'s result with no section run."""
+    return {**dict.fromkeys(DIST_SECTIONS), "targets": []}
+
+
 def distributed_report(address: str, settings: DistSettings, notes: list[str],
                        progress: Progress | None = None,
-                       sections: Sequence[str] = ("sync", "replication", "scaling", "plain",
-                                                  "overlap")
-                       ) -> dict[str, Any]:
+                       sections: Sequence[str] = DIST_SECTIONS) -> dict[str, Any]:
     """The multi-worker sections; ``address`` is the main run's cluster (plain, overlap)."""
-    out: dict[str, Any] = {"sync": None, "replication": None, "scaling": None,
-                           "plain": None, "overlap": None, "targets": []}
+    out = empty_distributed()
     with WorkerPool(settings.pool_size()) as pool:
         if "sync" in sections:
             out["sync"] = sync_section(pool, settings, notes, progress)

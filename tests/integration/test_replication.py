@@ -666,7 +666,8 @@ def test_a_leader_that_cannot_write_its_log_is_retried_elsewhere(cluster_factory
     exactly once, and the supervisor restarts the replica, which catches up."""
     c = replicated(cluster_factory)
     try:
-        with pserver.connect(c.address, timeout=30) as client:
+        # the deadline is the check: no prompt retryable answer, no push in 15 s
+        with pserver.connect(c.address, timeout=15) as client:
             key = key_on_shard(client.shard_map, 0, "disk")
             ones = np.ones(1 << 18, np.float32)  # 1 MiB
             client.init({key: np.zeros_like(ones)}, optimizer={"name": "sum"})
@@ -674,11 +675,8 @@ def test_a_leader_that_cannot_write_its_log_is_retried_elsewhere(cluster_factory
             wait_until(lambda: converged(c.address), 15, "replicas converged")
             old = leader(c.address, 0)
             resource.prlimit(old["pid"], resource.RLIMIT_FSIZE, (1, 1))
-            started = time.monotonic()
             client.push({key: ones})  # answered by the next leader
-            took = time.monotonic() - started
             assert_bits_equal(client.pull([key])[key], 2 * ones)
-        assert took < 15, f"the push waited {took:.1f} s: no prompt retryable answer"
         wait_until(lambda: leader(c.address, 0)["pid"] != old["pid"], 15, "a new leader")
         wait_until(lambda: all(r["role"] != "down" and r["pid"] != old["pid"]
                                for r in replicas(c.address, 0)), 30, "the replica restarted")

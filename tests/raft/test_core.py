@@ -328,16 +328,21 @@ def test_random_faults_never_break_safety(seed: int) -> None:
         assert nd.applied and nd.applied[-1].data == b"final", f"seed {seed}: no progress"
 
 
-def test_flow_control_bounds_bytes_per_message_and_messages_in_flight() -> None:
-    """A slow follower gets at most max_inflight messages of at most
-    max_bytes_per_msg entry bytes; acknowledgements release more."""
-    cfg = Config(1, (1, 2), pre_vote=False, max_bytes_per_msg=1000, max_inflight=2)
-    core = RaftCore(cfg, random.Random(0))
+def _leader_with_one_follower(**settings: Any) -> RaftCore:
+    """Node 1 of two, elected, its no-op acknowledged; ``settings`` go to its Config."""
+    core = RaftCore(Config(1, (1, 2), pre_vote=False, **settings), random.Random(0))
     core.campaign()
     core.step(Message(MsgType.VOTE_RESP, 2, 1, term=1))
     core.advance(core.ready())
     core.step(Message(MsgType.APP_RESP, 2, 1, term=1, index=1))  # the no-op
     core.advance(core.ready())
+    return core
+
+
+def test_flow_control_bounds_bytes_per_message_and_messages_in_flight() -> None:
+    """A slow follower gets at most max_inflight messages of at most
+    max_bytes_per_msg entry bytes; acknowledgements release more."""
+    core = _leader_with_one_follower(max_bytes_per_msg=1000, max_inflight=2)
     for i in range(10):
         core.propose(bytes([i]) * 600)  # two entries never fit one message
     rd = core.ready()
@@ -348,17 +353,6 @@ def test_flow_control_bounds_bytes_per_message_and_messages_in_flight() -> None:
     core.step(Message(MsgType.APP_RESP, 2, 1, term=1, index=apps[0].entries[-1].index))
     more = [m for m in core.ready().messages if m.type == MsgType.APP and m.entries]
     assert len(more) == 1  # one acknowledged, one more sent
-
-
-def _leader_with_one_follower(max_inflight: int = 4) -> RaftCore:
-    cfg = Config(1, (1, 2), pre_vote=False, max_inflight=max_inflight)
-    core = RaftCore(cfg, random.Random(0))
-    core.campaign()
-    core.step(Message(MsgType.VOTE_RESP, 2, 1, term=1))
-    core.advance(core.ready())
-    core.step(Message(MsgType.APP_RESP, 2, 1, term=1, index=1))  # the no-op
-    core.advance(core.ready())
-    return core
 
 
 def _heartbeat_round(core: RaftCore) -> int:
