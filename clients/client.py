@@ -57,6 +57,7 @@ from pserver.protocol.schema import (
     dtype_name,
 )
 from pserver.protocol.shardmap import ShardMap
+from pserver.protocol.shm import Arena, aligned
 from pserver.protocol.transport import Incoming, call, host_id, new_context
 
 from .io import Completion, IOEngine
@@ -67,6 +68,7 @@ log = logging.getLogger(__name__)
 Array = np.ndarray[Any, Any]
 T = TypeVar("T")
 ENV_IPC = "PSERVER_IPC"
+ENV_SHM = "PSERVER_SHM"
 HEARTBEAT_S = 1.0
 LAYOUTS_KEPT = 4096  # cached call layouts (one per distinct list of keys pushed)
 _HALF_DTYPES = (DTYPES["float16"], DTYPES["bfloat16"])
@@ -247,6 +249,7 @@ class Client:
         num_workers: int = 1,
         timeout: float = 30.0,
         ipc: bool | None = None,
+        shm: bool | None = None,
     ) -> None:
         given: object = timeout  # callers pass anything: check what it is
         if isinstance(given, bool) or not isinstance(given, numbers.Real) \
@@ -304,7 +307,13 @@ class Client:
         self._ids = itertools.count(1)
         self._closed = False
         self._starter = AsyncStarter()
-        self._io = IOEngine(self._ctx, self.endpoints, _REPLY_LIMITS, hints)
+        # Shared memory with the shards whose replicas all listen on ipc (this host).
+        use_shm = (os.environ.get(ENV_SHM, "1") != "0") if shm is None else shm
+        shm_shards = frozenset(s for s, addrs in self.endpoints.items()
+                               if all(a.startswith("ipc://") for a in addrs))
+        arena = Arena() if use_shm and shm_shards else None
+        self._io = IOEngine(self._ctx, self.endpoints, _REPLY_LIMITS, hints, arena=arena,
+                            shm_shards=shm_shards, reply_bytes=self._reply_bytes)
         if num_workers > 1:  # shards drop a worker silent for longer than --worker-timeout
             self._io.set_heartbeat(HEARTBEAT_S, lambda: [
                 (s, self._header(Kind.HEARTBEAT, opts={"worker": self.worker_id}))
@@ -353,6 +362,22 @@ class Client:
             )
             self._plans[meta] = plan
         return plan
+
+    def _reply_bytes(self, header: Header) -> int:
+        """Room for the values a PULL or PUSH_PULL gets back (0: unknown), for the
+        I/O engine's shared memory."""
+        if header.kind == Kind.PULL:
+            parts = [(r.key, r.part) for r in header.refs]
+        else:
+            parts = list(dict.fromkeys((t.key, t.part) for t in header.tensors))
+        total = 0
+        for key, part in parts:
+            meta = self._meta.get(key)
+            plan = self._plan(meta) if meta is not None else ()
+            if part >= len(plan):
+                return 0
+            total += aligned(plan[part][2] * meta.np_dtype.itemsize)  # type: ignore[union-attr]
+        return total
 
     def _pieces(self, meta: KeyMeta, flat: Array | None = None) -> list[_Piece]:
         if flat is None:
@@ -776,7 +801,8 @@ class Client:
         """A reply handler copying returned parts into the flat views of ``out``. Keys
         in ``make`` get their result array here: a key whose whole value arrives in
         one frame becomes a view of that frame (no copy; the array keeps the received
-        message alive), any other a new array filled part by part."""
+        message alive; a copy when the frame lies in shared memory), any other a new
+        array filled part by part."""
         flats = {k: v.reshape(-1) for k, v in out.items()}
 
         def on_reply(_: int, h: Header, inc: Incoming) -> None:
@@ -787,7 +813,8 @@ class Client:
                     m = make[t.key]
                     if t.nframes == 1 and t.offset == 0 and t.count == m.size \
                             and t.np_dtype == m.np_dtype:
-                        out[t.key] = np.frombuffer(inc.frames[i], m.np_dtype).reshape(m.shape)
+                        value = np.frombuffer(inc.frames[i], m.np_dtype).reshape(m.shape)
+                        out[t.key] = value.copy() if inc.borrowed else value
                         flats[t.key] = out[t.key].reshape(-1)
                         i += 1
                         continue
@@ -1084,12 +1111,15 @@ def connect(
     num_workers: int | None = None,
     timeout: float = 30.0,
     ipc: bool | None = None,
+    shm: bool | None = None,
 ) -> Client:
     """Connect to the cluster whose bootstrap address is ``address``. Without one:
     ``$PSERVER_ADDRESS``, else the first ``cluster.ps`` entry of ``$TF_CONFIG``.
     Without ``worker_id``/``num_workers``: the task in ``$TF_CONFIG`` (a chief is
     worker 0), else torchrun's ``$RANK``/``$WORLD_SIZE``, else 0 of 1.
-    ``ipc=False`` (or ``PSERVER_IPC=0``) keeps same-host clients on tcp. Raises
+    ``ipc=False`` (or ``PSERVER_IPC=0``) keeps same-host clients on tcp; over ipc,
+    requests of 64 KiB and more go by shared memory unless ``shm=False`` (or
+    ``PSERVER_SHM=0``). Raises
     ``Unavailable`` when the bootstrap does not answer within ``timeout`` seconds."""
     env_address, env_worker, env_workers = launcher_settings(os.environ)
     address = address or env_address
@@ -1098,7 +1128,7 @@ def connect(
                          "cluster.ps names one")
     return Client(address, worker_id=env_worker if worker_id is None else worker_id,
                   num_workers=env_workers if num_workers is None else num_workers,
-                  timeout=timeout, ipc=ipc)
+                  timeout=timeout, ipc=ipc, shm=shm)
 
 
 def launcher_settings(env: Mapping[str, str]) -> tuple[str | None, int, int]:

@@ -15,6 +15,15 @@ other workers), silence or a follower's answer moves on to the next replica
 and resends what that shard owes. All of this stays within each request's
 deadline.
 
+Shared memory (PROTOCOL.md §4.6): a PUSH, PUSH_PULL or PULL of at least
+``SHM_MIN_BYTES`` to a shard whose replicas are all on this host is copied
+into a block of the client's ``Arena`` at its first send, with room for the
+reply; the header names the spans and no data frames follow. The block is
+taken back when the request ends, except after a deadline passed (the shard
+may still read or write it; it is kept until a late reply or the close). A
+shard that cannot open the memory answers SHM_UNAVAILABLE: that shard's
+requests then carry their bytes as frames, this one included.
+
 A thread that waits for its own result (the synchronous ``push``/``pull``...)
 drives itself, so a round trip costs no thread hand-off. A background thread
 drives only while requests are pending and nobody waits on them (the
@@ -39,8 +48,15 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from pserver.protocol.codec import check_frames, decode_header, plain_fields
-from pserver.protocol.errors import ErrorCode, PServerError, Unavailable, error_from_code
-from pserver.protocol.schema import MUTATING_KINDS, Header, Kind, Limits
+from pserver.protocol.errors import (
+    ErrorCode,
+    ProtocolError,
+    PServerError,
+    Unavailable,
+    error_from_code,
+)
+from pserver.protocol.schema import MUTATING_KINDS, Header, Kind, Limits, ShmRef
+from pserver.protocol.shm import Arena, Block, aligned, as_bytes
 from pserver.protocol.transport import Endpoint, Incoming, Monitor, Poller
 
 log = logging.getLogger(__name__)
@@ -56,6 +72,8 @@ GONE_S = 0.5  # and its name in NotLeader hints is disregarded for this long
 RETRY_S = 0.03  # a NotLeader without a usable hint: wait this long before the next try
 DIRECT_MS = 2  # ``exchange`` waits this long on the one socket, then as ``wait`` does
 _REPLY = int(Kind.REPLY)
+SHM_MIN_BYTES = 64 << 10  # a request (data and reply) this large goes by shared memory
+SHM_KINDS = frozenset({Kind.PUSH, Kind.PUSH_PULL, Kind.PULL})
 
 
 class Completion(Generic[T]):
@@ -139,14 +157,23 @@ class _Request:
     on_error: ErrorCallback
     target: int = -1  # the replica it was last sent to
     attempt: float = 0.0  # when to check on that replica
+    block: Block | None = None  # its data and reply in shared memory
 
 
 class IOEngine:
     """Sends requests to shards and routes their replies; see the module docstring."""
 
     def __init__(self, ctx: Any, endpoints: dict[int, list[str]], reply_limits: Limits,
-                 hints: dict[int, dict[str, int]] | None = None) -> None:
+                 hints: dict[int, dict[str, int]] | None = None, *,
+                 arena: Arena | None = None, shm_shards: frozenset[int] = frozenset(),
+                 reply_bytes: Callable[[Header], int] | None = None) -> None:
+        """``arena``: shared memory for the requests to ``shm_shards`` (owned by the
+        engine from here on); ``reply_bytes(header)``: room to leave for the reply."""
         self._limits = reply_limits
+        self._arena = arena
+        self._shm_shards = set(shm_shards) if arena is not None else set()
+        self._reply_bytes = reply_bytes or (lambda _h: 0)
+        self._quarantine: dict[int, Block] = {}  # request id -> block of an expired request
         self._lock = threading.Lock()  # owns the sockets, the poller and _pending
         self._sockets = {s: [Endpoint.dealer_connected(ctx, a) for a in addrs]
                          for s, addrs in endpoints.items()}
@@ -299,6 +326,8 @@ class IOEngine:
         self._thread.join(timeout)
         with self._lock:
             self._fail_all(Unavailable("the client is closed"))
+            if self._arena is not None:
+                self._arena.close()
             for _, _, mon in self._monitors.values():
                 mon.close()
             for ep in self._all_sockets():
@@ -371,6 +400,9 @@ class IOEngine:
 
     def _send(self, req: _Request) -> None:
         """Send ``req`` to the replica taken for its shard's leader."""
+        if req.block is None and req.shard in self._shm_shards \
+                and req.header.kind in SHM_KINDS:
+            self._to_shm(req)
         target = self._leader[req.shard]
         req.target = target
         req.attempt = (time.monotonic() + ATTEMPT_S if len(self._sockets[req.shard]) > 1
@@ -378,7 +410,56 @@ class IOEngine:
         if self._sockets[req.shard][target].send(req.header, req.frames):
             self._pending[req.header.request_id] = req
         else:
+            self._release(req)
             req.on_error(Unavailable(f"shard {req.shard}: send queue full", shard=req.shard))
+
+    # -- shared memory ------------------------------------------------------------------
+
+    def _to_shm(self, req: _Request) -> None:
+        """Move ``req``'s data frames into a block of the arena, with room for its
+        reply (left as it is when small or when the arena has no room)."""
+        assert self._arena is not None
+        frames = [as_bytes(f) for f in req.frames]
+        data = sum(aligned(f.size) for f in frames)
+        out = self._reply_bytes(req.header) if req.header.kind != Kind.PUSH else 0
+        if data + out < SHM_MIN_BYTES:
+            return
+        block = self._arena.alloc(data + out)
+        if block is None:
+            return
+        pos, spans = block.offset, []
+        dest = block.segment.array
+        for f in frames:
+            dest[pos : pos + f.size] = f
+            spans.append((pos, f.size))
+            pos += aligned(f.size)
+        req.header.shm = ShmRef(block.name, tuple(spans), (pos, out) if out else None)
+        req.frames = ()
+        req.block = block
+
+    def _from_shm(self, req: _Request) -> None:
+        """Put ``req``'s data back into frames (copies) and free its block."""
+        assert req.block is not None and req.header.shm is not None
+        req.frames = [bytes(req.block.array(o, n)) for o, n in req.header.shm.spans]
+        req.header.shm = None
+        self._release(req)
+
+    def _release(self, req: _Request) -> None:
+        if req.block is not None and self._arena is not None:
+            self._arena.free(req.block)
+        req.block = None
+
+    def _shm_reply(self, req: _Request, header: Header, incoming: Incoming) -> Incoming:
+        """The reply's frames as views of the spans it names, which must lie in its
+        request's block (valid until the block is freed: ``borrowed``)."""
+        ref, block = header.shm, req.block
+        assert ref is not None
+        if block is None or ref.name != block.name or incoming.frames \
+                or not all(block.holds(o, n) for o, n in ref.spans):
+            raise ProtocolError("the reply names shared memory its request did not offer")
+        frames = [memoryview(block.array(o, n)) for o, n in ref.spans]  # type: ignore[arg-type]
+        return Incoming(incoming.identity, incoming.header, frames, incoming.parts,
+                        borrowed=True)
 
     def _follow(self, shard: int, hint: Any, away_from: int) -> bool:
         """Take the hinted replica (a tcp address) for the leader, else the one after
@@ -464,6 +545,7 @@ class IOEngine:
         if plain is not None:
             del self._pending[plain[1].request_id]
             self._deliver(plain[0], plain[1], incoming, shard)
+            self._release(plain[0])
             return
         try:
             header = decode_header(incoming.header, self._limits)
@@ -479,6 +561,15 @@ class IOEngine:
                 self._probe_answer(shard, replica, header)
             return
         req = self._pending.get(header.request_id)
+        if req is not None and header.error == ErrorCode.SHM_UNAVAILABLE \
+                and req.block is not None and replica == req.target:
+            del self._pending[header.request_id]
+            log.warning("shard %d cannot use this client's shared memory (%s): its data "
+                        "goes through the socket", shard, header.message)
+            self._shm_shards.discard(shard)
+            self._from_shm(req)
+            self._send(req)
+            return
         if req is not None and header.error == ErrorCode.NOT_LEADER:
             if replica == req.target and time.monotonic() < req.deadline:
                 del self._pending[header.request_id]
@@ -492,13 +583,25 @@ class IOEngine:
             log.debug(
                 "late or unknown reply %d from shard %d dropped", header.request_id, shard
             )
+            late = self._quarantine.pop(header.request_id, None)
+            if late is not None and self._arena is not None:  # the shard is done with it
+                self._arena.free(late)
             return
         if header.error:
+            self._release(done)
             details = dict(header.opts)
             details.setdefault("shard", shard)
             done.on_error(error_from_code(header.error, header.message, details))
             return
+        if header.shm is not None:
+            try:
+                incoming = self._shm_reply(done, header, incoming)
+            except PServerError as exc:
+                self._release(done)
+                done.on_error(exc)
+                return
         self._deliver(done, header, incoming, shard, check=True)
+        self._release(done)
 
     def _deliver(self, req: _Request, header: Header, incoming: Incoming, shard: int,
                  check: bool = False) -> None:
@@ -531,6 +634,9 @@ class IOEngine:
                 self._sockets[req.shard][req.target].send(Header(Kind.PING, pid))
         for rid in [rid for rid, r in self._pending.items() if r.deadline <= now]:
             req = self._pending.pop(rid)
+            if req.block is not None:  # the shard may still read or write it
+                self._quarantine[rid] = req.block
+                req.block = None
             req.on_error(
                 Unavailable(
                     f"shard {req.shard} did not answer {req.header.kind.name} within "
@@ -543,9 +649,11 @@ class IOEngine:
         while self._queue:
             self._queue.popleft().on_error(exc)
         for _, req in self._later:
+            self._release(req)
             req.on_error(exc)
         self._later = []
         for req in self._pending.values():
+            self._release(req)
             req.on_error(exc)
         self._pending.clear()
 

@@ -23,8 +23,10 @@ from .schema import (
     KeyRef,
     Kind,
     Limits,
+    ShmRef,
     TensorMeta,
 )
+from .shm import NAME_RE
 
 _MAX_ELEMENTS = 1 << 40
 _MAX_UINT64 = (1 << 64) - 1
@@ -47,6 +49,8 @@ def encode_header(header: Header) -> bytes:
         wire["e"] = header.error
     if header.message:
         wire["m"] = header.message
+    if header.shm is not None:
+        wire["x"] = header.shm.to_wire()
     return msgpack.packb(wire, use_bin_type=True)
 
 
@@ -228,6 +232,7 @@ def _decode_fields(wire: dict[Any, Any], limits: Limits) -> Header:
         and 0 <= seq <= _MAX_UINT64
         and type(tensors_raw) in (list, tuple)
         and "r" not in wire
+        and "x" not in wire
         and len(tensors_raw) <= limits.max_keys
         and type(opts) is dict
         and type(error) is int
@@ -281,9 +286,34 @@ def _decode_fields_checked(wire: dict[Any, Any], limits: Limits) -> Header:
     message = wire.get("m", "")
     if not isinstance(message, str):
         raise ProtocolError("'m' must be a string")
+    shm = _shm(wire["x"], limits) if "x" in wire else None
     return Header(
-        kind, request_id, version, client_id, seq, tensors, tuple(refs), opts, error, message
+        kind, request_id, version, client_id, seq, tensors, tuple(refs), opts, error, message,
+        shm,
     )
+
+
+def _span(raw: Any, what: str, limits: Limits) -> tuple[int, int]:
+    if type(raw) is not list or len(raw) != 2:
+        raise ProtocolError(f"{what} must be [offset, length]")
+    return (_int(raw[0], f"{what} offset", hi=_MAX_ELEMENTS),
+            _int(raw[1], f"{what} length", hi=limits.max_request_bytes))
+
+
+def _shm(raw: Any, limits: Limits) -> ShmRef:
+    """The 'x' field: [segment name, [[offset, length] per data frame], reply region]."""
+    if type(raw) is not list or len(raw) != 3:
+        raise ProtocolError("'x' must be [segment, spans, reply region]")
+    name, spans_raw, out_raw = raw
+    if type(name) is not str or NAME_RE.match(name) is None:
+        raise ProtocolError(f"{name!r} is not a shared-memory segment name")
+    if type(spans_raw) is not list:
+        raise ProtocolError("'x' spans must be a list")
+    if len(spans_raw) > limits.max_frames:
+        raise RequestTooLarge(f"{len(spans_raw)} frames exceed the cap of {limits.max_frames}")
+    spans = tuple(_span(s, "span", limits) for s in spans_raw)
+    out = None if out_raw is None else _span(out_raw, "reply region", limits)
+    return ShmRef(name, spans, out)
 
 
 def check_frames(header: Header, frame_sizes: Sequence[int], limits: Limits) -> None:

@@ -28,6 +28,7 @@ class ErrorCode(IntEnum):
     UNAVAILABLE = 9
     INTERNAL = 10
     WRONG_SHARD = 11
+    SHM_UNAVAILABLE = 12
 
 
 class PServerError(Exception):
@@ -117,6 +118,13 @@ class WrongShard(PServerError):
     code = ErrorCode.WRONG_SHARD
 
 
+class SharedMemoryUnavailable(ProtocolError):
+    """A shard cannot open the shared memory a request names (PROTOCOL.md §4.6); the
+    client then sends that shard's data through the socket."""
+
+    code = ErrorCode.SHM_UNAVAILABLE
+
+
 class InternalError(PServerError):
     """The server failed in a way that is a bug; the message says where."""
 
@@ -136,6 +144,7 @@ _BY_CODE: dict[int, type[PServerError]] = {
         Unavailable,
         NotLeader,
         WrongShard,
+        SharedMemoryUnavailable,
         InternalError,
     )
 }

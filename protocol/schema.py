@@ -143,6 +143,21 @@ class KeyRef:
         return [self.key, self.part]
 
 
+@dataclass(frozen=True, slots=True)
+class ShmRef:
+    """Where a message's data frames lie in shared memory instead of following the
+    header (PROTOCOL.md §4.6): segment ``name``, one (offset, length) span per data
+    frame, and a region (offset, length) the reply's values may be written to."""
+
+    name: str
+    spans: tuple[tuple[int, int], ...] = ()
+    out: tuple[int, int] | None = None
+
+    def to_wire(self) -> list[Any]:
+        return [self.name, [list(s) for s in self.spans],
+                list(self.out) if self.out is not None else None]
+
+
 @dataclass(slots=True)
 class Header:
     """A decoded message header. ``tensors`` describe the data frames in order;
@@ -161,6 +176,7 @@ class Header:
     opts: dict[str, Any] = field(default_factory=dict)
     error: int = 0
     message: str = ""
+    shm: ShmRef | None = None
 
     @property
     def nframes(self) -> int:

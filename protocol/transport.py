@@ -40,12 +40,15 @@ _EVENTS, _POLLIN, _RCVTIMEO = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.RCVTIMEO
 @dataclass
 class Incoming:
     """One received message: the ROUTER identity (b"" on a DEALER), the raw
-    header bytes and the data frames (memoryviews valid while ``parts`` lives)."""
+    header bytes and the data frames (memoryviews valid while ``parts`` lives).
+    ``borrowed``: the frames lie in shared memory that is reused once the message
+    is handled, so whatever outlives that must copy them."""
 
     identity: bytes
     header: memoryview
     frames: list[memoryview]
     parts: list[zmq.Frame]
+    borrowed: bool = False
 
 
 def host_id() -> str:

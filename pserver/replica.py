@@ -81,6 +81,7 @@ class ReplicaServer(ShardServer):
                  snapshot_log_bytes: int = 256 << 20, seed: int | None = None,
                  cluster_token: str | None = None, **kwargs: Any) -> None:
         super().__init__(shard_id, shard_map, endpoints, data_dir=None, **kwargs)
+        self.shm_copy = True  # log entries outlive the request's shared memory
         if replica_id not in peers:
             raise ValueError(f"replica {replica_id} is not among the peers {sorted(peers)}")
         self.replica_id = replica_id
@@ -205,6 +206,8 @@ class ReplicaServer(ShardServer):
                 self._peer_down(incoming, header)
                 return
             self.requests += 1
+            if header.shm is not None:
+                incoming = self.attach_shm(incoming, header)
             check_frames(header, [f.nbytes for f in incoming.frames], self.limits)
             if header.kind in LEADER_ONLY and self.core.role != Role.LEADER:
                 raise NotLeader(f"replica {self.replica_id} of shard {self.shard_id} is not "

@@ -45,9 +45,11 @@ from pserver.protocol.schema import (
     KeyRef,
     Kind,
     Limits,
+    ShmRef,
     TensorMeta,
 )
 from pserver.protocol.shardmap import ShardMap
+from pserver.protocol.shm import Mappings, aligned, as_bytes
 from pserver.protocol.transport import Endpoint, Incoming, new_context
 
 from . import snapshot
@@ -114,6 +116,8 @@ class ShardServer:
         # gen -> (workers, each waiting worker's request, when the first one came)
         self._barriers: dict[int, tuple[int, dict[int, tuple[Incoming, Header]], float]] = {}
         self._parked: list[tuple[float, int, Incoming, Header, list[Slot]]] = []
+        self._shm: Mappings | None = None  # clients' shared memory, opened on first use
+        self.shm_copy = False  # copy data out of shared memory always (a replica's log)
 
     @property
     def endpoints(self) -> list[str]:
@@ -152,6 +156,8 @@ class ShardServer:
             self.close()
 
     def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
         self.endpoint.close(self.close_linger_ms)
         self.ctx.term()
         if self.snapshot_path is not None:
@@ -175,6 +181,57 @@ class ShardServer:
                  len(self.state.slots), len(self.state.tables), path)
 
     # -- one message ----------------------------------------------------------
+
+    def attach_shm(self, incoming: Incoming, header: Header) -> Incoming:
+        """The message with its data frames taken from the client's shared memory
+        (PROTOCOL.md §4.6). They are views, valid until the client has its reply;
+        anything that keeps the data longer gets a copy: a replica's log, INIT, and
+        a sync PUSH, whose gradient waits for the step after its reply went."""
+        ref = header.shm
+        assert ref is not None
+        if incoming.frames:
+            raise ProtocolError("a message with its data in shared memory carries no "
+                                "data frames")
+        if self._shm is None:
+            self._shm = Mappings()
+        views = self._shm.spans(ref.name, ref.spans)
+        if ref.out is not None:
+            self._shm.region(ref.name, *ref.out)  # a bad region is refused before applying
+        if views and self._must_copy(header):
+            views = [memoryview(bytes(v)) for v in views]
+        return Incoming(incoming.identity, incoming.header, views, incoming.parts)
+
+    def _must_copy(self, header: Header) -> bool:
+        if self.shm_copy or header.kind not in (Kind.PUSH, Kind.PUSH_PULL):
+            return True
+        for t in header.tensors:
+            slot = self.state.slots.get((t.key, t.part))
+            if slot is None or (slot.mode == "sync" and header.kind == Kind.PUSH):
+                return True
+        return False
+
+    def _shm_values(self, incoming: Incoming, header: Header, slots: Sequence[Slot]) -> bool:
+        """Reply with the values written into the region of the client's shared memory
+        that the request offered; False (nothing sent) when they do not fit there."""
+        ref = header.shm
+        if ref is None or ref.out is None or self._shm is None \
+                or self.state.memory.device != "cpu":
+            return False
+        off, cap = ref.out
+        if sum(aligned(s.value.nbytes) for s in slots) > cap:
+            return False
+        region = self._shm.region(ref.name, off, cap)
+        pos = 0
+        spans: list[tuple[int, int]] = []
+        for s in slots:
+            n = s.value.nbytes
+            region[pos : pos + n] = as_bytes(s.value)
+            spans.append((off + pos, n))
+            pos += aligned(n)
+        reply = reply_header(header, tensors=tuple(s.meta(1) for s in slots))
+        reply.shm = ShmRef(ref.name, tuple(spans))
+        self._reply(incoming, reply)
+        return True
 
     def _reply(self, incoming: Incoming, header: Header, frames: Sequence[Any] = ()) -> None:
         self._reply_raw(incoming, encode_header(header), frames)
@@ -205,6 +262,8 @@ class ShardServer:
         header: Header | None = None
         try:
             header = decode_header(incoming.header, self.limits)
+            if header.shm is not None:
+                incoming = self.attach_shm(incoming, header)
             check_frames(header, [f.nbytes for f in incoming.frames], self.limits)
             self._dispatch(incoming, header)
         except PServerError as exc:
@@ -444,7 +503,11 @@ class ShardServer:
         """Reply with the current values, sent without copying. Each slot leases its
         memory to the send, so a push arriving before libzmq has sent the bytes
         writes into a copy instead (copy-on-write). ``encoded``: the reply header,
-        already made (then ``header`` is not used)."""
+        already made (then ``header`` is not used). A request that offered a region
+        of its shared memory gets the values written there."""
+        if header is not None and header.shm is not None \
+                and self._shm_values(incoming, header, slots):
+            return
         metas: list[TensorMeta] = []
         frames: list[memoryview] = []
         owners: list[Slot] = []

@@ -22,7 +22,8 @@ import pytest
 import pserver
 from pserver.protocol.codec import decode_header, encode_header
 from pserver.protocol.errors import ErrorCode
-from pserver.protocol.schema import MAX_WORKERS, Header, KeyRef, Kind, TensorMeta
+from pserver.protocol.schema import MAX_WORKERS, Header, KeyRef, Kind, ShmRef, TensorMeta
+from pserver.protocol.shm import MIN_SEGMENT_BYTES, Arena
 
 from .support import (
     REPLY_LIMITS,
@@ -536,6 +537,52 @@ def test_pushes_still_apply_after_all_that(victim: Victim) -> None:
     victim.canaries[key] = victim.canaries[key] - np.float32(0.5) * g
     intact(victim)
 
+
+
+def test_bad_shared_memory_references(victim: Victim, raw_peer: Any) -> None:
+    """PROTOCOL.md §4.6: a reference to memory the shard cannot open is
+    SHM_UNAVAILABLE; spans or a reply region outside the segment, a name that is
+    not a segment's, data frames besides spans, or spans that do not hold the
+    shape are MALFORMED. Nothing is applied; a good reference then works."""
+    key = victim.on_shard[0]
+    peer = raw_peer(victim.tcp(0))
+    arena = Arena()
+    try:
+        block = arena.alloc(4096)
+        assert block is not None
+        g = np.full(64, 2.0, np.float32)
+        block.array(block.offset, 256)[:] = g.view(np.uint8)
+        size = MIN_SEGMENT_BYTES
+        span = ((block.offset, 256),)
+        meta = (f32_meta(key, 64, 1),)
+        missing = "pserver-1-0123456789abcdef"
+        cases: list[tuple[ShmRef | dict[str, Any], list[bytes], ErrorCode]] = [
+            (ShmRef(missing, span), [], ErrorCode.SHM_UNAVAILABLE),
+            (ShmRef(block.name, ((size - 128, 256),)), [], ErrorCode.MALFORMED),
+            (ShmRef(block.name, span, (size - 64, 4096)), [], ErrorCode.MALFORMED),
+            (ShmRef(block.name, ((block.offset, 128),)), [], ErrorCode.MALFORMED),  # short
+            (ShmRef(block.name, span), [g.tobytes()], ErrorCode.MALFORMED),  # and a frame
+            ({"name": "../../etc/passwd"}, [], ErrorCode.MALFORMED),
+        ]
+        for rid, (ref, frames, code) in enumerate(cases, start=1300):
+            if isinstance(ref, ShmRef):
+                raw = hdr(Kind.PUSH_PULL, rid, meta, shm=ref)
+            else:
+                raw = msgpack.packb({"v": 1, "k": int(Kind.PUSH_PULL), "id": rid,
+                                     "t": [m.to_wire() for m in meta],
+                                     "x": [ref["name"], [list(span[0])], None]})
+            expect_error(peer.request(raw, frames), code, rid)
+        intact(victim)
+        reply, frames = peer.request(hdr(Kind.PUSH_PULL, 1399, meta, shm=ShmRef(
+            block.name, span, (block.offset + 256, 256))))
+        assert (reply.error, frames) == (0, [])
+        assert reply.shm is not None and reply.shm.name == block.name
+        ((off, n),) = reply.shm.spans
+        victim.canaries[key] = victim.canaries[key] - np.float32(0.5) * g
+        assert_bits_equal(block.array(off, n).view(np.float32), victim.canaries[key], key)
+        intact(victim)
+    finally:
+        arena.close()
 
 
 def test_a_resent_push_is_applied_once(victim: Victim, raw_peer: Any) -> None:

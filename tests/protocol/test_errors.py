@@ -16,6 +16,7 @@ from pserver.protocol.errors import (
     PServerError,
     RequestTooLarge,
     ShapeMismatch,
+    SharedMemoryUnavailable,
     Unavailable,
     UnknownKind,
     UnsupportedVersion,
@@ -35,6 +36,7 @@ EXPECTED: dict[ErrorCode, type[PServerError]] = {
     ErrorCode.UNAVAILABLE: Unavailable,
     ErrorCode.INTERNAL: InternalError,
     ErrorCode.WRONG_SHARD: WrongShard,
+    ErrorCode.SHM_UNAVAILABLE: SharedMemoryUnavailable,
 }
 
 ALL_CLASSES = sorted(set(EXPECTED.values()), key=lambda c: c.__name__)

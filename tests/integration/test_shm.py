@@ -1,0 +1,148 @@
+"""Shared memory on the same host (PROTOCOL.md §4.6), against real shard processes:
+large requests go through the client's segments with the same results as through
+the socket, results outlive the blocks they arrived in, a sync push's gradient is
+kept by the shard after its block is reused, a replicated shard logs its own copy,
+and a shard that cannot open the memory gets the bytes through the socket."""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import pserver
+import pserver.clients.client as client_module
+from pserver.protocol.shm import Arena
+
+from .support import wait_until
+from .test_replication import converged
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+
+
+def _segments() -> set[str]:
+    return set(glob.glob(f"/dev/shm/pserver-{os.getpid()}-*"))
+
+
+def _used_shm(client: Any) -> bool:
+    arena = client._io._arena
+    return arena is not None and arena.reserved_bytes > 0
+
+
+def test_large_requests_go_by_shared_memory_with_the_same_results(
+        cluster_factory: Any) -> None:
+    cluster = cluster_factory("--shards", "2")
+    rng = np.random.default_rng(3)
+    model = {"shm/big": rng.standard_normal(6 * MiB // 4).astype(np.float32),  # 2 parts
+             "shm/odd": rng.standard_normal(70_001).astype(np.float64),
+             "shm/small": rng.standard_normal(100).astype(np.float32)}
+    grads = [{k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in model.items()}
+             for _ in range(3)]
+    before = _segments()
+    got = {}
+    for shm in (True, False):
+        with pserver.connect(cluster.address, shm=shm, timeout=20) as c:
+            keys = {f"{k}-{shm}": v for k, v in model.items()}
+            c.init(keys, optimizer={"name": "adam", "lr": 0.01})
+            for g in grads:
+                out = c.push_pull({f"{k}-{shm}": v for k, v in g.items()})
+            half = {"shm/big-" + str(shm): grads[0]["shm/big"].astype(np.float16)}
+            c.push(half)  # float16 into a float32 key
+            out.update(c.pull(list(keys)))
+            got[shm] = {k.rsplit("-", 1)[0]: v for k, v in out.items()}
+            assert _used_shm(c) == shm
+            if shm:
+                assert len(_segments() - before) == 1
+                assert c._io._arena.blocks_out == 0  # every block came back
+    assert _segments() == before  # closed clients leave no segment behind
+    for k, v in model.items():
+        assert got[True][k].dtype == v.dtype
+        np.testing.assert_array_equal(got[True][k], got[False][k], err_msg=k)
+
+
+def test_results_outlive_the_block_they_arrived_in(cluster_factory: Any) -> None:
+    cluster = cluster_factory("--shards", "1")
+    with pserver.connect(cluster.address, timeout=20) as c:
+        first = np.arange(MiB // 4, dtype=np.float32)
+        c.init({"shm/a": first, "shm/b": -first})
+        a = c.pull(["shm/a"])["shm/a"]  # one frame: returned as an array of its own
+        b = c.pull(["shm/b"])["shm/b"]  # same block again, other bytes
+        assert _used_shm(c)
+        np.testing.assert_array_equal(a, first)
+        np.testing.assert_array_equal(b, -first)
+
+
+def test_a_sync_push_is_kept_after_its_block_is_reused(cluster_factory: Any) -> None:
+    """A sync PUSH is answered before its step applies; the shard must not keep
+    views of shared memory the client reuses for its next push."""
+    cluster = cluster_factory("--shards", "2")
+    ws = [pserver.connect(cluster.address, worker_id=i, num_workers=2, timeout=20)
+          for i in range(2)]
+    try:
+        key = "shm/sync"
+        n = 6 * MiB // 4  # two parts, both over the shared-memory threshold
+        ws[0].init({key: np.zeros(n, np.float32)}, optimizer={"name": "sgd", "lr": 1.0},
+                   mode="sync")
+        rng = np.random.default_rng(5)
+        g = [[rng.standard_normal(n).astype(np.float32) for _ in range(2)] for _ in range(2)]
+        ws[0].push({key: g[0][0]})  # step 1, answered at once
+        ws[0].push({key: g[0][1]})  # step 2, from the same block
+        ws[1].push({key: g[1][0]})  # step 1 completes now
+        ws[1].push({key: g[1][1]})
+        assert _used_shm(ws[0])
+        want = -((g[0][0] + g[1][0]) / np.float32(2)) - (g[0][1] + g[1][1]) / np.float32(2)
+        np.testing.assert_allclose(ws[0].pull([key])[key], want, rtol=1e-6, atol=1e-6)
+    finally:
+        for w in ws:
+            w.close()
+
+
+def test_a_replicated_shard_logs_its_own_copy(cluster_factory: Any) -> None:
+    cluster = cluster_factory("--shards", "2", "--replicas", "3")
+    rng = np.random.default_rng(9)
+    value = rng.standard_normal(MiB // 4).astype(np.float32)
+    with pserver.connect(cluster.address, timeout=30) as c:
+        c.init({"shm/r": value}, optimizer={"name": "sum"})
+        grads = [rng.standard_normal(value.size).astype(np.float32) for _ in range(4)]
+        for g in grads:
+            c.push({"shm/r": g})  # each from the same block, overwritten by the next
+        assert _used_shm(c)
+        want = value.copy()
+        for g in grads:
+            want += g
+        np.testing.assert_array_equal(c.pull(["shm/r"])["shm/r"], want)
+    wait_until(lambda: converged(cluster.address), 30, "replicas at the same state")
+
+
+def test_a_shard_that_cannot_open_the_memory_gets_the_bytes(
+        cluster_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Segments made where the shard does not look: it answers SHM_UNAVAILABLE, and
+    the client sends that request and the later ones through the socket."""
+    cluster = cluster_factory("--shards", "2")
+    monkeypatch.setattr(client_module, "Arena",
+                        functools.partial(Arena, directory=str(tmp_path)))
+    with pserver.connect(cluster.address, timeout=20) as c:
+        x = np.arange(MiB, dtype=np.float32)
+        c.init({"shm/f": x}, optimizer={"name": "sum"})
+        for _ in range(2):
+            got = c.push_pull({"shm/f": np.ones_like(x)})["shm/f"]
+        np.testing.assert_array_equal(got, x + 2)
+        assert c.shard_map.shard_for("shm/f", 0) not in c._io._shm_shards
+        assert c._io._arena.blocks_out == 0
+    assert not list(tmp_path.glob("pserver-*"))
+
+
+def test_shm_false_and_tcp_clients_send_frames(cluster_factory: Any) -> None:
+    cluster = cluster_factory("--shards", "1")
+    for kw in ({"shm": False}, {"ipc": False}):
+        with pserver.connect(cluster.address, **kw) as c:
+            c.init({f"shm/{kw}": np.zeros(MiB, np.float32)})
+            c.push({f"shm/{kw}": np.ones(MiB, np.float32)})
+            assert c._io._arena is None
