@@ -2,9 +2,10 @@
 
 Owns the segment files (``/dev/shm/pserver-<pid>-<16 hex>``, PROTOCOL.md §4.6):
 
-- ``Arena``, on the client: creates segments (space reserved with
-  ``posix_fallocate``, so a full ``/dev/shm`` is an error at creation and never a
-  SIGBUS later), hands out one ``Block`` per request for its data and its reply,
+- ``Arena``, on the client: creates segments (at most half the space the file
+  system has left, reserved with ``posix_fallocate``, so a full ``/dev/shm`` is an
+  error at creation and never a SIGBUS later), hands out one ``Block`` per request
+  for its data and its reply,
   takes blocks back, and unlinks its segments at ``close``. Segments left by a
   client killed with SIGKILL are unlinked by the next arena made on the host.
 - ``Mappings``, on a shard: opens a client's segment by name (a regular file in
@@ -121,6 +122,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _room(directory: str) -> int:
+    """Bytes the file system holding ``directory`` has free (0 if unknown)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
 def sweep(directory: str = SHM_DIR) -> int:
     """Unlink this user's segments whose creating process is gone; returns how many."""
     removed = 0
@@ -191,7 +201,10 @@ class Arena:
             return None
         size = max(MIN_SEGMENT_BYTES, 1 << (nbytes - 1).bit_length(),
                    2 * (self._segments[-1].size if self._segments else 0))
-        size = min(size, self.limit_bytes - self.reserved_bytes)
+        # at most half of what the file system has left (a container's /dev/shm may
+        # hold only 64 MiB), and within the client's limit
+        size = min(size, self.limit_bytes - self.reserved_bytes, _room(self.directory) // 2)
+        size = max(size, 0) & ~(ALIGN - 1)
         if size < nbytes:
             return None
         name = f"pserver-{os.getpid()}-{secrets.token_hex(8)}"

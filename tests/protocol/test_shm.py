@@ -13,6 +13,7 @@ import msgpack
 import numpy as np
 import pytest
 
+from pserver.protocol import shm
 from pserver.protocol.codec import decode_header, encode_header
 from pserver.protocol.errors import ProtocolError, RequestTooLarge, SharedMemoryUnavailable
 from pserver.protocol.schema import Header, Kind, Limits, ShmRef
@@ -76,6 +77,19 @@ def test_segments_grow_up_to_the_limit_then_alloc_says_no(tmp_path: Path) -> Non
         assert arena.alloc(2 * MIN_SEGMENT_BYTES) is None  # over the limit: use the socket
         arena.free(first)
         assert arena.alloc(MIN_SEGMENT_BYTES) is not None
+    finally:
+        arena.close()
+
+
+def test_segments_take_at_most_half_the_free_space(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container's /dev/shm may hold 64 MiB: segments shrink to fit it."""
+    monkeypatch.setattr(shm, "_room", lambda _d: 16 << 20)
+    arena = Arena(directory=str(tmp_path))
+    try:
+        block = arena.alloc(1 << 20)
+        assert block is not None and arena.reserved_bytes == 8 << 20
+        assert arena.alloc(9 << 20) is None  # more than half of what is left
     finally:
         arena.close()
 
