@@ -1118,8 +1118,8 @@ def connect(
     Without ``worker_id``/``num_workers``: the task in ``$TF_CONFIG`` (a chief is
     worker 0), else torchrun's ``$RANK``/``$WORLD_SIZE``, else 0 of 1.
     ``ipc=False`` (or ``PSERVER_IPC=0``) keeps same-host clients on tcp; over ipc,
-    requests of 64 KiB and more go by shared memory unless ``shm=False`` (or
-    ``PSERVER_SHM=0``). Raises
+    requests of 4 MiB and more (data plus reply) go by shared memory unless
+    ``shm=False`` (or ``PSERVER_SHM=0``). Raises
     ``Unavailable`` when the bootstrap does not answer within ``timeout`` seconds."""
     env_address, env_worker, env_workers = launcher_settings(os.environ)
     address = address or env_address

@@ -72,7 +72,7 @@ GONE_S = 0.5  # and its name in NotLeader hints is disregarded for this long
 RETRY_S = 0.03  # a NotLeader without a usable hint: wait this long before the next try
 DIRECT_MS = 2  # ``exchange`` waits this long on the one socket, then as ``wait`` does
 _REPLY = int(Kind.REPLY)
-SHM_MIN_BYTES = 64 << 10  # a request (data and reply) this large goes by shared memory
+SHM_MIN_BYTES = 4 << 20  # a request (data and reply) this large goes by shared memory
 SHM_KINDS = frozenset({Kind.PUSH, Kind.PUSH_PULL, Kind.PULL})
 
 

@@ -70,7 +70,7 @@ def test_large_requests_go_by_shared_memory_with_the_same_results(
 def test_results_outlive_the_block_they_arrived_in(cluster_factory: Any) -> None:
     cluster = cluster_factory("--shards", "1")
     with pserver.connect(cluster.address, timeout=20) as c:
-        first = np.arange(MiB // 4, dtype=np.float32)
+        first = np.arange(MiB, dtype=np.float32)  # 4 MiB: the threshold
         c.init({"shm/a": first, "shm/b": -first})
         a = c.pull(["shm/a"])["shm/a"]  # one frame: returned as an array of its own
         b = c.pull(["shm/b"])["shm/b"]  # same block again, other bytes
@@ -87,7 +87,7 @@ def test_a_sync_push_is_kept_after_its_block_is_reused(cluster_factory: Any) -> 
           for i in range(2)]
     try:
         key = "shm/sync"
-        n = 6 * MiB // 4  # two parts, both over the shared-memory threshold
+        n = 2 * MiB  # two parts of 4 MiB, both at the shared-memory threshold
         ws[0].init({key: np.zeros(n, np.float32)}, optimizer={"name": "sgd", "lr": 1.0},
                    mode="sync")
         rng = np.random.default_rng(5)
@@ -107,7 +107,7 @@ def test_a_sync_push_is_kept_after_its_block_is_reused(cluster_factory: Any) -> 
 def test_a_replicated_shard_logs_its_own_copy(cluster_factory: Any) -> None:
     cluster = cluster_factory("--shards", "2", "--replicas", "3")
     rng = np.random.default_rng(9)
-    value = rng.standard_normal(MiB // 4).astype(np.float32)
+    value = rng.standard_normal(MiB).astype(np.float32)
     with pserver.connect(cluster.address, timeout=30) as c:
         c.init({"shm/r": value}, optimizer={"name": "sum"})
         grads = [rng.standard_normal(value.size).astype(np.float32) for _ in range(4)]
@@ -141,6 +141,10 @@ def test_a_shard_that_cannot_open_the_memory_gets_the_bytes(
 
 def test_shm_false_and_tcp_clients_send_frames(cluster_factory: Any) -> None:
     cluster = cluster_factory("--shards", "1")
+    with pserver.connect(cluster.address) as c:  # below the threshold: the socket
+        c.init({"shm/below": np.zeros(MiB // 4, np.float32)})
+        c.push_pull({"shm/below": np.ones(MiB // 4, np.float32)})
+        assert c._io._arena is not None and not _used_shm(c)
     for kw in ({"shm": False}, {"ipc": False}):
         with pserver.connect(cluster.address, **kw) as c:
             c.init({f"shm/{kw}": np.zeros(MiB, np.float32)})
