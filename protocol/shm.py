@@ -11,7 +11,8 @@ Owns the segment files (``/dev/shm/pserver-<pid>-<16 hex>``, PROTOCOL.md §4.6):
 - ``Mappings``, on a shard: opens a client's segment by name (a regular file in
   the shared-memory directory owned by this user, nothing else), maps it, keeps
   the most recently used mappings, and gives memoryviews of the spans a header
-  names after checking that they lie inside the segment.
+  names after checking that they lie inside the segment. Mappings of clients
+  that exited are dropped (``drop_dead``, once a second).
 
 A request in shared memory carries no ZeroMQ data frames: its header names the
 segment, the span of every frame and the region the reply may be written to.
@@ -112,6 +113,11 @@ class Block:
         return self.offset <= offset and offset + nbytes <= self.offset + self.nbytes
 
 
+def _pid_of(name: str) -> int:
+    m = NAME_RE.match(name)
+    return int(m.group(1)) if m else 0
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -140,8 +146,7 @@ def sweep(directory: str = SHM_DIR) -> int:
         return 0
     uid = os.geteuid()
     for name in names:
-        m = NAME_RE.match(name)
-        if m is None or _alive(int(m.group(1))):
+        if NAME_RE.match(name) is None or _alive(_pid_of(name)):
             continue
         path = os.path.join(directory, name)
         with contextlib.suppress(OSError):
@@ -306,6 +311,19 @@ class Mappings:
             raise ProtocolError(f"reply region [{off}, {off + nbytes}) lies outside shared "
                                 f"memory {name} of {seg.size} bytes")
         return seg[off : off + nbytes]
+
+    def drop_dead(self) -> int:
+        """Forget the segments whose creating process is gone, and unlink them (a
+        client killed with SIGKILL): their memory is freed once no view is left.
+        Returns how many."""
+        dead = [n for n in self._maps if not _alive(_pid_of(n))]
+        for name in dead:
+            del self._maps[name]
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.directory, name))
+        if dead:
+            log.info("dropped the shared memory of %d exited clients", len(dead))
+        return len(dead)
 
     def __len__(self) -> int:
         return len(self._maps)

@@ -162,6 +162,7 @@ class ReplicaServer(ShardServer):
                 self._flush()
                 if now >= next_parent_check:
                     next_parent_check = now + 1.0
+                    self.drop_dead_shm()
                     if self.parent_pid is not None and os.getppid() != self.parent_pid:
                         log.warning("shard %d replica %d: supervisor gone; exiting",
                                     self.shard_id, self.replica_id)

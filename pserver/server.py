@@ -143,9 +143,10 @@ class ShardServer:
                         break
                     incoming = self.endpoint.recv()
                 self._check_workers()
-                if self.parent_pid is not None and time.monotonic() >= next_parent_check:
+                if time.monotonic() >= next_parent_check:
                     next_parent_check = time.monotonic() + 1.0
-                    if os.getppid() != self.parent_pid:
+                    self.drop_dead_shm()
+                    if self.parent_pid is not None and os.getppid() != self.parent_pid:
                         log.warning(
                             "shard %d: supervisor %d is gone; exiting",
                             self.shard_id,
@@ -200,6 +201,11 @@ class ShardServer:
         if views and self._must_copy(header):
             views = [memoryview(bytes(v)) for v in views]
         return Incoming(incoming.identity, incoming.header, views, incoming.parts)
+
+    def drop_dead_shm(self) -> None:
+        """Unmap the shared memory of clients that exited (checked once a second)."""
+        if self._shm is not None and len(self._shm):
+            self._shm.drop_dead()
 
     def _must_copy(self, header: Header) -> bool:
         if self.shm_copy or header.kind not in (Kind.PUSH, Kind.PUSH_PULL):

@@ -9,6 +9,10 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +141,37 @@ def test_a_shard_that_cannot_open_the_memory_gets_the_bytes(
         assert c.shard_map.shard_for("shm/f", 0) not in c._io._shm_shards
         assert c._io._arena.blocks_out == 0
     assert not list(tmp_path.glob("pserver-*"))
+
+
+def test_the_memory_of_a_killed_client_is_released(cluster_factory: Any) -> None:
+    """A client killed with SIGKILL cannot unlink its segments: the shard that
+    mapped them drops and unlinks them once it sees the process gone."""
+    cluster = cluster_factory("--shards", "1")
+    code = textwrap.dedent(f"""
+        import sys, time, numpy as np, pserver
+        c = pserver.connect({cluster.address!r})
+        c.init({{"shm/killed": np.zeros(1 << 20, np.float32)}})
+        c.push_pull({{"shm/killed": np.ones(1 << 20, np.float32)}})
+        assert c._io._arena.reserved_bytes > 0
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+            pattern = f"/dev/shm/pserver-{proc.pid}-*"
+            assert glob.glob(pattern)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            wait_until(lambda: not glob.glob(pattern), 10,
+                       "the killed client's segment unlinked")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    with pserver.connect(cluster.address) as c:
+        np.testing.assert_array_equal(c.pull(["shm/killed"])["shm/killed"],
+                                      np.full(1 << 20, -0.01, np.float32))
 
 
 def test_shm_false_and_tcp_clients_send_frames(cluster_factory: Any) -> None:

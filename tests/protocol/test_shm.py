@@ -161,6 +161,18 @@ def test_spans_and_regions_must_lie_inside_the_segment(arena: Arena, tmp_path: P
         maps.region(block.name, size, 1)
 
 
+def test_mappings_of_exited_clients_are_dropped_and_unlinked(tmp_path: Path) -> None:
+    maps = Mappings(directory=str(tmp_path))
+    dead = f"pserver-{_dead_pid()}-0123456789abcdef"
+    live = f"pserver-{os.getpid()}-0123456789abcdef"
+    for name in (dead, live):
+        (tmp_path / name).write_bytes(b"\0" * 4096)
+        maps.spans(name, ((0, 8),))
+    assert maps.drop_dead() == 1
+    assert len(maps) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live]
+
+
 def test_mappings_keep_the_most_recent_segments(tmp_path: Path) -> None:
     arenas = [Arena(directory=str(tmp_path)) for _ in range(3)]
     try:
