@@ -21,10 +21,11 @@ import pytest
 
 import pserver
 import pserver.clients.client as client_module
+from pserver.protocol.errors import Unavailable
 from pserver.protocol.shm import Arena
 
 from .support import wait_until
-from .test_replication import converged
+from .test_replication import converged, leader
 
 pytestmark = pytest.mark.integration
 
@@ -122,6 +123,38 @@ def test_a_replicated_shard_logs_its_own_copy(cluster_factory: Any) -> None:
         for g in grads:
             want += g
         np.testing.assert_array_equal(c.pull(["shm/r"])["shm/r"], want)
+    wait_until(lambda: converged(cluster.address), 30, "replicas at the same state")
+
+
+def test_a_leader_killed_under_shared_memory_pushes_loses_no_acknowledged_push(
+        cluster_factory: Any) -> None:
+    """Pushes of 4 MiB (shared memory) to a 1-shard x 3-replica cluster while its
+    leader is killed with SIGKILL: the client resends each unanswered one from the
+    same block to the next leader, which maps the segment itself. Every
+    acknowledged push is applied once, a failed one at most once."""
+    cluster = cluster_factory("--shards", "1", "--replicas", "3")
+    n, key = MiB, "shm/failover"
+    acked, failed = [], []
+    with pserver.connect(cluster.address, timeout=20) as c:
+        c.init({key: np.zeros(n, np.float32)}, optimizer={"name": "sum"})
+        old = leader(cluster.address, 0)
+        for i in range(60):
+            if i == 15:
+                os.kill(old["pid"], signal.SIGKILL)
+            g = np.zeros(n, np.float32)
+            g[i] = 1.0
+            try:
+                c.push({key: g})
+            except Unavailable:
+                failed.append(i)
+                continue
+            acked.append(i)
+        assert _used_shm(c) and c._io._arena.blocks_out == 0
+        value = c.pull([key])[key]
+    assert leader(cluster.address, 0)["term"] > old["term"]
+    assert np.all(value[acked] == 1.0), "an acknowledged push was lost"
+    assert np.all((value[failed] == 0.0) | (value[failed] == 1.0))
+    assert not value[60:].any()
     wait_until(lambda: converged(cluster.address), 30, "replicas at the same state")
 
 
