@@ -19,8 +19,10 @@ Shared memory (PROTOCOL.md §4.6): a PUSH, PUSH_PULL or PULL of at least
 ``SHM_MIN_BYTES`` to a shard whose replicas are all on this host is copied
 into a block of the client's ``Arena`` at its first send, with room for the
 reply; the header names the spans and no data frames follow. The block is
-taken back when the request ends, except after a deadline passed (the shard
-may still read or write it; it is kept until a late reply or the close). A
+taken back when the request ends, unless a shard may still read or write it:
+after its deadline passed (until a late reply), or when it went to more than
+one replica (a resend after a failover). Such a block stays out of use for
+``QUARANTINE_S``. A
 shard that cannot open the memory answers SHM_UNAVAILABLE: that shard's
 requests then carry their bytes as frames, this one included.
 
@@ -44,7 +46,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from pserver.protocol.codec import check_frames, decode_header, plain_fields
@@ -74,6 +76,9 @@ DIRECT_MS = 2  # ``exchange`` waits this long on the one socket, then as ``wait`
 _REPLY = int(Kind.REPLY)
 SHM_MIN_BYTES = 4 << 20  # a request (data and reply) this large goes by shared memory
 SHM_KINDS = frozenset({Kind.PUSH, Kind.PUSH_PULL, Kind.PULL})
+# A block a shard may still use (its request expired, or went to several replicas) is
+# kept out of use until this long has passed: longer than a shard keeps a parked read.
+QUARANTINE_S = 660.0
 
 
 class Completion(Generic[T]):
@@ -158,6 +163,7 @@ class _Request:
     target: int = -1  # the replica it was last sent to
     attempt: float = 0.0  # when to check on that replica
     block: Block | None = None  # its data and reply in shared memory
+    sent_to: set[int] = field(default_factory=set)  # the replicas it went to
 
 
 class IOEngine:
@@ -173,7 +179,9 @@ class IOEngine:
         self._arena = arena
         self._shm_shards = set(shm_shards) if arena is not None else set()
         self._reply_bytes = reply_bytes or (lambda _h: 0)
-        self._quarantine: dict[int, Block] = {}  # request id -> block of an expired request
+        # request id -> (block a shard may still use, whether one late reply frees it,
+        # when it is freed anyway)
+        self._quarantine: dict[int, tuple[Block, bool, float]] = {}
         self._lock = threading.Lock()  # owns the sockets, the poller and _pending
         self._sockets = {s: [Endpoint.dealer_connected(ctx, a) for a in addrs]
                          for s, addrs in endpoints.items()}
@@ -405,6 +413,8 @@ class IOEngine:
             self._to_shm(req)
         target = self._leader[req.shard]
         req.target = target
+        if req.block is not None:
+            req.sent_to.add(target)
         req.attempt = (time.monotonic() + ATTEMPT_S if len(self._sockets[req.shard]) > 1
                        else req.deadline)
         if self._sockets[req.shard][target].send(req.header, req.frames):
@@ -437,17 +447,46 @@ class IOEngine:
         req.frames = ()
         req.block = block
 
-    def _from_shm(self, req: _Request) -> None:
-        """Put ``req``'s data back into frames (copies) and free its block."""
+    def _from_shm(self, req: _Request, replica: int) -> None:
+        """Put ``req``'s data back into frames (copies) and retire its block."""
         assert req.block is not None and req.header.shm is not None
         req.frames = [bytes(req.block.array(o, n)) for o, n in req.header.shm.spans]
         req.header.shm = None
-        self._release(req)
+        self._retire(req, replica)
 
     def _release(self, req: _Request) -> None:
+        """Free ``req``'s block: no shard will touch it again."""
         if req.block is not None and self._arena is not None:
             self._arena.free(req.block)
         req.block = None
+
+    def _retire(self, req: _Request, replica: int | None) -> None:
+        """``req`` is answered by ``replica`` (None: it expired). Its block is freed
+        if that was the only replica it went to; otherwise another one may still
+        read or write it, and it is quarantined (``QUARANTINE_S``; an expired
+        request's block also comes back with its late reply)."""
+        block = req.block
+        if block is None:
+            return
+        if replica is not None and req.sent_to <= {replica}:
+            self._release(req)
+            return
+        req.block = None
+        self._quarantine[req.header.request_id] = (
+            block, replica is None and len(req.sent_to) <= 1,
+            time.monotonic() + QUARANTINE_S)
+
+    def _end_quarantine(self, now: float, rid: int | None = None) -> None:
+        """Free quarantined blocks whose time is up, and the one a late reply to
+        request ``rid`` frees."""
+        if rid is not None and rid in self._quarantine and self._quarantine[rid][1]:
+            self._free_block(self._quarantine.pop(rid)[0])
+        for r in [r for r, (_, _, until) in self._quarantine.items() if until <= now]:
+            self._free_block(self._quarantine.pop(r)[0])
+
+    def _free_block(self, block: Block) -> None:
+        if self._arena is not None:
+            self._arena.free(block)
 
     def _shm_reply(self, req: _Request, header: Header, incoming: Incoming) -> Incoming:
         """The reply's frames as views of the spans it names, which must lie in its
@@ -545,7 +584,7 @@ class IOEngine:
         if plain is not None:
             del self._pending[plain[1].request_id]
             self._deliver(plain[0], plain[1], incoming, shard)
-            self._release(plain[0])
+            self._retire(plain[0], replica)
             return
         try:
             header = decode_header(incoming.header, self._limits)
@@ -567,7 +606,7 @@ class IOEngine:
             log.warning("shard %d cannot use this client's shared memory (%s): its data "
                         "goes through the socket", shard, header.message)
             self._shm_shards.discard(shard)
-            self._from_shm(req)
+            self._from_shm(req, replica)
             self._send(req)
             return
         if req is not None and header.error == ErrorCode.NOT_LEADER:
@@ -583,12 +622,11 @@ class IOEngine:
             log.debug(
                 "late or unknown reply %d from shard %d dropped", header.request_id, shard
             )
-            late = self._quarantine.pop(header.request_id, None)
-            if late is not None and self._arena is not None:  # the shard is done with it
-                self._arena.free(late)
+            if self._quarantine:
+                self._end_quarantine(time.monotonic(), header.request_id)
             return
         if header.error:
-            self._release(done)
+            self._retire(done, replica)
             details = dict(header.opts)
             details.setdefault("shard", shard)
             done.on_error(error_from_code(header.error, header.message, details))
@@ -597,11 +635,11 @@ class IOEngine:
             try:
                 incoming = self._shm_reply(done, header, incoming)
             except PServerError as exc:
-                self._release(done)
+                self._retire(done, replica)
                 done.on_error(exc)
                 return
         self._deliver(done, header, incoming, shard, check=True)
-        self._release(done)
+        self._retire(done, replica)
 
     def _deliver(self, req: _Request, header: Header, incoming: Incoming, shard: int,
                  check: bool = False) -> None:
@@ -618,6 +656,8 @@ class IOEngine:
 
     def _expire(self) -> None:
         now = time.monotonic()
+        if self._quarantine:
+            self._end_quarantine(now)
         for shard, (_, replica, until) in list(self._probes.items()):
             if until <= now:  # the replica did not answer the ping: try the next one
                 del self._probes[shard]
@@ -634,9 +674,7 @@ class IOEngine:
                 self._sockets[req.shard][req.target].send(Header(Kind.PING, pid))
         for rid in [rid for rid, r in self._pending.items() if r.deadline <= now]:
             req = self._pending.pop(rid)
-            if req.block is not None:  # the shard may still read or write it
-                self._quarantine[rid] = req.block
-                req.block = None
+            self._retire(req, None)  # the shard may still read or write its block
             req.on_error(
                 Unavailable(
                     f"shard {req.shard} did not answer {req.header.kind.name} within "

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import zmq
 
-from pserver.clients.io import Completion, IOEngine
+from pserver.clients.io import SHM_MIN_BYTES, Completion, IOEngine
 from pserver.protocol.codec import decode_header, encode_header, reply_header
 from pserver.protocol.errors import ProtocolError, Unavailable
 from pserver.protocol.schema import Header, Kind, Limits, TensorMeta
+from pserver.protocol.shm import Arena
 
 
 @pytest.fixture
@@ -310,3 +312,102 @@ def test_a_busy_engine_or_a_replicated_shard_does_not_exchange(router: Any,
     assert not replicated.exchange(0, Header(Kind.PULL, 9), [], 10.0, lambda *_: None,
                                    lambda _: None)
     replicated.close()
+
+
+# -- shared memory (PROTOCOL.md §4.6): when a block may be used again ----------------------
+
+
+def _shm_engine(ctx: Any, addrs: list[str], tmp_path: Path) -> tuple[IOEngine, Arena]:
+    arena = Arena(directory=str(tmp_path))
+    hints = {0: {a: i for i, a in enumerate(addrs)}}
+    engine = IOEngine(ctx, {0: addrs}, Limits(), hints, arena=arena, shm_shards=frozenset({0}))
+    return engine, arena
+
+
+def _shm_push(engine: IOEngine, rid: int, timeout: float = 10.0) -> Future[Any]:
+    data = np.full(SHM_MIN_BYTES // 4, rid, np.float32)
+    meta = TensorMeta("w", 0, "float32", (data.size,), 0, data.size, 1)
+    fut: Future[Any] = Future()
+    engine.submit(0, Header(Kind.PUSH, rid, tensors=(meta,)), [memoryview(data)], timeout,
+                  lambda h, _: fut.set_result(h), fut.set_exception)
+    return fut
+
+
+def test_a_block_answered_by_its_only_replica_is_freed(router: Any, tmp_path: Path) -> None:
+    ctx, sock, address = router
+    engine, arena = _shm_engine(ctx, [address], tmp_path)
+    try:
+        fut = _shm_push(engine, 21)
+        identity, raw, *frames = sock.recv_multipart()
+        h = decode_header(raw, Limits())
+        assert h.shm is not None and frames == [] and arena.blocks_out == 1
+        sock.send_multipart([identity, encode_header(reply_header(h))])
+        fut.result(timeout=10)
+        assert arena.blocks_out == 0
+    finally:
+        engine.close()
+
+
+def test_a_block_sent_to_two_replicas_is_kept_out_of_use(two_replicas: Any,
+                                                         tmp_path: Path) -> None:
+    """After a NotLeader, the first replica may still read the block: it is not
+    handed to the next request."""
+    ctx, (follower, leader), addrs = two_replicas
+    engine, arena = _shm_engine(ctx, addrs, tmp_path)
+    try:
+        fut = _shm_push(engine, 22)
+        identity, first = _recv(follower)
+        follower.send_multipart([identity, encode_header(reply_header(
+            first, error=8, message="not the leader", opts={"leader_hint": addrs[1]}))])
+        identity, again = _recv(leader)
+        assert again.shm == first.shm  # the same block, resent
+        leader.send_multipart([identity, encode_header(reply_header(again))])
+        fut.result(timeout=10)
+        assert arena.blocks_out == 1  # quarantined
+        fut = _shm_push(engine, 23)
+        identity, nxt = _recv(leader)
+        assert nxt.shm is not None and first.shm is not None
+        assert nxt.shm.spans[0][0] != first.shm.spans[0][0]
+        leader.send_multipart([identity, encode_header(reply_header(nxt))])
+        fut.result(timeout=10)
+    finally:
+        engine.close()
+
+
+def test_an_expired_block_comes_back_with_its_late_reply(router: Any, tmp_path: Path) -> None:
+    ctx, sock, address = router
+    engine, arena = _shm_engine(ctx, [address], tmp_path)
+    try:
+        fut = _shm_push(engine, 24, timeout=0.3)
+        identity, raw, *_ = sock.recv_multipart()
+        with pytest.raises(Unavailable):
+            fut.result(timeout=10)
+        assert arena.blocks_out == 1  # the shard may still read it
+        sock.send_multipart([identity, encode_header(reply_header(decode_header(raw, Limits())))])
+        fut = _shm_push(engine, 25)  # drives the engine, which takes the late reply
+        identity, raw, *_ = sock.recv_multipart()
+        sock.send_multipart([identity, encode_header(reply_header(decode_header(raw, Limits())))])
+        fut.result(timeout=10)
+        assert arena.blocks_out == 0
+    finally:
+        engine.close()
+
+
+def test_shm_unavailable_resends_the_same_bytes_as_frames(router: Any, tmp_path: Path) -> None:
+    ctx, sock, address = router
+    engine, arena = _shm_engine(ctx, [address], tmp_path)
+    try:
+        fut = _shm_push(engine, 26)
+        identity, raw, *_ = sock.recv_multipart()
+        h = decode_header(raw, Limits())
+        sock.send_multipart([identity, encode_header(reply_header(
+            h, error=12, message="cannot open shared memory"))])
+        identity, raw, *frames = sock.recv_multipart()
+        again = decode_header(raw, Limits())
+        assert (again.request_id, again.seq, again.shm) == (26, h.seq, None)
+        assert frames == [np.full(SHM_MIN_BYTES // 4, 26, np.float32).tobytes()]
+        sock.send_multipart([identity, encode_header(reply_header(again))])
+        fut.result(timeout=10)
+        assert arena.blocks_out == 0
+    finally:
+        engine.close()

@@ -149,7 +149,9 @@ def test_a_leader_killed_under_shared_memory_pushes_loses_no_acknowledged_push(
                 failed.append(i)
                 continue
             acked.append(i)
-        assert _used_shm(c) and c._io._arena.blocks_out == 0
+        # blocks resent to the new leader stay out of use (the old one might have
+        # read them late); every other block came back
+        assert _used_shm(c) and c._io._arena.blocks_out == len(c._io._quarantine) <= 2
         value = c.pull([key])[key]
     assert leader(cluster.address, 0)["term"] > old["term"]
     assert np.all(value[acked] == 1.0), "an acknowledged push was lost"
