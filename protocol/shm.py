@@ -47,6 +47,8 @@ ALIGN = 64  # every span starts on a cache line
 MIN_SEGMENT_BYTES = 64 << 20
 DEFAULT_LIMIT_BYTES = 1 << 30  # per client, over all its segments
 MAPPINGS_KEPT = 64  # per shard: segments of this many clients stay mapped
+# page tables filled at once: a fresh mapping does not fault on every first touch
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 NAME_RE = re.compile(r"pserver-([0-9]{1,10})-[0-9a-f]{16}\Z")
 
 
@@ -223,7 +225,7 @@ class Arena:
             return None
         try:
             os.posix_fallocate(fd, 0, size)  # reserve now: a full tmpfs fails here
-            mm = mmap.mmap(fd, size)
+            mm = mmap.mmap(fd, size, flags=_MAP_FLAGS)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -281,7 +283,7 @@ class Mappings:
             if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size == 0:
                 raise SharedMemoryUnavailable(f"shared memory {name} is not a segment of "
                                               "this user")
-            mm = mmap.mmap(fd, st.st_size)
+            mm = mmap.mmap(fd, st.st_size, flags=_MAP_FLAGS)
         except OSError as exc:
             raise SharedMemoryUnavailable(f"cannot map shared memory {name}: "
                                           f"{exc.strerror}") from None
