@@ -11,8 +11,9 @@ Owns the segment files (``/dev/shm/pserver-<pid>-<16 hex>``, PROTOCOL.md §4.6):
 - ``Mappings``, on a shard: opens a client's segment by name (a regular file in
   the shared-memory directory owned by this user, nothing else), maps it, keeps
   the most recently used mappings, and gives memoryviews of the spans a header
-  names after checking that they lie inside the segment. Mappings of clients
-  that exited are dropped (``drop_dead``, once a second).
+  names after checking that they lie inside the segment and that the file did
+  not shrink since it was mapped (its pages would be gone: a SIGBUS). Mappings
+  of clients that exited are dropped (``drop_dead``, once a second).
 
 A request in shared memory carries no ZeroMQ data frames: its header names the
 segment, the span of every frame and the region the reply may be written to.
@@ -262,12 +263,22 @@ class Mappings:
     def __init__(self, keep: int = MAPPINGS_KEPT, directory: str = SHM_DIR) -> None:
         self.keep = keep
         self.directory = directory
-        self._maps: collections.OrderedDict[str, np.ndarray[Any, Any]] = \
+        # name -> (the mapped bytes, the open file: its size is checked at each use)
+        self._maps: collections.OrderedDict[str, tuple[np.ndarray[Any, Any], int]] = \
             collections.OrderedDict()
 
     def _segment(self, name: str) -> np.ndarray[Any, Any]:
-        seg = self._maps.get(name)
-        if seg is not None:
+        entry = self._maps.get(name)
+        if entry is not None:
+            seg, fd = entry
+            try:
+                size = os.fstat(fd).st_size
+            except OSError:
+                size = -1
+            if size < seg.size:  # shrunk: touching its lost pages would be a SIGBUS
+                self._forget(name)
+                raise SharedMemoryUnavailable(f"shared memory {name} shrank to {size} bytes "
+                                              f"after it was mapped with {seg.size}")
             self._maps.move_to_end(name)
             return seg
         if NAME_RE.match(name) is None:
@@ -284,16 +295,22 @@ class Mappings:
                 raise SharedMemoryUnavailable(f"shared memory {name} is not a segment of "
                                               "this user")
             mm = mmap.mmap(fd, st.st_size, flags=_MAP_FLAGS)
-        except OSError as exc:
-            raise SharedMemoryUnavailable(f"cannot map shared memory {name}: "
-                                          f"{exc.strerror}") from None
-        finally:
+        except BaseException as exc:
             os.close(fd)
+            if isinstance(exc, OSError):
+                raise SharedMemoryUnavailable(f"cannot map shared memory {name}: "
+                                              f"{exc.strerror}") from None
+            raise
         seg = np.frombuffer(mm, dtype=np.uint8)  # the mapping lives while views do
-        self._maps[name] = seg
+        self._maps[name] = (seg, fd)
         while len(self._maps) > self.keep:
-            self._maps.popitem(last=False)
+            self._forget(next(iter(self._maps)))
         return seg
+
+    def _forget(self, name: str) -> None:
+        _, fd = self._maps.pop(name)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
     def spans(self, name: str, spans: tuple[tuple[int, int], ...]) -> list[memoryview]:
         """Views of ``spans`` ((offset, length) each) of segment ``name``."""
@@ -320,7 +337,7 @@ class Mappings:
         Returns how many."""
         dead = [n for n in self._maps if not _alive(_pid_of(n))]
         for name in dead:
-            del self._maps[name]
+            self._forget(name)
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.directory, name))
         if dead:
@@ -331,4 +348,5 @@ class Mappings:
         return len(self._maps)
 
     def close(self) -> None:
-        self._maps.clear()
+        for name in list(self._maps):
+            self._forget(name)

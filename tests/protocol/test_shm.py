@@ -161,6 +161,23 @@ def test_spans_and_regions_must_lie_inside_the_segment(arena: Arena, tmp_path: P
         maps.region(block.name, size, 1)
 
 
+def test_a_segment_that_shrank_is_refused_not_touched(arena: Arena, tmp_path: Path) -> None:
+    """Reading a mapped page past the end of a shrunk file is a SIGBUS: a shard
+    checks the size at each use and refuses the segment instead."""
+    block = arena.alloc(64)
+    assert block is not None
+    maps = Mappings(directory=str(tmp_path))
+    maps.spans(block.name, ((0, 64),))
+    os.truncate(tmp_path / block.name, 4096)
+    with pytest.raises(SharedMemoryUnavailable, match="shrank"):
+        maps.spans(block.name, ((0, 64),))
+    assert len(maps) == 0
+    # mapped again at its new size: in bounds works, beyond is refused
+    assert len(maps.spans(block.name, ((0, 64),))[0]) == 64
+    with pytest.raises(ProtocolError):
+        maps.region(block.name, 4096, 64)
+
+
 def test_mappings_of_exited_clients_are_dropped_and_unlinked(tmp_path: Path) -> None:
     maps = Mappings(directory=str(tmp_path))
     dead = f"pserver-{_dead_pid()}-0123456789abcdef"
