@@ -429,6 +429,10 @@ class IOEngine:
         """Move ``req``'s data frames into a block of the arena, with room for its
         reply (left as it is when small or when the arena has no room)."""
         assert self._arena is not None
+        h = req.header
+        if h.kind != Kind.PULL and "encoding" not in h.opts \
+                and 16 * sum(t.count for t in h.tensors) < SHM_MIN_BYTES:
+            return  # data and reply are at most 8 bytes an element each: small
         frames = [as_bytes(f) for f in req.frames]
         data = sum(aligned(f.size) for f in frames)
         out = self._reply_bytes(req.header) if req.header.kind != Kind.PUSH else 0
