@@ -205,8 +205,8 @@ class Arena:
                 self.blocks_out -= 1
 
     def _new_segment(self, nbytes: int) -> _Segment | None:
-        if self._failed:
-            return None
+        if self._failed or not hasattr(os, "posix_fallocate"):
+            return None  # without a reservation a full file system would be a SIGBUS
         size = max(MIN_SEGMENT_BYTES, 1 << (nbytes - 1).bit_length(),
                    2 * (self._segments[-1].size if self._segments else 0))
         # at most half of what the file system has left (a container's /dev/shm may

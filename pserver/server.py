@@ -226,7 +226,11 @@ class ShardServer:
         off, cap = ref.out
         if sum(aligned(s.value.nbytes) for s in slots) > cap:
             return False
-        region = self._shm.region(ref.name, off, cap)
+        try:  # checked at the request already; a parked read may come long after
+            region = self._shm.region(ref.name, off, cap)
+        except PServerError as exc:
+            log.info("shard %d: values sent as frames: %s", self.shard_id, exc)
+            return False
         pos = 0
         spans: list[tuple[int, int]] = []
         for s in slots:
