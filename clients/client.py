@@ -364,8 +364,13 @@ class Client:
         return plan
 
     def _reply_bytes(self, header: Header) -> int:
-        """Room for the values a PULL or PUSH_PULL gets back (0: unknown), for the
-        I/O engine's shared memory."""
+        """Room for the values a PULL, PUSH_PULL or PULL_ROWS gets back (0: unknown),
+        for the I/O engine's shared memory."""
+        if header.kind == Kind.PULL_ROWS:
+            table = self._tables.get(header.opts.get("table"))  # type: ignore[arg-type]
+            if table is None or not header.tensors:
+                return 0
+            return aligned(header.tensors[0].count * table[0] * table[1].itemsize)
         if header.kind == Kind.PULL:
             parts = [(r.key, r.part) for r in header.refs]
         else:
@@ -1118,7 +1123,7 @@ def connect(
     Without ``worker_id``/``num_workers``: the task in ``$TF_CONFIG`` (a chief is
     worker 0), else torchrun's ``$RANK``/``$WORLD_SIZE``, else 0 of 1.
     ``ipc=False`` (or ``PSERVER_IPC=0``) keeps same-host clients on tcp; over ipc,
-    requests of 4 MiB and more (data plus reply) go by shared memory unless
+    requests of 3 MiB and more (data plus reply) go by shared memory unless
     ``shm=False`` (or ``PSERVER_SHM=0``). Raises
     ``Unavailable`` when the bootstrap does not answer within ``timeout`` seconds."""
     env_address, env_worker, env_workers = launcher_settings(os.environ)

@@ -15,7 +15,8 @@ other workers), silence or a follower's answer moves on to the next replica
 and resends what that shard owes. All of this stays within each request's
 deadline.
 
-Shared memory (PROTOCOL.md §4.6): a PUSH, PUSH_PULL or PULL of at least
+Shared memory (PROTOCOL.md §4.6): a PUSH, PUSH_PULL, PULL, PUSH_ROWS or PULL_ROWS
+of at least
 ``SHM_MIN_BYTES`` to a shard whose replicas are all on this host is copied
 into a block of the client's ``Arena`` at its first send, with room for the
 reply; the header names the spans and no data frames follow. The block is
@@ -74,8 +75,9 @@ GONE_S = 0.5  # and its name in NotLeader hints is disregarded for this long
 RETRY_S = 0.03  # a NotLeader without a usable hint: wait this long before the next try
 DIRECT_MS = 2  # ``exchange`` waits this long on the one socket, then as ``wait`` does
 _REPLY = int(Kind.REPLY)
-SHM_MIN_BYTES = 4 << 20  # a request (data and reply) this large goes by shared memory
-SHM_KINDS = frozenset({Kind.PUSH, Kind.PUSH_PULL, Kind.PULL})
+SHM_MIN_BYTES = 3 << 20  # a request (data and reply) this large goes by shared memory
+SHM_KINDS = frozenset({Kind.PUSH, Kind.PUSH_PULL, Kind.PULL, Kind.PUSH_ROWS, Kind.PULL_ROWS})
+_NO_REPLY_DATA = frozenset({Kind.PUSH, Kind.PUSH_ROWS})
 # A block a shard may still use (its request expired, or went to several replicas) is
 # kept out of use until this long has passed: longer than a shard keeps a parked read.
 QUARANTINE_S = 660.0
@@ -430,12 +432,13 @@ class IOEngine:
         reply (left as it is when small or when the arena has no room)."""
         assert self._arena is not None
         h = req.header
-        if h.kind != Kind.PULL and "encoding" not in h.opts \
+        if h.kind in (Kind.PUSH, Kind.PUSH_PULL, Kind.PUSH_ROWS) \
+                and "encoding" not in h.opts \
                 and 16 * sum(t.count for t in h.tensors) < SHM_MIN_BYTES:
-            return  # data and reply are at most 8 bytes an element each: small
+            return  # data and any reply are at most 8 bytes an element each: small
         frames = [as_bytes(f) for f in req.frames]
         data = sum(aligned(f.size) for f in frames)
-        out = self._reply_bytes(req.header) if req.header.kind != Kind.PUSH else 0
+        out = self._reply_bytes(h) if h.kind not in _NO_REPLY_DATA else 0
         if data + out < SHM_MIN_BYTES:
             return
         block = self._arena.alloc(data + out)

@@ -208,6 +208,8 @@ class ShardServer:
             self._shm.drop_dead()
 
     def _must_copy(self, header: Header) -> bool:
+        if header.kind in (Kind.PUSH_ROWS, Kind.PULL_ROWS):
+            return self.shm_copy  # rows apply at once; ids are read at once
         if self.shm_copy or header.kind not in (Kind.PUSH, Kind.PUSH_PULL):
             return True
         for t in header.tensors:
@@ -217,14 +219,22 @@ class ShardServer:
         return False
 
     def _shm_values(self, incoming: Incoming, header: Header, slots: Sequence[Slot]) -> bool:
-        """Reply with the values written into the region of the client's shared memory
-        that the request offered; False (nothing sent) when they do not fit there."""
+        """Reply with the slots' values in the request's shared memory (``_shm_reply``)."""
+        if self.state.memory.device != "cpu":
+            return False
+        return self._shm_reply(incoming, header, [s.value for s in slots],
+                               [s.meta(1) for s in slots])
+
+    def _shm_reply(self, incoming: Incoming, header: Header, arrays: Sequence[Any],
+                   metas: Sequence[TensorMeta]) -> bool:
+        """Reply with ``arrays`` (host arrays, one per descriptor in ``metas``) written
+        into the region of the client's shared memory that the request offered;
+        False (nothing sent) when there is none or they do not fit there."""
         ref = header.shm
-        if ref is None or ref.out is None or self._shm is None \
-                or self.state.memory.device != "cpu":
+        if ref is None or ref.out is None or self._shm is None:
             return False
         off, cap = ref.out
-        if sum(aligned(s.value.nbytes) for s in slots) > cap:
+        if sum(aligned(a.nbytes) for a in arrays) > cap:
             return False
         try:  # checked at the request already; a parked read may come long after
             region = self._shm.region(ref.name, off, cap)
@@ -233,12 +243,12 @@ class ShardServer:
             return False
         pos = 0
         spans: list[tuple[int, int]] = []
-        for s in slots:
-            n = s.value.nbytes
-            region[pos : pos + n] = as_bytes(s.value)
+        for a in arrays:
+            n = a.nbytes
+            region[pos : pos + n] = as_bytes(a)
             spans.append((off + pos, n))
             pos += aligned(n)
-        reply = reply_header(header, tensors=tuple(s.meta(1) for s in slots))
+        reply = reply_header(header, tensors=tuple(metas))
         reply.shm = ShmRef(ref.name, tuple(spans))
         self._reply(incoming, reply)
         return True
@@ -364,10 +374,14 @@ class ShardServer:
             name, ids, _ = rows_request(header, self._data(header, incoming), with_grads=False)
             table = self.state.check_rows(name, ids)
             rows = table.pull(ids)
+            def meta(nframes: int) -> TensorMeta:
+                return TensorMeta(table.spec.name, 0, table.spec.dtype, rows.shape, 0,
+                                  rows.size, nframes)
+
+            if header.shm is not None and self._shm_reply(incoming, header, [rows], [meta(1)]):
+                return
             frames = split_rows(rows, self.frame_bytes)
-            meta = TensorMeta(table.spec.name, 0, table.spec.dtype, rows.shape, 0, rows.size,
-                              len(frames))
-            self._reply(incoming, reply_header(header, tensors=(meta,)), frames)
+            self._reply(incoming, reply_header(header, tensors=(meta(len(frames)),)), frames)
         elif kind == Kind.KEYS:
             self._reply(incoming, reply_header(header, opts={"keys": [
                 s.describe() for s in self.state.slots.values() if s.part == 0]}))

@@ -100,7 +100,7 @@ def _dense(report: dict[str, Any], images: dict[str, str]) -> list[str]:
     out = ["## Dense push_pull, one worker", "",
            "One float32 tensor per size, interleaved round by round with a raw pyzmq "
            "DEALER/ROUTER echo of the same bytes in the same chunking (the transport limit); "
-           "best of rounds. Over ipc, pserver's requests of 4 MiB and more carry their data "
+           "best of rounds. Over ipc, pserver's requests of 3 MiB and more carry their data "
            "in shared memory (PROTOCOL.md §4.6), so the echo's unix socket is no longer "
            "its limit there.", ""]
     out += _table(["size", "transport", "pserver GB/s", "echo GB/s", "ratio", "pserver ms",

@@ -75,7 +75,7 @@ def test_large_requests_go_by_shared_memory_with_the_same_results(
 def test_results_outlive_the_block_they_arrived_in(cluster_factory: Any) -> None:
     cluster = cluster_factory("--shards", "1")
     with pserver.connect(cluster.address, timeout=20) as c:
-        first = np.arange(MiB, dtype=np.float32)  # 4 MiB: the threshold
+        first = np.arange(MiB, dtype=np.float32)  # 4 MiB: over the threshold
         c.init({"shm/a": first, "shm/b": -first})
         a = c.pull(["shm/a"])["shm/a"]  # one frame: returned as an array of its own
         b = c.pull(["shm/b"])["shm/b"]  # same block again, other bytes
@@ -92,7 +92,7 @@ def test_a_sync_push_is_kept_after_its_block_is_reused(cluster_factory: Any) -> 
           for i in range(2)]
     try:
         key = "shm/sync"
-        n = 2 * MiB  # two parts of 4 MiB, both at the shared-memory threshold
+        n = 2 * MiB  # two parts of 4 MiB, both over the shared-memory threshold
         ws[0].init({key: np.zeros(n, np.float32)}, optimizer={"name": "sgd", "lr": 1.0},
                    mode="sync")
         rng = np.random.default_rng(5)
@@ -220,3 +220,27 @@ def test_shm_false_and_tcp_clients_send_frames(cluster_factory: Any) -> None:
             c.init({f"shm/{kw}": np.zeros(MiB, np.float32)})
             c.push({f"shm/{kw}": np.ones(MiB, np.float32)})
             assert c._io._arena is None
+
+
+def test_row_requests_go_by_shared_memory_with_the_same_results(
+        cluster_factory: Any) -> None:
+    """pull_rows and push_rows of large batches (a table with adagrad): the same rows
+    as through the socket."""
+    cluster = cluster_factory("--shards", "2")
+    rng = np.random.default_rng(11)
+    ids = rng.integers(0, 2**63, 40_000, dtype=np.uint64)
+    grads = [rng.standard_normal((ids.size, 64)).astype(np.float32) for _ in range(2)]
+    got = {}
+    for shm in (True, False):
+        with pserver.connect(cluster.address, shm=shm, timeout=30) as c:
+            name = f"shm-rows-{shm}"
+            c.create_table(name, 64)  # zeros: both tables start alike
+            first = c.pull_rows(name, ids)
+            for g in grads:
+                c.push_rows(name, ids, g)
+            got[shm] = (first, c.pull_rows(name, ids))
+            assert _used_shm(c) == shm
+            assert shm is False or c._io._arena.blocks_out == 0
+    assert not got[True][0].any() and not got[False][0].any()
+    np.testing.assert_array_equal(got[True][1], got[False][1])
+    assert got[True][1].any()
