@@ -333,15 +333,21 @@ def _shm_push(engine: IOEngine, rid: int, timeout: float = 10.0) -> Future[Any]:
     return fut
 
 
+def _answer(sock: Any) -> tuple[Header, list[bytes]]:
+    """Take one request on a bare ROUTER and answer it with success."""
+    identity, raw, *frames = sock.recv_multipart()
+    h = decode_header(raw, Limits())
+    sock.send_multipart([identity, encode_header(reply_header(h))])
+    return h, frames
+
+
 def test_a_block_answered_by_its_only_replica_is_freed(router: Any, tmp_path: Path) -> None:
     ctx, sock, address = router
     engine, arena = _shm_engine(ctx, [address], tmp_path)
     try:
         fut = _shm_push(engine, 21)
-        identity, raw, *frames = sock.recv_multipart()
-        h = decode_header(raw, Limits())
-        assert h.shm is not None and frames == [] and arena.blocks_out == 1
-        sock.send_multipart([identity, encode_header(reply_header(h))])
+        h, frames = _answer(sock)
+        assert h.shm is not None and frames == []
         fut.result(timeout=10)
         assert arena.blocks_out == 0
     finally:
@@ -385,8 +391,7 @@ def test_an_expired_block_comes_back_with_its_late_reply(router: Any, tmp_path: 
         assert arena.blocks_out == 1  # the shard may still read it
         sock.send_multipart([identity, encode_header(reply_header(decode_header(raw, Limits())))])
         fut = _shm_push(engine, 25)  # drives the engine, which takes the late reply
-        identity, raw, *_ = sock.recv_multipart()
-        sock.send_multipart([identity, encode_header(reply_header(decode_header(raw, Limits())))])
+        _answer(sock)
         fut.result(timeout=10)
         assert arena.blocks_out == 0
     finally:
