@@ -178,6 +178,21 @@ def test_a_shard_that_cannot_open_the_memory_gets_the_bytes(
     assert not list(tmp_path.glob("pserver-*"))
 
 
+def test_a_full_arena_sends_the_rest_through_the_socket(
+        cluster_factory: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An arena of 8 MiB holds one 4 MiB chunk's data and reply at a time: of a
+    64 MiB push_pull's 16 messages some go by shared memory, the others as frames,
+    and the result is the same."""
+    cluster = cluster_factory("--shards", "2")
+    monkeypatch.setattr(client_module, "Arena", functools.partial(Arena, limit_bytes=8 * MiB))
+    x = np.arange(16 * MiB, dtype=np.float32)
+    with pserver.connect(cluster.address, timeout=30) as c:
+        c.init({"shm/full": x}, optimizer={"name": "sum"})
+        got = c.push_pull({"shm/full": np.ones_like(x)})["shm/full"]
+        assert c._io._arena.reserved_bytes == 8 * MiB and c._io._arena.blocks_out == 0
+    np.testing.assert_array_equal(got, x + 1)
+
+
 def test_the_memory_of_a_killed_client_is_released(cluster_factory: Any) -> None:
     """A client killed with SIGKILL cannot unlink its segments: the shard that
     mapped them drops and unlinks them once it sees the process gone."""
