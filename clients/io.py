@@ -463,8 +463,8 @@ class IOEngine:
 
     def _release(self, req: _Request) -> None:
         """Free ``req``'s block: no shard will touch it again."""
-        if req.block is not None and self._arena is not None:
-            self._arena.free(req.block)
+        if req.block is not None:
+            self._free_block(req.block)
         req.block = None
 
     def _retire(self, req: _Request, replica: int | None) -> None:

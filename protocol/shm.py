@@ -140,6 +140,18 @@ def _room(directory: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def _unlink(directory: str, name: str) -> bool:
+    """Remove segment file ``name`` if this user owns it; whether it was removed."""
+    path = os.path.join(directory, name)
+    try:
+        if os.lstat(path).st_uid != os.geteuid():
+            return False
+        os.unlink(path)
+    except OSError:
+        return False
+    return True
+
+
 def sweep(directory: str = SHM_DIR) -> int:
     """Unlink this user's segments whose creating process is gone; returns how many."""
     removed = 0
@@ -147,15 +159,9 @@ def sweep(directory: str = SHM_DIR) -> int:
         names = os.listdir(directory)
     except OSError:
         return 0
-    uid = os.geteuid()
     for name in names:
-        if NAME_RE.match(name) is None or _alive(_pid_of(name)):
-            continue
-        path = os.path.join(directory, name)
-        with contextlib.suppress(OSError):
-            if os.lstat(path).st_uid == uid:
-                os.unlink(path)
-                removed += 1
+        if NAME_RE.match(name) is not None and not _alive(_pid_of(name)):
+            removed += _unlink(directory, name)
     if removed:
         log.info("removed %d shared-memory segments of exited clients", removed)
     return removed
@@ -338,8 +344,7 @@ class Mappings:
         dead = [n for n in self._maps if not _alive(_pid_of(n))]
         for name in dead:
             self._forget(name)
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(self.directory, name))
+            _unlink(self.directory, name)  # unless a client's sweep was first
         if dead:
             log.info("dropped the shared memory of %d exited clients", len(dead))
         return len(dead)

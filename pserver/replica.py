@@ -81,7 +81,6 @@ class ReplicaServer(ShardServer):
                  snapshot_log_bytes: int = 256 << 20, seed: int | None = None,
                  cluster_token: str | None = None, **kwargs: Any) -> None:
         super().__init__(shard_id, shard_map, endpoints, data_dir=None, **kwargs)
-        self.shm_copy = True  # log entries outlive the request's shared memory
         if replica_id not in peers:
             raise ValueError(f"replica {replica_id} is not among the peers {sorted(peers)}")
         self.replica_id = replica_id
@@ -228,6 +227,11 @@ class ReplicaServer(ShardServer):
             log.exception("shard %d replica %d: internal error", self.shard_id, self.replica_id)
             if header is None or header.kind != Kind.RAFT:
                 self._error(incoming, header, InternalError(f"{type(exc).__name__}: {exc}"))
+
+    def _must_copy(self, header: Header) -> bool:
+        """A leader logs what it is sent, and log entries outlive the request's
+        shared memory; a follower refuses data requests and keeps nothing."""
+        return self.core.role == Role.LEADER
 
     def _peer_down(self, incoming: Incoming, header: Header) -> None:
         """The supervisor reaped another replica of this shard (PROTOCOL.md §5.4):

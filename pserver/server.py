@@ -117,7 +117,6 @@ class ShardServer:
         self._barriers: dict[int, tuple[int, dict[int, tuple[Incoming, Header]], float]] = {}
         self._parked: list[tuple[float, int, Incoming, Header, list[Slot]]] = []
         self._shm: Mappings | None = None  # clients' shared memory, opened on first use
-        self.shm_copy = False  # copy data out of shared memory always (a replica's log)
 
     @property
     def endpoints(self) -> list[str]:
@@ -208,9 +207,11 @@ class ShardServer:
             self._shm.drop_dead()
 
     def _must_copy(self, header: Header) -> bool:
+        """Whether this request's data outlives its reply here (then it is copied
+        out of the client's shared memory)."""
         if header.kind in (Kind.PUSH_ROWS, Kind.PULL_ROWS):
-            return self.shm_copy  # rows apply at once; ids are read at once
-        if self.shm_copy or header.kind not in (Kind.PUSH, Kind.PUSH_PULL):
+            return False  # rows apply at once; ids are read at once
+        if header.kind not in (Kind.PUSH, Kind.PUSH_PULL):
             return True
         for t in header.tensors:
             slot = self.state.slots.get((t.key, t.part))

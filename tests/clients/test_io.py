@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -317,11 +319,18 @@ def test_a_busy_engine_or_a_replicated_shard_does_not_exchange(router: Any,
 # -- shared memory (PROTOCOL.md §4.6): when a block may be used again ----------------------
 
 
-def _shm_engine(ctx: Any, addrs: list[str], tmp_path: Path) -> tuple[IOEngine, Arena]:
+@contextlib.contextmanager
+def _shm_engine(ctx: Any, addrs: list[str],
+                tmp_path: Path) -> Iterator[tuple[IOEngine, Arena]]:
+    """An engine whose shard 0 (``addrs``) takes shared memory from an arena in
+    ``tmp_path``; closed on the way out."""
     arena = Arena(directory=str(tmp_path))
     hints = {0: {a: i for i, a in enumerate(addrs)}}
     engine = IOEngine(ctx, {0: addrs}, Limits(), hints, arena=arena, shm_shards=frozenset({0}))
-    return engine, arena
+    try:
+        yield engine, arena
+    finally:
+        engine.close()
 
 
 def _shm_push(engine: IOEngine, rid: int, timeout: float = 10.0) -> Future[Any]:
@@ -343,15 +352,12 @@ def _answer(sock: Any) -> tuple[Header, list[bytes]]:
 
 def test_a_block_answered_by_its_only_replica_is_freed(router: Any, tmp_path: Path) -> None:
     ctx, sock, address = router
-    engine, arena = _shm_engine(ctx, [address], tmp_path)
-    try:
+    with _shm_engine(ctx, [address], tmp_path) as (engine, arena):
         fut = _shm_push(engine, 21)
         h, frames = _answer(sock)
         assert h.shm is not None and frames == []
         fut.result(timeout=10)
         assert arena.blocks_out == 0
-    finally:
-        engine.close()
 
 
 def test_a_block_sent_to_two_replicas_is_kept_out_of_use(two_replicas: Any,
@@ -359,8 +365,7 @@ def test_a_block_sent_to_two_replicas_is_kept_out_of_use(two_replicas: Any,
     """After a NotLeader, the first replica may still read the block: it is not
     handed to the next request."""
     ctx, (follower, leader), addrs = two_replicas
-    engine, arena = _shm_engine(ctx, addrs, tmp_path)
-    try:
+    with _shm_engine(ctx, addrs, tmp_path) as (engine, arena):
         fut = _shm_push(engine, 22)
         identity, first = _recv(follower)
         follower.send_multipart([identity, encode_header(reply_header(
@@ -376,14 +381,11 @@ def test_a_block_sent_to_two_replicas_is_kept_out_of_use(two_replicas: Any,
         assert nxt.shm.spans[0][0] != first.shm.spans[0][0]
         leader.send_multipart([identity, encode_header(reply_header(nxt))])
         fut.result(timeout=10)
-    finally:
-        engine.close()
 
 
 def test_an_expired_block_comes_back_with_its_late_reply(router: Any, tmp_path: Path) -> None:
     ctx, sock, address = router
-    engine, arena = _shm_engine(ctx, [address], tmp_path)
-    try:
+    with _shm_engine(ctx, [address], tmp_path) as (engine, arena):
         fut = _shm_push(engine, 24, timeout=0.3)
         identity, raw, *_ = sock.recv_multipart()
         with pytest.raises(Unavailable):
@@ -394,14 +396,11 @@ def test_an_expired_block_comes_back_with_its_late_reply(router: Any, tmp_path: 
         _answer(sock)
         fut.result(timeout=10)
         assert arena.blocks_out == 0
-    finally:
-        engine.close()
 
 
 def test_shm_unavailable_resends_the_same_bytes_as_frames(router: Any, tmp_path: Path) -> None:
     ctx, sock, address = router
-    engine, arena = _shm_engine(ctx, [address], tmp_path)
-    try:
+    with _shm_engine(ctx, [address], tmp_path) as (engine, arena):
         fut = _shm_push(engine, 26)
         identity, raw, *_ = sock.recv_multipart()
         h = decode_header(raw, Limits())
@@ -414,5 +413,3 @@ def test_shm_unavailable_resends_the_same_bytes_as_frames(router: Any, tmp_path:
         sock.send_multipart([identity, encode_header(reply_header(again))])
         fut.result(timeout=10)
         assert arena.blocks_out == 0
-    finally:
-        engine.close()
