@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from pserver.kernels import gather_rows, partition_by_shard, scatter_rows
+from pserver.kernels import gather_rows, partition_by_shard, scatter_rows, to_bfloat16
 from pserver.protocol.allocator import ENV_KEEP_FREED, keep_freed_buffers
 from pserver.protocol.errors import (
     InvalidArgument,
@@ -60,7 +60,7 @@ from pserver.protocol.shardmap import ShardMap
 from pserver.protocol.shm import Arena, aligned
 from pserver.protocol.transport import Incoming, call, host_id, new_context
 
-from .io import Completion, IOEngine
+from .io import Completion, IOEngine, LazyFrame
 from .starter import AsyncStarter
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,18 @@ ENV_SHM = "PSERVER_SHM"
 HEARTBEAT_S = 1.0
 LAYOUTS_KEPT = 4096  # cached call layouts (one per distinct list of keys pushed)
 _HALF_DTYPES = (DTYPES["float16"], DTYPES["bfloat16"])
+
+
+def _narrowed(data: np.ndarray[Any, Any], frame_bytes: int) -> list[LazyFrame]:
+    """Frames of ``data`` (float32) cast to bfloat16, cut as ``split_frames`` cuts a
+    bfloat16 array, each made when the engine sends it (``to_bfloat16``)."""
+    spans = frame_spans(2 * data.size, 2, frame_bytes)
+
+    def frame(a: int, b: int) -> LazyFrame:
+        src = data[a // 2 : b // 2]
+        return LazyFrame(b - a, lambda out: to_bfloat16(src, out.view(np.uint16)))
+
+    return [frame(a, b) for a, b in spans]
 # Replies can be larger than any request the server accepts: decode them generously.
 _REPLY_LIMITS = Limits(
     max_request_bytes=1 << 40, max_frames=1 << 20, max_keys=1 << 20, max_header_bytes=64 << 20
@@ -524,16 +536,23 @@ class Client:
     def _encode(self, batch: Sequence[_Piece], compress: bool = False) -> tuple[
             tuple[TensorMeta, ...], list[Any]]:
         """Tensor descriptors and zero-copy frames of the pieces' data; with ``compress``
-        a float16/bfloat16 key's gradient is cast first (one half-size copy)."""
-        metas, frames = [], []
+        a float16/bfloat16 key's gradient is cast first (one half-size copy). A float32
+        gradient cast to bfloat16 becomes ``LazyFrame``s: the engine casts it straight
+        into shared memory, or into buffers of its own for the socket."""
+        metas: list[TensorMeta] = []
+        frames: list[Any] = []
         for p in batch:
             assert p.data is not None
             data = p.data
-            if compress and p.meta.compression[0] in ("float16", "bfloat16") \
-                    and data.dtype != DTYPES[p.meta.compression[0]]:
-                data = data.astype(DTYPES[p.meta.compression[0]])
-            dtype = dtype_name(data.dtype) or p.meta.dtype
-            fr = split_frames(data, self.frame_bytes)
+            half = p.meta.compression[0] if compress else "none"
+            fr: Sequence[Any]
+            if half == "bfloat16" and data.dtype == np.float32:
+                dtype, fr = half, _narrowed(data, self.frame_bytes)
+            else:
+                if half in ("float16", "bfloat16") and data.dtype != DTYPES[half]:
+                    data = data.astype(DTYPES[half])
+                dtype = dtype_name(data.dtype) or p.meta.dtype
+                fr = split_frames(data, self.frame_bytes)
             metas.append(
                 TensorMeta(p.meta.key, p.part, dtype, p.meta.shape, p.offset, p.count, len(fr))
             )

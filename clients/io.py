@@ -50,6 +50,8 @@ from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import numpy as np
+
 from pserver.protocol.codec import check_frames, decode_header, plain_fields
 from pserver.protocol.errors import (
     ErrorCode,
@@ -151,6 +153,24 @@ class Completion(Generic[T]):
         if settled:  # _settle ran before the Future existed: complete it here
             self._copy_to(future)
         return future
+
+
+class LazyFrame:
+    """A data frame made when it is sent: ``fill(out)`` writes its ``nbytes`` bytes into
+    ``out`` (a uint8 array). It is written straight into a shared-memory block, or
+    once into a buffer of its own when it goes by socket (a cast gradient: no
+    intermediate copy on the shared-memory path)."""
+
+    __slots__ = ("fill", "nbytes")
+
+    def __init__(self, nbytes: int, fill: Callable[[np.ndarray[Any, Any]], Any]) -> None:
+        self.nbytes = nbytes
+        self.fill = fill
+
+    def made(self) -> np.ndarray[Any, Any]:
+        out = np.empty(self.nbytes, np.uint8)
+        self.fill(out)
+        return out
 
 
 @dataclass
@@ -413,6 +433,8 @@ class IOEngine:
         if req.block is None and req.shard in self._shm_shards \
                 and req.header.kind in SHM_KINDS:
             self._to_shm(req)
+        if req.block is None and any(type(f) is LazyFrame for f in req.frames):
+            req.frames = [f.made() if type(f) is LazyFrame else f for f in req.frames]
         target = self._leader[req.shard]
         req.target = target
         if req.block is not None:
@@ -436,8 +458,8 @@ class IOEngine:
                 and "encoding" not in h.opts \
                 and 16 * sum(t.count for t in h.tensors) < SHM_MIN_BYTES:
             return  # data and any reply are at most 8 bytes an element each: small
-        frames = [as_bytes(f) for f in req.frames]
-        data = sum(aligned(f.size) for f in frames)
+        frames = [f if type(f) is LazyFrame else as_bytes(f) for f in req.frames]
+        data = sum(aligned(f.nbytes) for f in frames)
         out = self._reply_bytes(h) if h.kind not in _NO_REPLY_DATA else 0
         if data + out < SHM_MIN_BYTES:
             return
@@ -447,9 +469,12 @@ class IOEngine:
         pos, spans = block.offset, []
         dest = block.segment.array
         for f in frames:
-            dest[pos : pos + f.size] = f
-            spans.append((pos, f.size))
-            pos += aligned(f.size)
+            if isinstance(f, LazyFrame):
+                f.fill(dest[pos : pos + f.nbytes])
+            else:
+                dest[pos : pos + f.nbytes] = f
+            spans.append((pos, f.nbytes))
+            pos += aligned(f.nbytes)
         req.header.shm = ShmRef(block.name, tuple(spans), (pos, out) if out else None)
         req.frames = ()
         req.block = block

@@ -13,6 +13,7 @@ from .dispatch import (
     aggregate,
     dedup_ids,
     default_backend,
+    from_bfloat16,
     gather_rows,
     has_repeats,
     new_row_index,
@@ -21,6 +22,7 @@ from .dispatch import (
     segment_sum,
     sgd,
     shard_of_ids,
+    to_bfloat16,
 )
 from .errors import BackendUnavailable, KernelError
 
@@ -33,11 +35,13 @@ __all__ = [
     "adam",
     "aggregate",
     "default_backend",
+    "from_bfloat16",
     "gather_rows",
     "partition_by_shard",
     "scatter_rows",
     "sgd",
     "shard_of_ids",
+    "to_bfloat16",
     "RowIndex",
     "dedup_ids",
     "has_repeats",

@@ -214,6 +214,45 @@ def sum_into(out, grads, first, divisor):  # type: ignore[no-untyped-def]
         out[i] = s
 
 
+@njit(**_opts)
+def sum_bf16_into(out, grads, first, divisor):  # type: ignore[no-untyped-def]
+    """``sum_into`` of bfloat16 gradients (their uint16 bits) into a float32 ``out``:
+    each is widened exactly as it is read, so the bits equal widening them first."""
+    n = len(grads)
+    for i in prange(out.size):
+        w = np.uint32(np.uint32(grads[0][i]) << np.uint32(16)).view(np.float32)
+        s = w if first else out[i] + w
+        for j in range(1, n):
+            s = s + np.uint32(np.uint32(grads[j][i]) << np.uint32(16)).view(np.float32)
+        if divisor != 1:
+            s = s / divisor
+        out[i] = s
+
+
+@njit(**_opts)
+def to_bfloat16(bits, out):  # type: ignore[no-untyped-def]
+    """out (uint16 bits) = bfloat16 of the float32 values whose uint32 bits are ``bits``
+    (the caller makes the views: ``.view`` inside a parallel kernel gave wrong
+    results), rounded to nearest, ties to even, as
+    ml_dtypes casts: the top 16 bits after adding 0x7FFF plus the lowest kept bit; a
+    NaN becomes the quiet NaN 0x7FC0 with its sign."""
+    for i in prange(bits.size):
+        u = bits[i]
+        if (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
+            out[i] = np.uint16(((u >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0))
+        else:
+            out[i] = np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+                               >> np.uint32(16))
+
+
+@njit(**_opts)
+def from_bfloat16(src, bits):  # type: ignore[no-untyped-def]
+    """float32 values (their uint32 ``bits``) = src (uint16 bfloat16 bits) widened:
+    exact, the bits shifted up."""
+    for i in prange(src.size):
+        bits[i] = np.uint32(src[i]) << np.uint32(16)
+
+
 def _serial_twin(kernel: Any) -> Any:
     """The same loop compiled without ``parallel``: waking numba's thread pool costs
     ~20 us, more than a small update itself. Same arithmetic, hence the same bits."""
@@ -227,5 +266,6 @@ def _serial_twin(kernel: Any) -> Any:
 SERIAL = types.SimpleNamespace(**{
     name: _serial_twin(globals()[name])
     for name in ("add", "sgd", "sgd_momentum", "adam", "adam_plain", "adagrad", "sum_into",
-                 "rows_add", "rows_sgd", "rows_adam", "rows_adagrad")
+                 "rows_add", "rows_sgd", "rows_adam", "rows_adagrad", "sum_bf16_into",
+                 "to_bfloat16", "from_bfloat16")
 })

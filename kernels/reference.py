@@ -21,6 +21,22 @@ def accumulate(param: Array, grad: Array) -> None:
     np.add(param, grad, out=param, casting="same_kind")
 
 
+def to_bfloat16(src: Array, out: Array) -> None:
+    """``out`` (uint16: the bits of bfloat16) = ``src`` (float32) rounded to nearest,
+    ties to even; a NaN becomes the quiet NaN 0x7FC0 with its sign (as ml_dtypes)."""
+    u = src.view(np.uint32)
+    with np.errstate(over="ignore"):
+        rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    out[...] = np.where(nan, ((u >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0),
+                        rounded).astype(np.uint16)
+
+
+def from_bfloat16(src: Array, out: Array) -> None:
+    """``out`` (float32) = ``src`` (uint16 bfloat16 bits) widened, exactly."""
+    out.view(np.uint32)[...] = src.astype(np.uint32) << np.uint32(16)
+
+
 def hash_ids(ids: Array, seed: int) -> Array:
     """splitmix64(id + seed) of every uint64 id."""
     with np.errstate(over="ignore"):

@@ -86,7 +86,7 @@ class StepAggregator:
         for t, frames in zip(header.tensors, data, strict=True):
             part = (t.key, t.part)
             slot = self.state.slots[part]
-            grad = pieces(frames, t.np_dtype, slot)
+            grad = pieces(frames, t.np_dtype, slot, widen=False)
             step = self._step_of(part, worker)
             self._next[(part, worker)] = step + 1
             self._proposed.setdefault(part, slot.sync_step)

@@ -20,7 +20,7 @@ import xxhash
 from pserver import kernels
 from pserver.protocol.errors import InvalidArgument, KeyNotFound, ShapeMismatch, WrongShard
 from pserver.protocol.frames import DEFAULT_CHUNK_BYTES, join_frames, part_range
-from pserver.protocol.schema import KeyRef, TensorMeta
+from pserver.protocol.schema import DTYPES, KeyRef, TensorMeta
 from pserver.protocol.shardmap import ShardMap
 
 from .optim import OptimizerSpec
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 MODES = ("async", "sync", "ssp")
 COMPRESSIONS = ("none", "float16", "bfloat16", "topk")
 _HALF = ("float16", "bfloat16")
+_BF16 = DTYPES["bfloat16"]
 DIGEST_MARKS = 8  # digest marks kept waiting for their check
 AVAILABLE_MODES = MODES
 Pieces = list[np.ndarray[Any, Any]]  # a gradient as consecutive 1-D pieces (its frames)
@@ -135,13 +136,28 @@ def parse_compression(raw: Any) -> tuple[Any, ...]:
     return (str(raw[0]),)
 
 
-def pieces(frames: Sequence[Any], dtype: np.dtype[Any], slot: Slot) -> Pieces:
-    """A part's gradient (``frames`` of ``dtype``) as one array per frame in the
-    slot's dtype: read-only views of the frames (nothing copied; they keep the
-    message alive), or copies where a float16/bfloat16 gradient is widened."""
+def pieces(frames: Sequence[Any], dtype: np.dtype[Any], slot: Slot,
+           widen: bool = True) -> Pieces:
+    """A part's gradient (``frames`` of ``dtype``) as one array per frame: read-only
+    views of the frames (nothing copied; they keep the message alive). With
+    ``widen`` a float16/bfloat16 gradient becomes copies in the slot's dtype
+    (``widened``); without, it stays as it came (a sync step's mean reads it
+    directly: ``kernels.aggregate`` widens bfloat16 as it adds)."""
     views = [np.frombuffer(f, dtype=dtype) for f in frames]
     want = slot.value.dtype
-    return views if dtype == want else [v.astype(want) for v in views]
+    if dtype == want or not widen:
+        return views
+    return [widened(v, want) for v in views]
+
+
+def widened(a: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    """``a`` in ``dtype``: itself, or a copy (bfloat16 into float32 by the
+    ``from_bfloat16`` kernel, 3x faster than ml_dtypes' cast)."""
+    if a.dtype == dtype:
+        return a
+    if a.dtype == _BF16 and dtype == np.float32:
+        return kernels.from_bfloat16(a, np.empty(a.shape, dtype))
+    return a.astype(dtype)
 
 
 def joined(grad: Pieces, dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
@@ -421,7 +437,8 @@ class ShardStateMachine:
         """sync: keep this worker's gradient for ``step``; once all workers pushed the
         next step to apply, apply the mean of their gradients (summed in worker order,
         so the bits do not depend on arrival order)."""
-        slot.pending.setdefault(step, {})[worker] = pieces(frames, t.np_dtype, slot)
+        slot.pending.setdefault(step, {})[worker] = pieces(frames, t.np_dtype, slot,
+                                                            widen=False)
         self._complete_steps(slot)
 
     def _complete_steps(self, slot: Slot) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from pserver.protocol.schema import DTYPES
 
 from .optim import OptimizerSpec
-from .shard import ShardStateMachine, Slot, joined
+from .shard import ShardStateMachine, Slot, joined, widened
 from .tables import Table, TableSpec
 from .wal import fsync_dir
 
@@ -89,8 +89,8 @@ def _write(sm: ShardStateMachine, fh: BinaryIO) -> None:
         "mode": s.mode, "compression": list(s.compression), "step": s.step,
         "workers": s.workers, "staleness": s.staleness, "sync_step": s.sync_step,
         "worker_steps": [[w, n] for w, n in s.worker_steps.items()],
-        "pending": [[step, wk, w.add(joined(g, s.value.dtype))] for step, grads in s.pending.items()
-                    for wk, g in grads.items()],
+        "pending": [[step, wk, w.add(widened(joined(g, s.value.dtype), s.value.dtype))]
+                    for step, grads in s.pending.items() for wk, g in grads.items()],
         "value": w.add(read(s.value)),
         "state": {k: w.add(read(v)) for k, v in s.state.items()},
     } for s in sm.slots.values()]

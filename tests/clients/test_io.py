@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zmq
 
-from pserver.clients.io import SHM_MIN_BYTES, Completion, IOEngine
+from pserver.clients.io import SHM_MIN_BYTES, Completion, IOEngine, LazyFrame
 from pserver.protocol.codec import decode_header, encode_header, reply_header
 from pserver.protocol.errors import ProtocolError, Unavailable
 from pserver.protocol.schema import Header, Kind, Limits, TensorMeta
@@ -262,11 +262,13 @@ def test_a_reply_with_the_sent_tensors_or_none_is_delivered_as_decode_header_giv
     engine.close()
 
 
-def _answer(sock: Any) -> None:
-    """Answer the next request on ``sock`` (a bare ROUTER)."""
+def _answer(sock: Any) -> tuple[Header, list[bytes]]:
+    """Take the next request on a bare ROUTER (within 10 s) and answer it with success."""
     assert sock.poll(10_000)
-    identity, raw, *_ = sock.recv_multipart()
-    sock.send_multipart([identity, encode_header(reply_header(decode_header(raw, Limits())))])
+    identity, raw, *frames = sock.recv_multipart()
+    h = decode_header(raw, Limits())
+    sock.send_multipart([identity, encode_header(reply_header(h))])
+    return h, frames
 
 
 def test_an_idle_engine_exchanges_one_request_on_the_calling_thread(router: Any) -> None:
@@ -342,14 +344,6 @@ def _shm_push(engine: IOEngine, rid: int, timeout: float = 10.0) -> Future[Any]:
     return fut
 
 
-def _answer(sock: Any) -> tuple[Header, list[bytes]]:
-    """Take one request on a bare ROUTER and answer it with success."""
-    identity, raw, *frames = sock.recv_multipart()
-    h = decode_header(raw, Limits())
-    sock.send_multipart([identity, encode_header(reply_header(h))])
-    return h, frames
-
-
 def test_a_block_answered_by_its_only_replica_is_freed(router: Any, tmp_path: Path) -> None:
     ctx, sock, address = router
     with _shm_engine(ctx, [address], tmp_path) as (engine, arena):
@@ -413,3 +407,66 @@ def test_shm_unavailable_resends_the_same_bytes_as_frames(router: Any, tmp_path:
         sock.send_multipart([identity, encode_header(reply_header(again))])
         fut.result(timeout=10)
         assert arena.blocks_out == 0
+
+
+def _lazy_frames(data: np.ndarray[Any, Any], made: list[int]) -> list[LazyFrame]:
+    """``data``'s bytes as two LazyFrames that count in ``made`` how often they are
+    written."""
+    raw = data.view(np.uint8)
+    half = raw.size // 2
+
+    def frame(a: int, b: int) -> LazyFrame:
+        def fill(out: np.ndarray[Any, Any]) -> None:
+            made.append(a)
+            out[:] = raw[a:b]
+        return LazyFrame(b - a, fill)
+
+    return [frame(0, half), frame(half, raw.size)]
+
+
+def test_lazy_frames_are_written_straight_into_shared_memory(router: Any,
+                                                             tmp_path: Path) -> None:
+    ctx, sock, address = router
+    data = np.arange(SHM_MIN_BYTES // 4, dtype=np.float32)
+    made: list[int] = []
+    with _shm_engine(ctx, [address], tmp_path) as (engine, _arena):
+        meta = TensorMeta("w", 0, "float32", (data.size,), 0, data.size, 2)
+        fut: Future[Any] = Future()
+        engine.submit(0, Header(Kind.PUSH, 31, tensors=(meta,)), _lazy_frames(data, made),
+                      10.0, lambda h, _: fut.set_result(h), fut.set_exception)
+        identity, raw, *frames = sock.recv_multipart()
+        h = decode_header(raw, Limits())
+        assert h.shm is not None and frames == [] and len(made) == 2
+        with open(tmp_path / h.shm.name, "rb") as f:  # what a shard maps
+            got = [np.frombuffer(_read_at(f, o, n), np.uint8) for o, n in h.shm.spans]
+        assert np.concatenate(got).view(np.float32).tolist() == data.tolist()
+        sock.send_multipart([identity, encode_header(reply_header(h))])
+        fut.result(timeout=10)
+
+
+def _read_at(f: Any, offset: int, n: int) -> bytes:
+    f.seek(offset)
+    return bytes(f.read(n))
+
+
+def test_lazy_frames_are_made_once_for_the_socket(router: Any) -> None:
+    """Without shared memory the frames are made into buffers at the first send; a
+    resend after a NotLeader sends the same bytes without making them again."""
+    ctx, sock, address = router
+    engine = IOEngine(ctx, {0: [address]}, Limits())
+    data = np.arange(1000, dtype=np.float32)
+    made: list[int] = []
+    meta = TensorMeta("w", 0, "float32", (data.size,), 0, data.size, 2)
+    fut: Future[Any] = Future()
+    engine.submit(0, Header(Kind.PUSH, 32, tensors=(meta,)), _lazy_frames(data, made), 10.0,
+                  lambda h, _: fut.set_result(h), fut.set_exception)
+    identity, raw, *frames = sock.recv_multipart()
+    assert b"".join(frames) == data.tobytes() and made == [0, 2000]
+    h = decode_header(raw, Limits())
+    sock.send_multipart([identity, encode_header(reply_header(
+        h, error=8, message="not the leader"))])
+    identity, raw, *frames = sock.recv_multipart()
+    assert b"".join(frames) == data.tobytes() and made == [0, 2000]
+    sock.send_multipart([identity, encode_header(reply_header(decode_header(raw, Limits())))])
+    fut.result(timeout=10)
+    engine.close()

@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -24,7 +25,7 @@ import pserver.clients.client as client_module
 from pserver.protocol.errors import Unavailable
 from pserver.protocol.shm import Arena
 
-from .support import wait_until
+from .support import run_workers, wait_until
 from .test_replication import converged, leader
 
 pytestmark = pytest.mark.integration
@@ -259,3 +260,44 @@ def test_row_requests_go_by_shared_memory_with_the_same_results(
     assert not got[True][0].any() and not got[False][0].any()
     np.testing.assert_array_equal(got[True][1], got[False][1])
     assert got[True][1].any()
+
+
+@pytest.mark.parametrize("replicas", ["1", "3"])
+def test_bfloat16_sync_steps_give_the_same_bits_by_shared_memory_and_socket(
+        cluster_factory: Any, replicas: str) -> None:
+    """Two workers push bfloat16 gradients (cast by the client straight into shared
+    memory, or into frames) to sync keys; each step applies the mean of the widened
+    gradients, whichever way they came and whoever aggregated them (the shard, or a
+    replicated leader)."""
+    cluster = cluster_factory("--shards", "2", "--replicas", replicas)
+    rng = np.random.default_rng(int(replicas))
+    value = rng.standard_normal(3 * MiB // 4).astype(np.float32)  # 2 parts, shm-sized
+    grads = [[rng.standard_normal(value.size).astype(np.float32) for _ in range(2)]
+             for _ in range(3)]
+    got: dict[bool, np.ndarray[Any, Any]] = {}
+    for shm in (True, False):
+        key = f"shm/bf16-{replicas}-{shm}"
+        with pserver.connect(cluster.address, worker_id=0, num_workers=2, timeout=60) as c:
+            c.init({key: value}, optimizer={"name": "sgd", "lr": 0.5}, mode="sync",
+                   compression="bfloat16")
+        results: dict[int, np.ndarray[Any, Any]] = {}
+
+        def worker(rank: int, key: str = key, shm: bool = shm,
+                   results: dict[int, np.ndarray[Any, Any]] = results) -> None:
+            with pserver.connect(cluster.address, worker_id=rank, num_workers=2, shm=shm,
+                                 timeout=60) as c:
+                for step in grads:
+                    results[rank] = c.push_pull({key: step[rank]})[key]
+                assert _used_shm(c) == shm
+
+        run_workers(worker, 2, 120)
+        np.testing.assert_array_equal(results[0], results[1])
+        got[shm] = results[0]
+    want = value.copy()
+    for g0, g1 in grads:
+        wide = [g.astype(ml_dtypes.bfloat16).astype(np.float32) for g in (g0, g1)]
+        want -= np.float32(0.5) * ((wide[0] + wide[1]) / np.float32(2))
+    np.testing.assert_array_equal(got[True], got[False])
+    np.testing.assert_allclose(got[True], want, rtol=1e-6, atol=1e-6)
+    if replicas == "3":
+        wait_until(lambda: converged(cluster.address), 30, "replicas at the same state")
