@@ -28,7 +28,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from pserver.kernels import gather_rows, partition_by_shard, scatter_rows, to_bfloat16
+from pserver.kernels import (
+    gather_rows,
+    partition_by_shard,
+    scatter_rows,
+    to_bfloat16,
+    to_float16,
+)
 from pserver.protocol.allocator import ENV_KEEP_FREED, keep_freed_buffers
 from pserver.protocol.errors import (
     InvalidArgument,
@@ -74,14 +80,16 @@ LAYOUTS_KEPT = 4096  # cached call layouts (one per distinct list of keys pushed
 _HALF_DTYPES = (DTYPES["float16"], DTYPES["bfloat16"])
 
 
-def _narrowed(data: np.ndarray[Any, Any], frame_bytes: int) -> list[LazyFrame]:
-    """Frames of ``data`` (float32) cast to bfloat16, cut as ``split_frames`` cuts a
-    bfloat16 array, each made when the engine sends it (``to_bfloat16``)."""
+def _narrowed(data: np.ndarray[Any, Any], half: str, frame_bytes: int) -> list[LazyFrame]:
+    """Frames of ``data`` (float32) cast to ``half`` (bfloat16 or float16), cut as
+    ``split_frames`` cuts such an array, each made when the engine sends it
+    (``to_bfloat16``/``to_float16``)."""
     spans = frame_spans(2 * data.size, 2, frame_bytes)
+    cast = to_bfloat16 if half == "bfloat16" else to_float16
 
     def frame(a: int, b: int) -> LazyFrame:
         src = data[a // 2 : b // 2]
-        return LazyFrame(b - a, lambda out: to_bfloat16(src, out.view(np.uint16)))
+        return LazyFrame(b - a, lambda out: cast(src, out.view(np.uint16)))
 
     return [frame(a, b) for a, b in spans]
 # Replies can be larger than any request the server accepts: decode them generously.
@@ -537,8 +545,8 @@ class Client:
             tuple[TensorMeta, ...], list[Any]]:
         """Tensor descriptors and zero-copy frames of the pieces' data; with ``compress``
         a float16/bfloat16 key's gradient is cast first (one half-size copy). A float32
-        gradient cast to bfloat16 becomes ``LazyFrame``s: the engine casts it straight
-        into shared memory, or into buffers of its own for the socket."""
+        gradient becomes ``LazyFrame``s: the engine casts it straight into shared
+        memory, or into buffers of its own for the socket."""
         metas: list[TensorMeta] = []
         frames: list[Any] = []
         for p in batch:
@@ -546,8 +554,8 @@ class Client:
             data = p.data
             half = p.meta.compression[0] if compress else "none"
             fr: Sequence[Any]
-            if half == "bfloat16" and data.dtype == np.float32:
-                dtype, fr = half, _narrowed(data, self.frame_bytes)
+            if half in ("float16", "bfloat16") and data.dtype == np.float32:
+                dtype, fr = half, _narrowed(data, half, self.frame_bytes)
             else:
                 if half in ("float16", "bfloat16") and data.dtype != DTYPES[half]:
                     data = data.astype(DTYPES[half])

@@ -14,6 +14,7 @@ from .dispatch import (
     dedup_ids,
     default_backend,
     from_bfloat16,
+    from_float16,
     gather_rows,
     has_repeats,
     new_row_index,
@@ -23,6 +24,7 @@ from .dispatch import (
     sgd,
     shard_of_ids,
     to_bfloat16,
+    to_float16,
 )
 from .errors import BackendUnavailable, KernelError
 
@@ -36,12 +38,14 @@ __all__ = [
     "aggregate",
     "default_backend",
     "from_bfloat16",
+    "from_float16",
     "gather_rows",
     "partition_by_shard",
     "scatter_rows",
     "sgd",
     "shard_of_ids",
     "to_bfloat16",
+    "to_float16",
     "RowIndex",
     "dedup_ids",
     "has_repeats",

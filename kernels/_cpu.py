@@ -253,6 +253,52 @@ def from_bfloat16(src, bits):  # type: ignore[no-untyped-def]
         bits[i] = np.uint32(src[i]) << np.uint32(16)
 
 
+@njit(**_opts)
+def to_float16(bits, out):  # type: ignore[no-untyped-def]
+    """out (uint16 bits) = float16 of the float32 values whose uint32 bits are ``bits``,
+    bit for bit as numpy casts (checked on all 2**32 inputs): rounded to nearest, ties
+    to even, in integer arithmetic for normal results (carry into the exponent
+    included) and by scaling by 2**24 and ``rint`` for subnormal ones; 65520 and up
+    overflow to inf; a NaN keeps the top 10 bits of its payload (at least 1)."""
+    for i in prange(bits.size):
+        u = bits[i]
+        a = u & np.uint32(0x7FFFFFFF)
+        normal = ((a + np.uint32(0x0FFF) + ((a >> np.uint32(13)) & np.uint32(1)))
+                  >> np.uint32(13)) - np.uint32(0x1C000)
+        scaled = min(np.uint32(a).view(np.float32) * np.float32(16777216.0),
+                     np.float32(2048.0))
+        sub = np.uint32(np.rint(scaled))
+        nan = np.uint32(0x7C00) | max((a & np.uint32(0x7FFFFF)) >> np.uint32(13),
+                                      np.uint32(1))
+        if a > np.uint32(0x7F800000):
+            h = nan
+        elif a >= np.uint32(0x477FF000):
+            h = np.uint32(0x7C00)
+        elif a >= np.uint32(0x38800000):
+            h = normal
+        else:
+            h = sub
+        out[i] = np.uint16(((u >> np.uint32(16)) & np.uint32(0x8000)) | h)
+
+
+@njit(**_opts)
+def from_float16(src, bits):  # type: ignore[no-untyped-def]
+    """float32 values (their uint32 ``bits``) = src (uint16 float16 bits) widened,
+    exactly: exponent rebiased, subnormals by scaling their significand by 2**-24,
+    inf and NaN (payload kept) as they are."""
+    for i in prange(src.size):
+        h = np.uint32(src[i])
+        e = (h >> np.uint32(10)) & np.uint32(0x1F)
+        m = h & np.uint32(0x3FF)
+        if e == np.uint32(0x1F):
+            b = np.uint32(0x7F800000) | (m << np.uint32(13))
+        elif e != np.uint32(0):
+            b = ((e + np.uint32(112)) << np.uint32(23)) | (m << np.uint32(13))
+        else:
+            b = np.float32(np.float32(m) * np.float32(5.9604644775390625e-08)).view(np.uint32)
+        bits[i] = ((h & np.uint32(0x8000)) << np.uint32(16)) | b
+
+
 def _serial_twin(kernel: Any) -> Any:
     """The same loop compiled without ``parallel``: waking numba's thread pool costs
     ~20 us, more than a small update itself. Same arithmetic, hence the same bits."""
@@ -267,5 +313,5 @@ SERIAL = types.SimpleNamespace(**{
     name: _serial_twin(globals()[name])
     for name in ("add", "sgd", "sgd_momentum", "adam", "adam_plain", "adagrad", "sum_into",
                  "rows_add", "rows_sgd", "rows_adam", "rows_adagrad", "sum_bf16_into",
-                 "to_bfloat16", "from_bfloat16")
+                 "to_bfloat16", "from_bfloat16", "to_float16", "from_float16")
 })

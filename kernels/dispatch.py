@@ -209,8 +209,9 @@ def _grad(grad: Array, param: Array) -> Array:
 
 def _widen(g: Array, dtype: np.dtype[Any]) -> Array:
     """A flat float16 or bfloat16 gradient as a new array of ``dtype`` (a float)."""
-    if _is_bf16(g.dtype) and dtype == np.float32:
-        return from_bfloat16(g, np.empty(g.size, np.float32))
+    if dtype == np.float32:
+        cast = from_bfloat16 if _is_bf16(g.dtype) else from_float16
+        return cast(g, np.empty(g.size, np.float32))
     return g.astype(dtype)
 
 
@@ -411,11 +412,12 @@ def adagrad(param: Array, grad: Array, state_sum: Array, *, step: int, lr: float
         dev.finish()
 
 
-def _bf16_bits(name: str, a: Array, n: int, writeable: bool = False) -> Array:
-    """``a`` (bfloat16 or uint16, C-contiguous, ``n`` elements) as flat uint16 bits."""
+def _half_bits(name: str, a: Array, half: str, n: int, writeable: bool = False) -> Array:
+    """``a`` (``half``, i.e. bfloat16 or float16, or uint16; C-contiguous; ``n``
+    elements) as flat uint16 bits."""
     b = _flat(name, a)
-    if b.dtype.itemsize != 2 or b.dtype.name not in ("bfloat16", "uint16"):
-        raise KernelError(f"{name} must be a bfloat16 (or uint16) array, not {b.dtype}")
+    if b.dtype.itemsize != 2 or b.dtype.name not in (half, "uint16"):
+        raise KernelError(f"{name} must be a {half} (or uint16) array, not {b.dtype}")
     if b.size != n:
         raise KernelError(f"size mismatch: {name} has {b.size} elements, expected {n}")
     if writeable and not b.flags.writeable:
@@ -432,34 +434,59 @@ def _f32(name: str, a: Array, writeable: bool = False) -> Array:
     return f
 
 
+# The casts of wire data always run the serial kernels: one core nearly reaches memory
+# bandwidth here (bfloat16, 64 MiB: 5.3-5.8 ms serial, 4.2-4.4 ms on two threads), and
+# they run in clients and shards that share the cores, one frame at a time (parallel,
+# a sync step of two workers took twice as long). They cast host memory: the ``cuda``
+# backend runs them on the CPU too.
+
+
+def _narrow(half: str, src: Array, out: Array, backend: str | None) -> Array:
+    s = _f32("src", src)
+    bits = _half_bits("out", out, half, s.size, writeable=True)
+    kernel = "to_" + half
+    if _choose(backend, src) == "numpy":
+        getattr(reference, kernel)(s, bits)
+    else:
+        getattr(_cpu(0), kernel)(s.view(np.uint32), bits)
+    return out
+
+
+def _widen_into(half: str, src: Array, out: Array, backend: str | None) -> Array:
+    f = _f32("out", out, writeable=True)
+    bits = _half_bits("src", src, half, f.size)
+    kernel = "from_" + half
+    if _choose(backend, out) == "numpy":
+        getattr(reference, kernel)(bits, f)
+    else:
+        getattr(_cpu(0), kernel)(bits, f.view(np.uint32))
+    return out
+
+
 def to_bfloat16(src: Array, out: Array, *, backend: str | None = None) -> Array:
     """``out[:] = src`` cast from float32 to bfloat16 (``out`` bfloat16 or uint16 bits,
     same size), rounded to nearest with ties to even, bit for bit as
-    ``src.astype(ml_dtypes.bfloat16)``; returns ``out``. A cast of wire data in host
-    memory: the ``cuda`` backend runs it on the CPU too. Always the serial kernel:
-    one core nearly reaches memory bandwidth here (64 MiB: 5.3-5.8 ms serial, 4.2-4.4
-    ms on two threads), and the casts run in clients and shards that share the
-    cores, one frame at a time (parallel, a sync step of two workers took twice as
-    long)."""
-    s = _f32("src", src)
-    bits = _bf16_bits("out", out, s.size, writeable=True)
-    if _choose(backend, src) == "numpy":
-        reference.to_bfloat16(s, bits)
-    else:
-        _cpu(0).to_bfloat16(s.view(np.uint32), bits)
-    return out
+    ``src.astype(ml_dtypes.bfloat16)``; returns ``out``. 2-3x faster than that cast."""
+    return _narrow("bfloat16", src, out, backend)
 
 
 def from_bfloat16(src: Array, out: Array, *, backend: str | None = None) -> Array:
     """``out[:] = src`` widened from bfloat16 (or its uint16 bits) to float32, exactly;
-    returns ``out``. Host memory only, as ``to_bfloat16``."""
-    f = _f32("out", out, writeable=True)
-    bits = _bf16_bits("src", src, f.size)
-    if _choose(backend, out) == "numpy":
-        reference.from_bfloat16(bits, f)
-    else:
-        _cpu(0).from_bfloat16(bits, f.view(np.uint32))
-    return out
+    returns ``out``."""
+    return _widen_into("bfloat16", src, out, backend)
+
+
+def to_float16(src: Array, out: Array, *, backend: str | None = None) -> Array:
+    """``out[:] = src`` cast from float32 to float16 (``out`` float16 or uint16 bits,
+    same size), bit for bit as ``src.astype(np.float16)`` (overflow gives inf, without
+    numpy's warning); returns ``out``. About 4x faster than numpy's cast."""
+    return _narrow("float16", src, out, backend)
+
+
+def from_float16(src: Array, out: Array, *, backend: str | None = None) -> Array:
+    """``out[:] = src`` widened from float16 (or its uint16 bits) to float32, exactly;
+    returns ``out``. About 4x faster than numpy's cast."""
+    return _widen_into("float16", src, out, backend)
 
 
 def _as_ids(ids: Array) -> Array:

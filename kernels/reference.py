@@ -37,6 +37,17 @@ def from_bfloat16(src: Array, out: Array) -> None:
     out.view(np.uint32)[...] = src.astype(np.uint32) << np.uint32(16)
 
 
+def to_float16(src: Array, out: Array) -> None:
+    """``out`` (uint16: the bits of float16) = ``src`` (float32) as numpy casts it."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out.view(np.float16)[...] = src
+
+
+def from_float16(src: Array, out: Array) -> None:
+    """``out`` (float32) = ``src`` (uint16 float16 bits) widened, exactly."""
+    out[...] = src.view(np.float16)
+
+
 def hash_ids(ids: Array, seed: int) -> Array:
     """splitmix64(id + seed) of every uint64 id."""
     with np.errstate(over="ignore"):

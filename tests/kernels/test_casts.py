@@ -1,9 +1,11 @@
-"""The bfloat16 casts of wire data (``to_bfloat16``, ``from_bfloat16``): bit for bit
-what ml_dtypes gives, on every backend that runs on the host; and bfloat16 gradients
-in ``aggregate`` and the updates: the same bits as widening them first."""
+"""The casts of wire data (``to_bfloat16``/``from_bfloat16``, ``to_float16``/
+``from_float16``): bit for bit what ml_dtypes and numpy give, on every backend that
+runs on the host; and half-precision gradients in ``aggregate`` and the updates: the
+same bits as widening them first."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import ml_dtypes
@@ -13,20 +15,39 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pserver.kernels import KernelError, aggregate, from_bfloat16, sgd, to_bfloat16
+from pserver.kernels import (
+    KernelError,
+    aggregate,
+    from_bfloat16,
+    from_float16,
+    sgd,
+    to_bfloat16,
+    to_float16,
+)
 from pserver.kernels.dispatch import SERIAL_BELOW
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+# the half dtype, its narrowing cast, its widening cast
+CASTS: dict[str, tuple[np.dtype[Any], Callable[..., Any], Callable[..., Any]]] = {
+    "bfloat16": (BF16, to_bfloat16, from_bfloat16),
+    "float16": (F16, to_float16, from_float16),
+}
 HOST = ("cpu", "numpy")
 SPECIAL = np.array(
     [0.0, -0.0, np.inf, -np.inf, np.nan, -np.nan, 1.0, -1.0, 3.4028235e38, -3.4028235e38,
-     1e-40, -1e-40, 1.40129846e-45, 1.1754942e-38, 65504.0, 1.00390625, 1.01171875,
-     1.0078125, 1.99609375],
+     1e-40, -1e-40, 1.40129846e-45, 1.1754942e-38, 65504.0, 65519.996, 65520.0, -65520.0,
+     6.1035156e-05, 6.0975552e-05, 5.9604645e-08, 2.9802322e-08, 2.9802326e-08, 8.940697e-08,
+     1.00390625, 1.01171875, 1.0078125, 1.99609375, 1.00048828125, 1.00146484375],
     np.float32)
-# NaNs with payloads, and values on both sides of every rounding tie
-SPECIAL_BITS = np.array([0x7F800001, 0xFF800001, 0x7FC00000, 0x7FBFFFFF, 0x3F808000,
-                         0x3F818000, 0x3F807FFF, 0x3F808001, 0x7F7FFFFF, 0x7F7F8000],
+# NaNs with payloads, and values on both sides of rounding ties
+SPECIAL_BITS = np.array([0x7F800001, 0xFF800001, 0x7FC00000, 0x7FBFFFFF, 0x7F802000,
+                         0x3F808000, 0x3F818000, 0x3F807FFF, 0x3F808001, 0x7F7FFFFF,
+                         0x7F7F8000, 0x3F801000, 0x3F803000, 0x3F800FFF, 0x3F801001],
                         np.uint32)
+# float16's boundaries, every float32 around them: zero/subnormal (2**-25), subnormal/
+# normal (2**-14), overflow (65520)
+F16_WINDOWS = (0x33000000, 0x38800000, 0x477FF000)
 
 float32_arrays = hnp.arrays(np.float32, st.integers(0, 300),
                             elements=st.floats(width=32, allow_nan=True, allow_infinity=True))
@@ -35,54 +56,68 @@ float32_arrays = hnp.arrays(np.float32, st.integers(0, 300),
 def _all_cases() -> np.ndarray[Any, Any]:
     rng = np.random.default_rng(7)
     noise = (rng.standard_normal(5000) * 10.0 ** rng.integers(-40, 38, 5000)).astype(np.float32)
-    return np.concatenate([SPECIAL, SPECIAL_BITS.view(np.float32), noise])
+    windows = [np.arange(w - (1 << 16), w + (1 << 16), dtype=np.uint32) for w in F16_WINDOWS]
+    near = np.concatenate(windows)
+    return np.concatenate([SPECIAL, SPECIAL_BITS.view(np.float32), noise,
+                           near.view(np.float32), (near | np.uint32(1 << 31)).view(np.float32)])
 
 
-def _bf16(src: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-    """ml_dtypes' cast (it warns about NaNs, which are the point here)."""
-    with np.errstate(invalid="ignore"):
-        return src.astype(BF16)
+def _cast(src: np.ndarray[Any, Any], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+    """numpy's or ml_dtypes' cast (they warn about NaNs and overflow, which are the
+    point here)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return src.astype(dtype)
 
 
 def _same_bits(a: np.ndarray[Any, Any], b: np.ndarray[Any, Any]) -> bool:
     return bool(np.array_equal(a.view(np.uint16), b.view(np.uint16)))
 
 
+@pytest.mark.parametrize("half", CASTS)
 @pytest.mark.parametrize("backend", HOST)
-def test_to_bfloat16_is_ml_dtypes_bit_for_bit(backend: str) -> None:
+def test_narrowing_is_the_library_cast_bit_for_bit(backend: str, half: str) -> None:
+    dtype, narrow, _ = CASTS[half]
     src = _all_cases()
-    out = np.empty(src.size, BF16)
-    assert to_bfloat16(src, out, backend=backend) is out
-    assert _same_bits(out, _bf16(src))
+    out = np.empty(src.size, dtype)
+    assert narrow(src, out, backend=backend) is out
+    assert _same_bits(out, _cast(src, dtype))
 
 
+@pytest.mark.parametrize("half", CASTS)
 @pytest.mark.parametrize("backend", HOST)
-def test_from_bfloat16_is_exact(backend: str) -> None:
-    bits = np.arange(1 << 16, dtype=np.uint16)  # every bfloat16 value there is
+def test_widening_is_exact(backend: str, half: str) -> None:
+    dtype, _, widen = CASTS[half]
+    bits = np.arange(1 << 16, dtype=np.uint16)  # every value there is
     out = np.empty(bits.size, np.float32)
-    from_bfloat16(bits.view(BF16), out, backend=backend)
-    want = bits.view(BF16).astype(np.float32)
+    widen(bits.view(dtype), out, backend=backend)
+    want = bits.view(dtype).astype(np.float32)
     assert np.array_equal(out.view(np.uint32), want.view(np.uint32))
 
 
-@given(src=float32_arrays)
-def test_random_arrays_match_ml_dtypes_both_ways(src: np.ndarray[Any, Any]) -> None:
-    narrow = np.empty(src.size, np.uint16)  # uint16 bits are accepted as well
-    to_bfloat16(src, narrow)
-    assert _same_bits(narrow, _bf16(src))
+@given(src=float32_arrays, half=st.sampled_from(sorted(CASTS)))
+def test_random_arrays_match_the_library_both_ways(src: np.ndarray[Any, Any],
+                                                   half: str) -> None:
+    dtype, narrow, widen = CASTS[half]
+    bits = np.empty(src.size, np.uint16)  # uint16 bits are accepted as well
+    narrow(src, bits)
+    assert _same_bits(bits, _cast(src, dtype))
     wide = np.empty_like(src)
-    from_bfloat16(narrow, wide)
-    assert np.array_equal(wide.view(np.uint32), _bf16(src).astype(np.float32).view(np.uint32))
+    widen(bits, wide)
+    assert np.array_equal(wide.view(np.uint32),
+                          _cast(src, dtype).astype(np.float32).view(np.uint32))
 
 
-def test_parallel_and_serial_kernels_give_the_same_bits() -> None:
-    rng = np.random.default_rng(3)
-    big = rng.standard_normal(SERIAL_BELOW + 1001).astype(np.float32)  # parallel kernel
-    out = np.empty(big.size, BF16)
-    to_bfloat16(big, out)
-    assert _same_bits(out, _bf16(big))
+@pytest.mark.parametrize("half", CASTS)
+def test_large_arrays_cast_as_small_ones(half: str) -> None:
+    """Above SERIAL_BELOW the other kernels run in parallel; the casts stay serial and
+    give the library's bits at every size."""
+    dtype, narrow, widen = CASTS[half]
+    big = np.random.default_rng(3).standard_normal(SERIAL_BELOW + 1001).astype(np.float32)
+    out = np.empty(big.size, dtype)
+    narrow(big, out)
+    assert _same_bits(out, _cast(big, dtype))
     back = np.empty_like(big)
-    from_bfloat16(out, back)
+    widen(out, back)
     assert np.array_equal(back, out.astype(np.float32))
 
 
@@ -90,7 +125,7 @@ def test_multidimensional_arrays_cast_element_by_element() -> None:
     src = np.linspace(-3, 3, 24, dtype=np.float32).reshape(2, 3, 4)
     out = np.empty((2, 3, 4), BF16)
     to_bfloat16(src, out)
-    assert _same_bits(out, _bf16(src))
+    assert _same_bits(out, _cast(src, BF16))
 
 
 def _read_only(a: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
