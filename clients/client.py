@@ -79,6 +79,11 @@ HEARTBEAT_S = 1.0
 LAYOUTS_KEPT = 4096  # cached call layouts (one per distinct list of keys pushed)
 _HALF_DTYPES = (DTYPES["float16"], DTYPES["bfloat16"])
 
+# Replies can be larger than any request the server accepts: decode them generously.
+_REPLY_LIMITS = Limits(
+    max_request_bytes=1 << 40, max_frames=1 << 20, max_keys=1 << 20, max_header_bytes=64 << 20
+)
+
 
 def _narrowed(data: np.ndarray[Any, Any], half: str, frame_bytes: int) -> list[LazyFrame]:
     """Frames of ``data`` (float32) cast to ``half`` (bfloat16 or float16), cut as
@@ -92,10 +97,6 @@ def _narrowed(data: np.ndarray[Any, Any], half: str, frame_bytes: int) -> list[L
         return LazyFrame(b - a, lambda out: cast(src, out.view(np.uint16)))
 
     return [frame(a, b) for a, b in spans]
-# Replies can be larger than any request the server accepts: decode them generously.
-_REPLY_LIMITS = Limits(
-    max_request_bytes=1 << 40, max_frames=1 << 20, max_keys=1 << 20, max_header_bytes=64 << 20
-)
 
 
 @dataclass(frozen=True)
