@@ -108,6 +108,7 @@ class ReplicaServer(ShardServer):
             Path(data_dir) / f"replica-{replica_id}", self.state, cfg, rng, self.limits,
             workers=self.default_workers, staleness=self.default_staleness, shard_id=shard_id,
             snapshot_log_bytes=snapshot_log_bytes)
+        self.log.save_in_background = True
         self.core = self.log.core
         self._peers = peers_of(self.ctx, replica_id, peers, self.frame_bytes, self._token)
         self._batch: list[Command] = []

@@ -6,8 +6,10 @@ fsync, then send the messages, then apply the committed entries' commands to
 the shard state machine (``apply.apply_command``), then ``advance``. Also
 recovery at start (snapshot into the state machine, WAL entries after it into
 the core) and compaction (snapshot the state, ``WAL.compact``). No sockets and
-no clock: the replica driver (``replica.py``) and the deterministic simulation
-in the tests run this same code.
+no clock (time is read only to log how long a compaction took): the replica
+driver (``replica.py``) and the deterministic simulation in the tests run this
+same code; the driver has the snapshot file written by a thread
+(``save_in_background``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import logging
 import os
 import random
 import struct
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -92,6 +96,16 @@ class ReplicatedLog:
         # compacts at its own point between 1x and 1.5x the setting instead, so the
         # others keep committing meanwhile.
         self.compact_at = snapshot_log_bytes * (8 + (3 * shard_id + self.core.id) % 5) // 8
+        # The replica process writes the snapshot file on a thread of its own, so its
+        # loop keeps answering (a leader stalled for the write of a 16 MiB snapshot on
+        # a loaded host lost its followers' votes); the simulation writes it in line.
+        self.save_in_background = False
+        self._saving: threading.Thread | None = None
+        self._save_error: OSError | None = None
+        # (index, term, when it started, how long it held the loop) of the compaction
+        # whose snapshot file is being written; its bytes once written
+        self._compacting: tuple[int, int, float, float] | None = None
+        self._saved: bytes | None = None
 
     def _recover(self, cfg: Config, rng: random.Random) -> tuple[WAL, RaftCore]:
         """Rebuild from disk: the Raft snapshot into the state machine, then the WAL's
@@ -179,6 +193,7 @@ class ReplicatedLog:
 
     def _install(self, snap: Snapshot, hs: HardState) -> None:
         """A snapshot from the leader replaces this replica's state and log."""
+        self._settle()  # one writer of the snapshot file at a time, in order
         save_raft_snapshot(self.snap_path, snap)
         snapshot.decode(snap.data, self.state, "snapshot from the leader")
         self.state.applied_index = snap.index
@@ -188,25 +203,79 @@ class ReplicatedLog:
                  "(%d bytes)", self.shard_id, self.core.id - 1, snap.index, len(snap.data))
 
     def maybe_compact(self) -> None:
-        """Compact once the log holds ``compact_at`` bytes; otherwise delete one
-        segment an earlier compaction left dead (one per call: see ``WAL.tidy``)."""
-        if self.log_bytes > self.compact_at and self.core.applied > self.core.snap_index:
-            self.compact()
+        """Compact once the log holds ``compact_at`` bytes (or finish a compaction whose
+        snapshot file is written); otherwise delete one segment an earlier compaction
+        left dead (one per call: see ``WAL.tidy``)."""
+        if self._compacting is not None:
+            if self._saving is None or not self._saving.is_alive():
+                self._finish_compaction()
+        elif self.log_bytes > self.compact_at and self.core.applied > self.core.snap_index:
+            self.compact(wait=not self.save_in_background)
         else:
             self.wal.tidy()
 
-    def compact(self) -> None:
-        """Snapshot the state machine at the applied index; drop the log up to there."""
+    def compact(self, wait: bool = True) -> None:
+        """Snapshot the state machine at the applied index; drop the log up to there.
+        Unless ``wait``, this thread only copies the state (``snapshot.capture``): a
+        thread encodes it and writes the snapshot file, and a later ``maybe_compact``
+        drops the entries and cuts the WAL once that file is durable. Until then a
+        restart recovers from the old snapshot and the whole log."""
+        self._settle()
         core = self.core
         index = core.applied
-        snap = core.compact(index, snapshot.encode(self.state))
-        save_raft_snapshot(self.snap_path, snap)
+        if index <= core.snap_index:
+            return  # the compaction just finished covered it
+        term = core.term_at(index)
+        assert term is not None
+        started = time.monotonic()
+        captured = snapshot.capture(self.state, copy=not wait)
+        self._compacting = (index, term, started, time.monotonic() - started)
+        if wait:
+            self._save(captured, index, term)
+            self._finish_compaction()
+        else:
+            self._saving = threading.Thread(target=self._save, args=(captured, index, term),
+                                            daemon=True, name=f"pserver-snapshot-{self.shard_id}")
+            self._saving.start()
+
+    def _save(self, captured: snapshot.Captured, index: int, term: int) -> None:
+        try:
+            data = captured.encode()
+            save_raft_snapshot(self.snap_path, Snapshot(index, term, data))
+            self._saved = data
+        except OSError as exc:  # raised on the replica's thread by _finish_compaction
+            self._save_error = exc
+
+    def _settle(self) -> None:
+        """Wait for a snapshot file being written, and finish its compaction."""
+        if self._compacting is not None:
+            self._finish_compaction()
+
+    def _finish_compaction(self) -> None:
+        """The snapshot file is durable: drop the entries it covers and cut the WAL
+        behind it (the entries after it, appended meanwhile too, go into the new
+        segment)."""
+        if self._saving is not None:
+            self._saving.join()
+            self._saving = None
+        error, self._save_error = self._save_error, None
+        data, self._saved = self._saved, None
+        assert self._compacting is not None
+        (index, _term, started, stalled), self._compacting = self._compacting, None
+        if error is not None or data is None:
+            raise WALError(f"{self.snap_path}: writing the snapshot failed: {error}")
+        core = self.core
+        snap = core.compact(index, data)
+        self.log_bytes = sum(len(e.data) for e in core.log)
         self.wal.compact(snap.index, snap.term, core.log,
                          HardState(core.term, core.vote, core.commit))
-        self.log_bytes = sum(len(e.data) for e in core.log)
-        log.info("shard %d replica %d: log compacted into a snapshot at entry %d (%d bytes)",
-                 self.shard_id, core.id - 1, index, len(snap.data))
+        log.info("shard %d replica %d: log compacted into a snapshot at entry %d (%d bytes) "
+                 "in %.0f ms (%.0f ms in the replica's loop)", self.shard_id, core.id - 1,
+                 snap.index, len(snap.data), (time.monotonic() - started) * 1e3,
+                 stalled * 1e3)
 
     def close(self) -> None:
+        if self._saving is not None:
+            self._saving.join()
         self.wal.close()
         os.close(self._lock)

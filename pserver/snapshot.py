@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -45,14 +46,16 @@ class SnapshotError(Exception):
 
 
 class _Writer:
-    """Collects arrays: their descriptors go to the header, their bytes follow it."""
+    """Collects arrays: their descriptors go to the header, their bytes follow it.
+    With ``copy`` it keeps copies, which stay as they are while the state changes."""
 
-    def __init__(self) -> None:
+    def __init__(self, copy: bool = False) -> None:
         self.arrays: list[np.ndarray[Any, Any]] = []
         self.offset = 0
+        self.copy = copy
 
     def add(self, a: np.ndarray[Any, Any]) -> list[Any]:
-        a = np.asarray(a, order="C")  # keeps a 0-d array 0-d
+        a = np.array(a, order="C") if self.copy else np.asarray(a, order="C")  # 0-d stays 0-d
         name = next((n for n, d in DTYPES.items() if d == a.dtype), None) or a.dtype.str
         desc = [name, list(a.shape), self.offset, a.nbytes]
         self.arrays.append(a)
@@ -75,13 +78,46 @@ def save(sm: ShardStateMachine, path: Path) -> int:
 
 def encode(sm: ShardStateMachine) -> bytes:
     """``sm`` in the snapshot format, in memory (a Raft snapshot's data)."""
-    buf = io.BytesIO()
-    _write(sm, buf)
-    return buf.getvalue()
+    return capture(sm).encode()
 
 
 def _write(sm: ShardStateMachine, fh: BinaryIO) -> None:
-    w = _Writer()
+    capture(sm).write(fh)
+
+
+@dataclass
+class Captured:
+    """A shard's state ready to be written: the header and the arrays (views of the
+    state, or copies that no later update touches)."""
+
+    header: bytes
+    arrays: list[np.ndarray[Any, Any]]
+
+    def encode(self) -> bytes:
+        """The snapshot's bytes (what ``encode`` gives for the state captured)."""
+        buf = io.BytesIO()
+        self.write(buf)
+        return buf.getvalue()
+
+    def write(self, fh: BinaryIO) -> None:
+        crc = 0
+        for chunk in (MAGIC, _LEN.pack(len(self.header)), self.header):
+            fh.write(chunk)
+            crc = google_crc32c.extend(crc, chunk)
+        for a in self.arrays:
+            view = memoryview(a.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+            for i in range(0, len(view), _BLOCK):  # google_crc32c takes bytes only
+                block = bytes(view[i:i + _BLOCK])
+                fh.write(block)
+                crc = google_crc32c.extend(crc, block)
+        fh.write(_CRC.pack(crc))
+
+
+def capture(sm: ShardStateMachine, copy: bool = False) -> Captured:
+    """``sm``'s state for a snapshot. With ``copy`` every array is copied (one pass
+    over the state): the snapshot can then be encoded and written on another thread
+    while ``sm`` goes on changing."""
+    w = _Writer(copy)
     read = sm.memory.read
     slots = [{
         "key": s.key, "part": s.part, "dtype": s.dtype, "shape": list(s.shape),
@@ -108,17 +144,7 @@ def _write(sm: ShardStateMachine, fh: BinaryIO) -> None:
                             "tables": tables, "sessions": sm.sessions.to_wire(),
                             "dropped": sorted(sm.dropped)},
                            use_bin_type=True)
-    crc = 0
-    for chunk in (MAGIC, _LEN.pack(len(header)), header):
-        fh.write(chunk)
-        crc = google_crc32c.extend(crc, chunk)
-    for a in w.arrays:
-        view = memoryview(a.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-        for i in range(0, len(view), _BLOCK):  # google_crc32c takes bytes only
-            block = bytes(view[i:i + _BLOCK])
-            fh.write(block)
-            crc = google_crc32c.extend(crc, block)
-    fh.write(_CRC.pack(crc))
+    return Captured(header, w.arrays)
 
 
 def load(path: Path, sm: ShardStateMachine) -> None:

@@ -1,17 +1,23 @@
-"""pserver.replog: one replica's log on disk (recovery and its directory lock)."""
+"""pserver.replog: one replica's log on disk (recovery, its directory lock, compaction
+with the snapshot file written in the background)."""
 
 from __future__ import annotations
 
 import logging
 import random
 import struct
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 
 from pserver import commands
-from pserver.protocol.schema import Limits
+from pserver import replog as replog_module
+from pserver.protocol.schema import Limits, TensorMeta
 from pserver.protocol.shardmap import ShardMap
 from pserver.raft import Config
 from pserver.replog import ReplicatedLog
@@ -103,4 +109,81 @@ def test_a_committed_entry_that_is_no_command_batch_is_skipped_not_fatal(
     log.close()
     again = _leader(tmp_path)  # the entries are applied again at start: still no stop
     assert again.core.applied >= index and again.unreadable_entries == len(garbage)
+    again.close()
+
+
+def _leader_with_a_key(path: Path) -> tuple[ReplicatedLog, int]:
+    """A group of one that leads, holds key ``w`` (float32, 4 zeros) and has applied
+    an entry after it; returns the log and that entry's index."""
+    log = _open(path)
+    for _ in range(20):
+        log.core.tick()
+        log.drive(lambda m: None, lambda c, o: None)
+    t = TensorMeta("w", 0, "float32", (4,), 0, 4, 1)
+    spec, mode = log.state.check_init([t], {"optimizer": {"name": "sum"}})
+    log.state.apply_init([t], [[memoryview(np.zeros(4, np.float32).tobytes())]], spec, mode)
+    index = log.core.propose(b"")
+    log.drive(lambda m: None, lambda c, o: None)
+    assert log.core.applied == index
+    return log, index
+
+
+def _value(log: ReplicatedLog) -> list[float]:
+    return [float(x) for x in log.state.slots[("w", 0)].value]
+
+
+def test_a_background_compaction_snapshots_the_state_as_it_was_when_it_began(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The replica's thread only copies the state; the snapshot file is written by
+    another thread, and the WAL is cut only once that file is durable. Changes
+    made meanwhile are not in the snapshot, and entries appended meanwhile are
+    kept in the new WAL segment."""
+    log, index = _leader_with_a_key(tmp_path)
+    written = threading.Event()
+    real_save = replog_module.save_raft_snapshot
+
+    def slow_save(path: Path, snap: Any) -> None:
+        assert written.wait(10)
+        real_save(path, snap)
+
+    monkeypatch.setattr(replog_module, "save_raft_snapshot", slow_save)
+    log.save_in_background = True
+    log.log_bytes = log.compact_at + 1
+    log.maybe_compact()  # starts the compaction
+    log.state.slots[("w", 0)].value[:] = 5.0  # after the copy: not in the snapshot
+    later = log.core.propose(b"")
+    log.drive(lambda m: None, lambda c, o: None)
+    log.maybe_compact()  # the file is not written yet: nothing changes
+    assert log.core.snap_index == 0 and not (tmp_path / "raft.snap").exists()
+    written.set()
+    deadline = time.monotonic() + 10
+    while log.core.snap_index != index:
+        assert time.monotonic() < deadline, "the compaction did not finish"
+        time.sleep(0.01)
+        log.maybe_compact()
+    log.close()
+    again = _open(tmp_path)
+    assert again.core.snap_index == index and _value(again) == [0.0] * 4
+    assert [e.index for e in again.core.log] == [later]  # replayed from the new segment
+    again.close()
+
+
+def test_a_failed_background_snapshot_leaves_the_log_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    log, index = _leader_with_a_key(tmp_path)
+
+    def failing_save(path: Path, snap: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(replog_module, "save_raft_snapshot", failing_save)
+    log.save_in_background = True
+    log.compact(wait=False)
+    assert log._saving is not None
+    log._saving.join(10)  # the thread failed; the replica's thread learns it next
+    with pytest.raises(WALError, match="writing the snapshot failed"):
+        log.maybe_compact()
+    assert log.core.snap_index == 0  # nothing dropped
+    log.close()
+    again = _open(tmp_path)
+    assert again.core.snap_index == 0 and again.core.commit == index
     again.close()
