@@ -232,6 +232,7 @@ class ReplicatedLog:
         self._compacting = (index, term, started, time.monotonic() - started)
         if wait:
             self._save(captured, index, term)
+            self._compacting = (index, term, started, time.monotonic() - started)
             self._finish_compaction()
         else:
             self._saving = threading.Thread(target=self._save, args=(captured, index, term),
@@ -265,14 +266,17 @@ class ReplicatedLog:
         if error is not None or data is None:
             raise WALError(f"{self.snap_path}: writing the snapshot failed: {error}")
         core = self.core
+        finishing = time.monotonic()
         snap = core.compact(index, data)
         self.log_bytes = sum(len(e.data) for e in core.log)
         self.wal.compact(snap.index, snap.term, core.log,
                          HardState(core.term, core.vote, core.commit))
+        now = time.monotonic()
         log.info("shard %d replica %d: log compacted into a snapshot at entry %d (%d bytes) "
-                 "in %.0f ms (%.0f ms in the replica's loop)", self.shard_id, core.id - 1,
-                 snap.index, len(snap.data), (time.monotonic() - started) * 1e3,
-                 stalled * 1e3)
+                 "in %.0f ms (%.0f ms in the replica's loop: the copy, then %d entries "
+                 "moved to the new WAL segment)", self.shard_id, core.id - 1, snap.index,
+                 len(snap.data), (now - started) * 1e3, (stalled + now - finishing) * 1e3,
+                 len(core.log))
 
     def close(self) -> None:
         if self._saving is not None:
