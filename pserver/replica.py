@@ -36,7 +36,7 @@ import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from pserver.protocol.codec import check_frames, decode_header, reply_header
 from pserver.protocol.errors import (
@@ -176,7 +176,10 @@ class ReplicaServer(ShardServer):
         self._ask_reads()
         self._drive()
         self._role_changes()
-        self.log.maybe_compact()
+        try:
+            self.log.maybe_compact()
+        except WALError as exc:  # the snapshot file or the cut WAL could not be written
+            self._stop_on_disk_failure(exc)
 
     def close(self) -> None:
         try:
@@ -396,20 +399,7 @@ class ReplicaServer(ShardServer):
         try:
             reads = self.log.drive(self._peers.send, self._answer)
         except WALError as exc:
-            # Nothing unpersisted may be acknowledged: stop; the supervisor restarts
-            # this replica from what its disk holds. Every request it holds is
-            # answered NotLeader first (no hint: not back here), a retryable error:
-            # the client sends it again, same sequence number, to whichever replica
-            # leads next, so a full disk (WALFull) or a failed write costs a retry,
-            # not a client's whole deadline. The replies get a moment to leave.
-            log.critical("shard %d replica %d: %s; stopping", self.shard_id, self.replica_id,
-                         exc)
-            self._abandon_clients(NotLeader(
-                f"replica {self.replica_id} of shard {self.shard_id} cannot write its log "
-                f"({exc}) and stops; send the request again", shard=self.shard_id,
-                leader_hint=None))
-            self.close_linger_ms = STOP_LINGER_MS
-            raise SystemExit(3) from exc
+            self._stop_on_disk_failure(exc)
         for ctx, index in reads:
             asked = self._reads_asked.pop(ctx, None)
             if asked is not None:
@@ -418,6 +408,21 @@ class ReplicaServer(ShardServer):
             self._release_parked()
         self._serve_reads()
         self._retry_held()
+
+    def _stop_on_disk_failure(self, exc: WALError) -> NoReturn:
+        """Nothing unpersisted may be acknowledged: stop; the supervisor restarts this
+        replica from what its disk holds. Every request it holds is answered
+        NotLeader first (no hint: not back here), a retryable error: the client
+        sends it again, same sequence number, to whichever replica leads next, so a
+        full disk (WALFull) or a failed write costs a retry, not a client's whole
+        deadline. The replies get a moment to leave."""
+        log.critical("shard %d replica %d: %s; stopping", self.shard_id, self.replica_id, exc)
+        self._abandon_clients(NotLeader(
+            f"replica {self.replica_id} of shard {self.shard_id} cannot write its log "
+            f"({exc}) and stops; send the request again", shard=self.shard_id,
+            leader_hint=None))
+        self.close_linger_ms = STOP_LINGER_MS
+        raise SystemExit(3) from exc
 
     def _answer(self, cmd: Command, outcomes: list[Outcome]) -> None:
         """A committed command was applied here: answer the clients of the mutations

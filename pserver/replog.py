@@ -266,6 +266,12 @@ class ReplicatedLog:
         if error is not None or data is None:
             raise WALError(f"{self.snap_path}: writing the snapshot failed: {error}")
         core = self.core
+        if index <= core.snap_index:
+            # A snapshot from the leader replaced the log meanwhile (``_install`` is
+            # about to write it over this one and cut the WAL behind it).
+            log.info("shard %d replica %d: the snapshot at entry %d is superseded by the "
+                     "leader's at %d", self.shard_id, core.id - 1, index, core.snap_index)
+            return
         finishing = time.monotonic()
         snap = core.compact(index, data)
         self.log_bytes = sum(len(e.data) for e in core.log)

@@ -687,6 +687,39 @@ def test_a_leader_that_cannot_write_its_log_is_retried_elsewhere(cluster_factory
         assert c.stop() == 0
 
 
+def test_a_leader_that_cannot_write_its_snapshot_stops_and_loses_nothing(
+        cluster_factory: Any, tmp_path: Path) -> None:
+    """A compaction whose snapshot file cannot be written (here ``raft.snap.tmp`` is
+    a directory, so opening it fails, as a full or broken disk would) is a failed
+    log write: the leader stops (exit 3) after answering what it held NotLeader,
+    the pushes go to the next leader and each is applied once, and the replica
+    restarted by the supervisor catches up once the disk works again."""
+    c = replicated(cluster_factory, "--snapshot-log-bytes", "1048576")
+    try:
+        with pserver.connect(c.address, timeout=15) as client:
+            key = key_on_shard(client.shard_map, 0, "snapfail")
+            ones = np.ones(1 << 17, np.float32)  # 512 KiB
+            client.init({key: np.zeros_like(ones)}, optimizer={"name": "sum"})
+            wait_until(lambda: converged(c.address), 15, "replicas converged")
+            old = leader(c.address, 0)
+            blocked = tmp_path / "data" / "shard-0" / f"replica-{old['id']}" / "raft.snap.tmp"
+            blocked.mkdir()
+            pushes = 0
+            while leader(c.address, 0)["pid"] == old["pid"]:
+                assert pushes < 40, "the leader never compacted its log"
+                client.push({key: ones})
+                pushes += 1
+            blocked.rmdir()
+            assert_bits_equal(client.pull([key])[key], pushes * ones)
+        wait_until(lambda: all(r["role"] != "down" and r["pid"] != old["pid"]
+                               for r in replicas(c.address, 0)), 30, "the replica restarted")
+        wait_until(lambda: converged(c.address), 30, "replicas converged")
+        assert f"(pid {old['pid']}) exited with 3" in c.stderr()
+        assert "writing the snapshot failed" in c.stderr()
+    finally:
+        assert c.stop() == 0
+
+
 def test_replicas_that_hold_different_state_are_reported_loudly(
         cluster_factory: Any, tmp_path: Path) -> None:
     """Replicas must apply identically; if one ever holds other state at the same
